@@ -1,0 +1,1 @@
+"""Gyroscope core: reliable OpenAI-compatible chat completions."""

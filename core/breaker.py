@@ -1,0 +1,264 @@
+"""Circuit breaker: pybreaker is the state machine and the storage; this adapter decides.
+
+pybreaker's ``call()`` holds a lock for the whole protected call (so it would serialise
+requests), has no asyncio support, and counts a cancelled generator as a failure. So the
+adapter only *asks permission* before an attempt and *records the outcome* after it,
+each under a short lock, while the I/O runs outside. Time comes from an injected clock.
+
+    acquire() -> Permit | raises CircuitOpen(retry_in_s)
+    success(permit) / failure(permit, cause) / release(permit)   # release = neither
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+import pybreaker
+
+from .errors import CircuitOpen
+
+CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
+
+
+class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
+    """pybreaker storage in the `breakers` table, so every process on the file shares it."""
+
+    def __init__(self, db, name: str) -> None:
+        super().__init__(name)
+        self.db = db
+        db.write(lambda conn: conn.execute(
+            "INSERT OR IGNORE INTO breakers (name, state, fail_counter, success_counter, updated_at) "
+            "VALUES (?, 'closed', 0, 0, ?)", (name, time.time())))
+
+    def _get(self, column: str):
+        row = self.db.query_one(f"SELECT {column} AS v FROM breakers WHERE name = ?", (self._name,))
+        return row["v"] if row else None
+
+    def _set(self, sql: str, *params) -> None:
+        self.db.write(lambda conn: conn.execute(
+            f"UPDATE breakers SET {sql}, updated_at = ? WHERE name = ?", (*params, time.time(), self._name)))
+
+    @property
+    def state(self) -> str:
+        return self._get("state") or CLOSED
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._set("state = ?", state)
+
+    def increment_counter(self) -> None:
+        self._set("fail_counter = fail_counter + 1")
+
+    def reset_counter(self) -> None:
+        self._set("fail_counter = 0")
+
+    def increment_success_counter(self) -> None:
+        self._set("success_counter = success_counter + 1")
+
+    def reset_success_counter(self) -> None:
+        self._set("success_counter = 0")
+
+    @property
+    def counter(self) -> int:
+        return int(self._get("fail_counter") or 0)
+
+    @property
+    def success_counter(self) -> int:
+        return int(self._get("success_counter") or 0)
+
+    @property
+    def opened_at(self) -> datetime | None:
+        ts = self._get("opened_at")
+        return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+
+    @opened_at.setter
+    def opened_at(self, value: datetime) -> None:
+        self._set("opened_at = ?", value.timestamp())
+
+    def snapshot(self) -> dict:
+        return self.db.query_one("SELECT * FROM breakers WHERE name = ?", (self._name,)) or {}
+
+
+@dataclass
+class Permit:
+    """Permission for one attempt; ``probe`` when taken in the half-open state."""
+
+    breaker: "Breaker"
+    probe: bool
+    done: bool = False
+
+
+class Breaker:
+    """One upstream's breaker, configured live from the breaker.* settings."""
+
+    def __init__(self, name: str, storage: pybreaker.CircuitBreakerStorage, settings,
+                 *, clock: Callable[[], float] = time.time,
+                 on_transition: Callable[[str, str, str, str], None] | None = None) -> None:
+        self.name = name
+        self.storage = storage
+        self.settings = settings
+        self.clock = clock
+        self.on_transition = on_transition
+        self.cb = pybreaker.CircuitBreaker(state_storage=storage, name=name,
+                                           throw_new_error_on_trip=False)
+        self._lock = threading.Lock()
+        self._probes = 0
+
+    def _conf(self) -> None:
+        s = self.settings.snapshot()
+        self.cb.fail_max = s["breaker.fail_max"]
+        self.cb.reset_timeout = s["breaker.reset_timeout_s"]
+        self.cb.success_threshold = s["breaker.success_threshold"]
+        self.half_open_max = s["breaker.half_open_max_calls"]
+
+    def _opened_at(self) -> float:
+        at = self.storage.opened_at
+        return at.timestamp() if at else self.clock()
+
+    def retry_in(self) -> float:
+        """Seconds until the next probe is allowed (0 when not open)."""
+        if self.storage.state != OPEN:
+            return 0.0
+        return max(0.0, self._opened_at() + self.cb.reset_timeout - self.clock())
+
+    def _move(self, new: str, cause: str, actor: str | None = None) -> None:
+        old = self.storage.state
+        if new == OPEN:
+            self.cb.open()
+            self.storage.opened_at = datetime.fromtimestamp(self.clock(), timezone.utc)
+        elif new == HALF_OPEN:
+            self.cb.half_open()
+        else:
+            self.cb.close()
+        self._probes = 0
+        if self.on_transition and old != new:
+            self.on_transition(self.name, old, new, cause if not actor else f"{cause} by {actor}")
+
+    def acquire(self) -> Permit:
+        """Permission for one attempt, or CircuitOpen with the seconds until the next probe."""
+        with self._lock:
+            self._conf()
+            state = self.storage.state
+            if state == OPEN:
+                wait = max(0.0, self._opened_at() + self.cb.reset_timeout - self.clock())
+                if wait > 0:
+                    raise CircuitOpen(retry_in_s=wait)
+                self._move(HALF_OPEN, "reset timeout elapsed; probing")
+                state = HALF_OPEN
+            if state == HALF_OPEN:
+                if self._probes >= self.half_open_max:
+                    raise CircuitOpen(retry_in_s=min(1.0, self.cb.reset_timeout))
+                self._probes += 1
+                return Permit(self, probe=True)
+            return Permit(self, probe=False)
+
+    def success(self, permit: Permit) -> None:
+        """The attempt worked."""
+        if permit.done:
+            return
+        with self._lock:
+            permit.done = True
+            state = self.storage.state
+            if permit.probe:
+                self._probes = max(0, self._probes - 1)
+            if state == HALF_OPEN:
+                self.storage.increment_success_counter()
+                if self.storage.success_counter >= self.cb.success_threshold:
+                    self._move(CLOSED, f"{self.cb.success_threshold} successful probe(s)")
+            elif state == CLOSED and self.storage.counter:
+                self.storage.reset_counter()
+
+    def failure(self, permit: Permit, cause: str) -> None:
+        """The attempt failed in a way that counts against the upstream."""
+        if permit.done:
+            return
+        with self._lock:
+            permit.done = True
+            self._conf()
+            state = self.storage.state
+            if permit.probe:
+                self._probes = max(0, self._probes - 1)
+            if state == HALF_OPEN:
+                self._move(OPEN, f"probe failed: {cause}")
+            elif state == CLOSED:
+                self.storage.increment_counter()
+                count = self.storage.counter
+                if count >= self.cb.fail_max:
+                    self._move(OPEN, f"{count} consecutive failures (last: {cause})")
+
+    def release(self, permit: Permit) -> None:
+        """The attempt ended in a way that says nothing about the upstream (4xx, a Stop)."""
+        if permit.done:
+            return
+        with self._lock:
+            permit.done = True
+            if permit.probe:
+                self._probes = max(0, self._probes - 1)
+
+    def reset(self, actor: str | None = None) -> None:
+        """Close the breaker by hand."""
+        with self._lock:
+            self._move(CLOSED, "reset", actor or "admin")
+            self.storage.reset_counter()
+
+    def force_open(self, actor: str | None = None) -> None:
+        """Open the breaker by hand (it still recovers by itself after reset_timeout)."""
+        with self._lock:
+            self._conf()
+            self._move(OPEN, "forced open", actor or "admin")
+
+    def info(self) -> dict:
+        """State now, for pages and stats."""
+        self._conf()
+        snap = self.storage.snapshot()
+        state = snap.get("state", CLOSED)
+        retry_in = self.retry_in() if state == OPEN else 0.0
+        return {"name": self.name, "state": state, "fail_counter": snap.get("fail_counter", 0),
+                "success_counter": snap.get("success_counter", 0),
+                "opened_at": snap.get("opened_at"), "retry_in_s": retry_in,
+                "next_probe_at": self.clock() + retry_in if state == OPEN else None}
+
+
+class Breakers:
+    """One breaker per upstream (base URL or provider, plus model), made on first use."""
+
+    def __init__(self, db, settings, history=None, *, clock: Callable[[], float] = time.time,
+                 storage_factory: Callable[[str], pybreaker.CircuitBreakerStorage] | None = None) -> None:
+        self.db = db
+        self.settings = settings
+        self.history = history
+        self.clock = clock
+        self.storage_factory = storage_factory or (lambda name: SQLiteBreakerStorage(db, name))
+        self._lock = threading.Lock()
+        self._breakers: dict[str, Breaker] = {}
+
+    @staticmethod
+    def key(upstream: str, model: str) -> str:
+        return f"{upstream}|{model}"
+
+    def get(self, upstream: str, model: str) -> Breaker:
+        """The breaker of one upstream and model."""
+        name = self.key(upstream, model)
+        breaker = self._breakers.get(name)
+        if breaker is None:
+            with self._lock:
+                breaker = self._breakers.get(name)
+                if breaker is None:
+                    breaker = Breaker(name, self.storage_factory(name), self.settings,
+                                      clock=self.clock, on_transition=self._record)
+                    self._breakers[name] = breaker
+        return breaker
+
+    def _record(self, name: str, old: str, new: str, cause: str) -> None:
+        if self.history is not None:
+            self.history.event("breaker", name, old, new, cause, ts=self.clock())
+
+    def all_info(self) -> list[dict]:
+        """State of every breaker known to the file (any process's)."""
+        rows = self.db.query("SELECT name FROM breakers ORDER BY name")
+        return [self.get(*r["name"].split("|", 1)).info() if "|" in r["name"]
+                else {"name": r["name"], "state": "unknown"} for r in rows]

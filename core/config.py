@@ -1,0 +1,77 @@
+"""Configuration from the environment (and `.streamlit/secrets.toml`); secrets stay here.
+
+Secrets are held in fields excluded from ``repr`` so they never reach a log by accident;
+nothing in Gyroscope writes them to the database, a page or an API answer.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+
+DEFAULT_DB = Path("data") / "gyroscope.db"
+SECRET_NAMES = ("OPENAI_API_KEY", "GYROSCOPE_ADMIN_PASSWORD", "GYROSCOPE_API_TOKEN")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Where to send requests and where to keep data."""
+
+    provider: str
+    base_url: str | None
+    db_path: Path
+    api_key: str | None = field(default=None, repr=False)
+    admin_password: str | None = field(default=None, repr=False)
+    api_token: str | None = field(default=None, repr=False)
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self.api_key)
+
+
+def _read_secrets(path: Path) -> dict:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path} could not be read ({exc.__class__.__name__}). Fix the file "
+                          "or remove it.") from None
+    return {k: v for k, v in data.items() if isinstance(v, str)}
+
+
+def check_base_url(url: str) -> str:
+    """A usable http(s) base URL, or ConfigError naming it."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError(f"OPENAI_BASE_URL={url!r} is not an http(s) URL. Set it to something "
+                          "like https://api.openai.com/v1 or http://localhost:8000/v1.")
+    return url.rstrip("/")
+
+
+def load_config(env: Mapping[str, str] | None = None,
+                secrets_path: str | Path = Path(".streamlit") / "secrets.toml") -> Config:
+    """Config from the environment, falling back to `.streamlit/secrets.toml` for secrets."""
+    env = os.environ if env is None else env
+    secrets = _read_secrets(Path(secrets_path))
+
+    def get(name: str) -> str | None:
+        value = env.get(name) or secrets.get(name)
+        return value.strip() if isinstance(value, str) and value.strip() else None
+
+    api_key = get("OPENAI_API_KEY")
+    base_url = get("OPENAI_BASE_URL")
+    if base_url:
+        base_url = check_base_url(base_url)
+    provider = get("GYROSCOPE_PROVIDER") or ("openai" if api_key or base_url else "simulator")
+    db_path = Path(get("GYROSCOPE_DB") or DEFAULT_DB)
+    return Config(provider=provider, base_url=base_url, db_path=db_path, api_key=api_key,
+                  admin_password=get("GYROSCOPE_ADMIN_PASSWORD"),
+                  api_token=get("GYROSCOPE_API_TOKEN"))

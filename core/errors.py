@@ -1,0 +1,196 @@
+"""The errors Gyroscope raises, and what a person is told for each.
+
+    GyroscopeError                      kind            outcome
+    ├── ConfigError                     config          rejected
+    ├── StorageError                    storage         error
+    ├── RequestRejected                 rejected        rejected   (before any network call)
+    │   ├── PromptTooLong               prompt_too_long
+    │   └── InvalidParameter            invalid_parameter
+    ├── CircuitOpen                     circuit_open    circuit_open (fail fast, carries retry_in_s)
+    ├── Cancelled                       cancelled       cancelled
+    └── UpstreamError                   (the provider failed)     error
+        ├── RetryableError              (worth another attempt)
+        │   ├── RateLimited             rate_limited    (429, may carry retry_in_s)
+        │   ├── ServerError             server_error    (5xx, 408, 409)
+        │   ├── UpstreamTimeout         timeout
+        │   └── ConnectionFailed        connection
+        ├── QuotaExhausted              quota_exhausted (429 insufficient_quota)
+        ├── AuthFailed                  auth            (401/403)
+        ├── ModelNotFound               model_not_found (404)
+        ├── BadRequest                  bad_request     (400/422, context length)
+        ├── RetryLater                  retry_later     (server asks to wait past the deadline)
+        ├── DeadlineExceeded            deadline        (overall deadline used up)
+        └── StreamInterrupted           stream_interrupted (failed after the first token)
+
+Pages, the API and the CLI show ``user_message``; nobody writes their own wording.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class GyroscopeError(Exception):
+    """Base of every error Gyroscope raises on purpose."""
+
+    kind = "error"
+    outcome = "error"
+    status: int | None = None
+    retry_in_s: float | None = None
+
+    def __init__(self, message: str = "", *, status: int | None = None,
+                 retry_in_s: float | None = None, detail: str | None = None) -> None:
+        super().__init__(message or self.default_message())
+        if status is not None:
+            self.status = status
+        if retry_in_s is not None:
+            self.retry_in_s = retry_in_s
+        self.detail = detail
+
+    def default_message(self) -> str:
+        return "Something went wrong."
+
+    @property
+    def user_message(self) -> str:
+        """Plain words for a person: what happened and what to do."""
+        return str(self)
+
+    def as_dict(self) -> dict:
+        """JSON-friendly form used by the API and `--json` CLI output."""
+        out = {"kind": self.kind, "message": self.user_message}
+        out["retry_in_s"] = None if self.retry_in_s is None else round(self.retry_in_s, 3)
+        if self.status is not None:
+            out["status"] = self.status
+        return out
+
+
+class ConfigError(GyroscopeError):
+    kind = "config"
+    outcome = "rejected"
+
+
+class StorageError(GyroscopeError):
+    kind = "storage"
+
+
+class RequestRejected(GyroscopeError):
+    kind = "rejected"
+    outcome = "rejected"
+
+
+class PromptTooLong(RequestRejected):
+    kind = "prompt_too_long"
+
+
+class InvalidParameter(RequestRejected):
+    kind = "invalid_parameter"
+
+
+class CircuitOpen(GyroscopeError):
+    kind = "circuit_open"
+    outcome = "circuit_open"
+
+    @property
+    def user_message(self) -> str:
+        wait = max(0.0, self.retry_in_s or 0.0)
+        at = time.strftime("%H:%M:%S", time.localtime(time.time() + wait))
+        return (f"The AI service is paused after repeated failures — next try in {wait:.0f} s "
+                f"(at {at}). Nothing was sent; try again then.")
+
+
+class Cancelled(GyroscopeError):
+    kind = "cancelled"
+    outcome = "cancelled"
+
+    def default_message(self) -> str:
+        return "Stopped."
+
+
+class UpstreamError(GyroscopeError):
+    kind = "upstream"
+
+
+class RetryableError(UpstreamError):
+    """A failure another attempt may fix."""
+
+
+class RateLimited(RetryableError):
+    kind = "rate_limited"
+
+    def default_message(self) -> str:
+        return "The AI service is rate limiting us. Wait a moment and try again."
+
+
+class ServerError(RetryableError):
+    kind = "server_error"
+
+    def default_message(self) -> str:
+        return "The AI service had an internal error. Try again in a moment."
+
+
+class UpstreamTimeout(RetryableError):
+    kind = "timeout"
+
+    def default_message(self) -> str:
+        return "The AI service did not answer in time. Try again, or raise the timeout in Settings."
+
+
+class ConnectionFailed(RetryableError):
+    kind = "connection"
+
+    def default_message(self) -> str:
+        return "Could not reach the AI service. Check OPENAI_BASE_URL and your network."
+
+
+class QuotaExhausted(UpstreamError):
+    kind = "quota_exhausted"
+
+    def default_message(self) -> str:
+        return ("The API account has run out of quota. Add credit or raise the limit in the "
+                "provider's billing page, then try again.")
+
+
+class AuthFailed(UpstreamError):
+    kind = "auth"
+
+    def default_message(self) -> str:
+        return "The API key was refused. Check OPENAI_API_KEY (or .streamlit/secrets.toml)."
+
+
+class ModelNotFound(UpstreamError):
+    kind = "model_not_found"
+
+    def default_message(self) -> str:
+        return "That model does not exist on this server. Pick another model."
+
+
+class BadRequest(UpstreamError):
+    kind = "bad_request"
+
+    def default_message(self) -> str:
+        return "The AI service refused the request as invalid."
+
+
+class RetryLater(UpstreamError):
+    kind = "retry_later"
+
+    @property
+    def user_message(self) -> str:
+        wait = max(0.0, self.retry_in_s or 0.0)
+        return (f"The AI service asked us to wait {wait:.1f} s, longer than the request's "
+                f"deadline allows. Try again in {wait:.0f} s.")
+
+
+class DeadlineExceeded(UpstreamError):
+    kind = "deadline"
+
+    def default_message(self) -> str:
+        return ("The request ran out of time after retrying. Try again, or raise "
+                "retry.deadline_s in Settings.")
+
+
+class StreamInterrupted(UpstreamError):
+    kind = "stream_interrupted"
+
+    def default_message(self) -> str:
+        return "The answer was cut off by the AI service. The partial text is kept; try again."

@@ -1,0 +1,99 @@
+"""Value objects that cross the public surface: request, result, retry notice."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .providers.base import Usage
+
+SOURCES = ("page", "api", "cli", "batch", "bench", "test")
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate, and how (the per-request switches)."""
+
+    prompt: str
+    system: str | None = None
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    cache: bool = True
+    refresh: bool = False
+    optimize: bool | None = None      # None: the optimizer.enabled setting decides
+    source: str = "api"
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "api") -> "GenerationRequest":
+        """Build from JSON; unknown fields are refused so typos do not pass silently."""
+        from .errors import InvalidParameter
+        if not isinstance(data, dict):
+            raise InvalidParameter("The request body must be a JSON object with a \"prompt\".")
+        allowed = set(cls.__dataclass_fields__) - {"source", "request_id"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise InvalidParameter(f"Unknown field(s): {', '.join(unknown)}. Allowed: "
+                                   f"{', '.join(sorted(allowed))}.")
+        return cls(**data, source=source)
+
+
+@dataclass
+class RetryNotice:
+    """Announced before each retry wait, so a page can tell the user."""
+
+    kind: str
+    attempt: int          # the attempt about to be made (2 = first retry)
+    max_attempts: int
+    wait_s: float
+    status: int | None = None
+
+    @property
+    def message(self) -> str:
+        what = {"rate_limited": "Rate limited", "server_error": "Service error",
+                "timeout": "Timed out", "connection": "Connection failed"}.get(self.kind, self.kind)
+        if self.status and self.kind == "server_error":
+            what += f" ({self.status})"
+        return f"{what} — retrying in {self.wait_s:.1f} s (attempt {self.attempt} of {self.max_attempts})"
+
+
+@dataclass
+class GenerationResult:
+    """What came back, and what it took."""
+
+    request_id: str
+    content: str = ""
+    model: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    tokens_estimated: bool = False
+    cost: float | None = None
+    from_cache: bool = False
+    cost_saved: float = 0.0
+    attempts: int = 0
+    retry_wait_s: float = 0.0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    outcome: str = "ok"
+    prompt_sent: str = ""
+    optimizer: dict | None = None
+    error: Any = None
+
+    def as_dict(self) -> dict:
+        """The JSON shape of the CLI's --json and the API."""
+        usage = None
+        if self.usage is not None:
+            usage = {"prompt_tokens": self.usage.prompt_tokens,
+                     "completion_tokens": self.usage.completion_tokens,
+                     "total_tokens": self.usage.total_tokens}
+        out = {k: v for k, v in asdict(self).items() if k not in ("usage", "error", "prompt_sent")}
+        out["usage"] = usage
+        out["latency_ms"] = round(self.latency_ms, 3)
+        if self.error is not None:
+            out["error"] = self.error.as_dict()
+        return out

@@ -1,0 +1,348 @@
+"""The one generation pipeline (see docs/architecture.md for the data flow):
+
+    validate -> [optimize] -> cache lookup --hit--> record -> answer
+                                   | miss
+                             breaker permits? --no--> CircuitOpen -> record
+                                   | yes
+                      retry(provider attempt with per-attempt timeouts)
+                                   |
+                   cache store (complete answers only) -> record -> answer
+
+It is a single async generator of text pieces. ``generate`` drains it, ``stream`` hands it
+out, and the sync facade in ``core.service`` drives the same generator from a background
+event loop — there is no second implementation. Every run leaves exactly one history row,
+committed before the answer is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time as _time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import tenacity
+
+from . import errors, prices, tokens
+from .history import RequestRecord
+from .models import GenerationRequest, GenerationResult, RetryNotice
+from .providers.base import Delta, Timeouts, Usage
+from .retry import RetryPolicy, is_retryable, wait_backoff_or_retry_after
+
+CACHE_CHUNK_CHARS = 24
+
+
+@dataclass
+class Clock:
+    """Wall time, monotonic time and sleep, injected so tests never really wait."""
+
+    time: Callable[[], float] = _time.time
+    monotonic: Callable[[], float] = _time.perf_counter
+    sleep: Callable[[float], "asyncio.Future"] = asyncio.sleep
+
+
+class _Run:
+    """The mutable state of one request while it runs."""
+
+    def __init__(self, req: GenerationRequest, result: GenerationResult, t0: float) -> None:
+        self.req = req
+        self.result = result
+        self.t0 = t0
+        self.first_token_at: float | None = None
+        self.prompt_tokens_est = 0
+        self.optimizer_saved = 0
+        self.recorded = False
+
+
+class Pipeline:
+    """Runs requests against one provider with the cache, the breaker, retries and history."""
+
+    def __init__(self, provider, *, settings, cache, breakers, history, clock: Clock | None = None,
+                 optimizer: Callable | None = None, rng=None) -> None:
+        self.provider = provider
+        self.settings = settings
+        self.cache = cache
+        self.breakers = breakers
+        self.history = history
+        self.clock = clock or Clock()
+        self.optimizer = optimizer
+        self.rng = rng
+        self.price_provider = "openai"
+
+    # -- public --------------------------------------------------------------------------
+    async def generate(self, req: GenerationRequest,
+                       on_retry: Callable[[RetryNotice], None] | None = None) -> GenerationResult:
+        """Run to completion; raises a GyroscopeError (with ``.result``) on failure."""
+        result = GenerationResult(request_id=req.request_id)
+        async for _ in self.run(req, result, streaming=False, on_retry=on_retry):
+            pass
+        return result
+
+    def stream(self, req: GenerationRequest, result: GenerationResult,
+               on_retry: Callable[[RetryNotice], None] | None = None) -> AsyncIterator[str]:
+        """Text pieces as they arrive; ``result`` is filled in as it goes."""
+        return self.run(req, result, streaming=True, on_retry=on_retry)
+
+    # -- the pipeline ----------------------------------------------------------------------
+    async def run(self, req: GenerationRequest, result: GenerationResult, *, streaming: bool,
+                  on_retry: Callable[[RetryNotice], None] | None = None) -> AsyncIterator[str]:
+        s = self.settings.snapshot()
+        run = _Run(req, result, self.clock.monotonic())
+        result.model = req.model or s["provider.default_model"]
+        try:
+            params, cache_key = self._prepare(run, s)
+            if cache_key is not None and not req.refresh:
+                hit = self.cache.get(cache_key)
+                if hit is not None:
+                    async for piece in self._serve_hit(run, hit, streaming):
+                        yield piece
+                    await self._record(run, "ok")
+                    return
+            async for piece in self._call_upstream(run, params, s, streaming, on_retry):
+                yield piece
+            if cache_key is not None and result.finish_reason in ("stop", "length"):
+                self.cache.db.submit(self.cache.put_fn(
+                    cache_key, provider=self.provider.name, model=result.model,
+                    content=result.content, finish_reason=result.finish_reason,
+                    prompt_tokens=result.usage.prompt_tokens if result.usage else None,
+                    completion_tokens=result.usage.completion_tokens if result.usage else None,
+                    cost=result.cost))
+            await self._record(run, "ok")
+        except (GeneratorExit, asyncio.CancelledError):
+            result.error = errors.Cancelled()
+            await self._record(run, "cancelled")
+            raise
+        except errors.GyroscopeError as exc:
+            result.error = exc
+            exc.result = result
+            await self._record(run, exc.outcome, exc)
+            raise
+        except Exception as exc:  # a bug must still leave its row, then surface
+            wrapped = errors.UpstreamError(f"Internal error: {exc.__class__.__name__}: {exc}")
+            result.error = wrapped
+            await self._record(run, "error", wrapped)
+            raise
+
+    def _prepare(self, run: _Run, s) -> tuple[dict, str | None]:
+        """Validate, optimize and build the provider parameters and the cache key."""
+        req, result = run.req, run.result
+        if not isinstance(req.prompt, str) or not req.prompt.strip():
+            raise errors.InvalidParameter("The prompt is empty. Type what you want written.")
+        max_tokens = s["generate.max_tokens"] if req.max_tokens is None else req.max_tokens
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise errors.InvalidParameter(f"max_tokens must be a whole number above 0 (got {max_tokens!r}).")
+        temperature = s["generate.temperature"] if req.temperature is None else req.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+            raise errors.InvalidParameter(f"temperature must be between 0 and 2 (got {temperature!r}).")
+        if req.top_p is not None and (not isinstance(req.top_p, (int, float)) or not 0 < req.top_p <= 1):
+            raise errors.InvalidParameter(f"top_p must be above 0 and at most 1 (got {req.top_p!r}).")
+        if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, int)):
+            raise errors.InvalidParameter(f"seed must be a whole number (got {req.seed!r}).")
+        if not isinstance(result.model, str) or not result.model.strip():
+            raise errors.InvalidParameter("Pick a model.")
+        prompt = req.prompt
+        optimize = s["optimizer.enabled"] if req.optimize is None else req.optimize
+        if optimize and self.optimizer is not None:
+            report = self.optimizer(prompt, s, result.model)
+            result.optimizer = report.as_dict()
+            run.optimizer_saved = report.tokens_saved
+            prompt = report.optimized
+        result.prompt_sent = prompt
+        messages = ([{"role": "system", "content": req.system}] if req.system else [])
+        messages.append({"role": "user", "content": prompt})
+        run.prompt_tokens_est = tokens.count_messages(messages, result.model)
+        window = self.provider.context_window(result.model)
+        if window is not None and run.prompt_tokens_est + max_tokens > window:
+            raise errors.PromptTooLong(
+                f"The prompt has {run.prompt_tokens_est:,} tokens and asks for up to {max_tokens:,} "
+                f"more, but {result.model} accepts {window:,} in all. Shorten the prompt or lower "
+                "max tokens.")
+        params = {"model": result.model, "messages": messages, "max_tokens": max_tokens,
+                  "temperature": temperature}
+        for name in ("top_p", "seed", "stop"):
+            if getattr(req, name) is not None:
+                params[name] = getattr(req, name)
+        key = None
+        if req.cache and s["cache.enabled"]:
+            from .cache import cache_key
+            key = cache_key(provider=self.provider.name, base_url=self.provider.upstream_id,
+                            model=result.model, messages=messages, temperature=temperature,
+                            top_p=req.top_p, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
+                            normalize=s["cache.normalize_whitespace"])
+        return params, key
+
+    async def _serve_hit(self, run: _Run, hit, streaming: bool) -> AsyncIterator[str]:
+        result = run.result
+        result.from_cache = True
+        result.model = hit.model
+        result.finish_reason = hit.finish_reason
+        if hit.prompt_tokens is not None:
+            result.usage = Usage(hit.prompt_tokens, hit.completion_tokens or 0)
+        result.cost = 0.0
+        result.cost_saved = hit.cost or 0.0
+        run.first_token_at = self.clock.monotonic()
+        if not streaming:
+            result.content = hit.content
+            yield hit.content
+            return
+        text = hit.content
+        for i in range(0, len(text), CACHE_CHUNK_CHARS):
+            piece = text[i:i + CACHE_CHUNK_CHARS]
+            result.content += piece
+            yield piece
+            await asyncio.sleep(0)  # let the page draw between pieces
+
+    async def _call_upstream(self, run: _Run, params: dict, s, streaming: bool,
+                             on_retry) -> AsyncIterator[str]:
+        result = run.result
+        policy = RetryPolicy.from_settings(s)
+        breaker = self.breakers.get(self.provider.upstream_id, result.model)
+        monotonic = self.clock.monotonic
+        deadline_at = run.t0 + policy.deadline_s
+
+        def past_deadline(state: tenacity.RetryCallState) -> bool:
+            return monotonic() + state.upcoming_sleep > deadline_at
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception()
+            result.retry_wait_s += state.upcoming_sleep
+            if on_retry is not None:
+                on_retry(RetryNotice(kind=exc.kind, attempt=state.attempt_number + 1,
+                                     max_attempts=policy.max_attempts, wait_s=state.upcoming_sleep,
+                                     status=exc.status))
+
+        def give_up(state: tenacity.RetryCallState):
+            exc = state.outcome.exception()
+            wait = state.upcoming_sleep
+            if state.attempt_number < policy.max_attempts and exc.retry_in_s is not None:
+                raise errors.RetryLater(retry_in_s=wait, status=exc.status, detail=str(exc)) from exc
+            raise exc
+
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception(is_retryable),
+            stop=tenacity.stop_after_attempt(policy.max_attempts) | past_deadline,
+            wait=wait_backoff_or_retry_after(policy, self.rng),
+            sleep=self.clock.sleep, before_sleep=before_sleep, retry_error_callback=give_up)
+
+        upstream_stream = None
+        permit = None
+        async for attempt in retrying:
+            with attempt:
+                result.attempts += 1
+                permit = breaker.acquire()
+                timeout = Timeouts(connect=min(s["timeout.connect_s"], max(0.01, deadline_at - monotonic())),
+                                   read=min(s["timeout.read_s"], max(0.01, deadline_at - monotonic())))
+                try:
+                    if streaming:
+                        upstream_stream = await self.provider.stream(params, timeout)
+                        iterator = upstream_stream.__aiter__()
+                        first = await self._first_delta(upstream_stream, iterator)
+                    else:
+                        completion = await self.provider.complete(params, timeout)
+                except errors.RetryableError as exc:
+                    breaker.failure(permit, exc.kind)
+                    raise
+                except BaseException:
+                    breaker.release(permit)
+                    raise
+        if not streaming:
+            breaker.success(permit)
+            run.first_token_at = monotonic()
+            result.content = completion.content
+            result.finish_reason = completion.finish_reason
+            result.model = completion.model or result.model
+            self._settle_usage(run, completion.usage)
+            yield completion.content
+            return
+        # Streaming: past the first token, a failure ends the stream; no retries.
+        try:
+            delta = first
+            while delta is not None:
+                if delta.text:
+                    if run.first_token_at is None:
+                        run.first_token_at = monotonic()
+                    result.content += delta.text
+                    yield delta.text
+                if delta.finish_reason:
+                    result.finish_reason = delta.finish_reason
+                if delta.usage is not None:
+                    self._settle_usage(run, delta.usage)
+                delta = await anext(iterator, None)
+        except errors.UpstreamError as exc:
+            if isinstance(exc, errors.RetryableError):
+                breaker.failure(permit, exc.kind)
+            else:
+                breaker.release(permit)
+            self._settle_usage(run, None)
+            raise errors.StreamInterrupted(status=exc.status, detail=str(exc)) from exc
+        except BaseException:
+            breaker.release(permit)
+            self._settle_usage(run, None)
+            raise
+        finally:
+            await upstream_stream.aclose()
+        if result.finish_reason is None:  # the stream ended without saying it was complete
+            breaker.failure(permit, "stream_interrupted")
+            self._settle_usage(run, None)
+            raise errors.StreamInterrupted()
+        breaker.success(permit)
+        if result.usage is None:
+            self._settle_usage(run, None)
+
+    @staticmethod
+    async def _first_delta(upstream_stream, iterator) -> Delta | None:
+        """Read up to the first text (or the end), so retries cover 'nothing came back'."""
+        try:
+            while True:
+                delta = await anext(iterator, None)
+                if delta is None or delta.text or delta.finish_reason or delta.usage:
+                    return delta
+        except BaseException:
+            await upstream_stream.aclose()
+            raise
+
+    def _settle_usage(self, run: _Run, usage: Usage | None) -> None:
+        """Usage as the API reported it, or (marked estimated) counted from what we saw."""
+        result = run.result
+        if usage is not None:
+            result.usage = usage
+            result.tokens_estimated = False
+        elif result.usage is None:
+            result.usage = Usage(run.prompt_tokens_est, tokens.count_text(result.content, result.model))
+            result.tokens_estimated = True
+        result.cost = prices.cost(result.model, result.usage.prompt_tokens,
+                                  result.usage.completion_tokens, self.price_provider)
+
+    async def _record(self, run: _Run, outcome: str, exc: errors.GyroscopeError | None = None) -> None:
+        if run.recorded:
+            return
+        run.recorded = True
+        result, req = run.result, run.req
+        now = self.clock.monotonic()
+        result.outcome = outcome
+        result.latency_ms = (now - run.t0) * 1000.0
+        if run.first_token_at is not None:
+            result.ttft_ms = (run.first_token_at - run.t0) * 1000.0
+        if outcome == "cancelled" and result.usage is None and result.attempts:
+            self._settle_usage(run, None)
+        usage = result.usage
+        optimizer_cost_saved = 0.0
+        if run.optimizer_saved:
+            optimizer_cost_saved = prices.cost(result.model, run.optimizer_saved, 0, self.price_provider) or 0.0
+        record = RequestRecord(
+            ts=self.clock.time(), request_id=req.request_id, source=req.source,
+            provider=self.provider.name, base_url=self.provider.base_url,
+            upstream=self.provider.upstream_id, model=result.model, outcome=outcome,
+            error_kind=exc.kind if exc is not None else None,
+            http_status=exc.status if exc is not None else None,
+            error_message=exc.user_message if exc is not None else None,
+            attempts=result.attempts, retry_wait_s=result.retry_wait_s,
+            latency_ms=result.latency_ms, ttft_ms=result.ttft_ms,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            total_tokens=usage.total_tokens if usage else None,
+            tokens_estimated=result.tokens_estimated,
+            cost=result.cost, cost_unknown=usage is not None and result.cost is None and not result.from_cache,
+            from_cache=result.from_cache, cost_saved=result.cost_saved,
+            optimizer_tokens_saved=run.optimizer_saved, optimizer_cost_saved=optimizer_cost_saved)
+        await asyncio.shield(asyncio.wrap_future(self.history.submit(record)))

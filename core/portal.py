@@ -1,0 +1,40 @@
+"""A background event loop that lets sync callers drive the async pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+from typing import Any, Coroutine
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def loop() -> asyncio.AbstractEventLoop:
+    """The process's portal loop, started on first use in a daemon thread."""
+    global _loop
+    with _lock:
+        if _loop is None or _loop.is_closed():
+            new = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def main() -> None:
+                asyncio.set_event_loop(new)
+                new.call_soon(ready.set)
+                new.run_forever()
+
+            threading.Thread(target=main, name="gyroscope-portal", daemon=True).start()
+            ready.wait()
+            _loop = new
+        return _loop
+
+
+def submit(coro: Coroutine) -> Future:
+    """Schedule a coroutine on the portal loop."""
+    return asyncio.run_coroutine_threadsafe(coro, loop())
+
+
+def run(coro: Coroutine, timeout: float | None = None) -> Any:
+    """Run a coroutine on the portal loop and wait for its result."""
+    return submit(coro).result(timeout)

@@ -1,0 +1,103 @@
+"""The provider plugin interface.
+
+A provider turns chat parameters into an answer from one upstream. Subclass
+``Provider``, implement ``complete``, ``stream`` and ``models``, and register a factory
+``factory(config) -> Provider`` (built-ins in ``core.providers``; third parties through
+the ``gyroscope.providers`` entry-point group)::
+
+    class EchoProvider(Provider):
+        name = "echo"
+        async def complete(self, params, timeout): ...
+        def stream(self, params, timeout): ...
+        async def models(self): return ["echo-1"]
+
+Providers raise ``core.errors.UpstreamError`` subclasses; retries, the breaker, the
+cache and history are the pipeline's job, never the provider's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-attempt time limits in seconds."""
+
+    connect: float
+    read: float
+
+
+@dataclass
+class Usage:
+    """Token usage as the API reported it."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Completion:
+    """A complete answer."""
+
+    content: str
+    model: str
+    finish_reason: str
+    usage: Usage | None
+
+
+@dataclass
+class Delta:
+    """One streamed event: text, and on the last events finish_reason and/or usage."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    model: str | None = None
+
+
+class Stream(ABC):
+    """An open streamed answer; ``aclose`` must close the upstream connection at once."""
+
+    @abstractmethod
+    def __aiter__(self) -> AsyncIterator[Delta]: ...
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class Provider(ABC):
+    """One upstream that speaks chat completions."""
+
+    name: str = "provider"
+    base_url: str = ""
+
+    @property
+    def upstream_id(self) -> str:
+        """What the circuit breaker is keyed by (with the model)."""
+        return self.base_url or self.name
+
+    @abstractmethod
+    async def complete(self, params: dict, timeout: Timeouts) -> Completion:
+        """One attempt at a plain answer."""
+
+    @abstractmethod
+    async def stream(self, params: dict, timeout: Timeouts) -> Stream:
+        """One attempt at a streamed answer; returns once the response has started."""
+
+    @abstractmethod
+    async def models(self) -> list[str]:
+        """Models this upstream offers."""
+
+    def context_window(self, model: str) -> int | None:
+        """Tokens the model accepts, when known."""
+        return None
+
+    async def aclose(self) -> None:
+        """Release connections."""

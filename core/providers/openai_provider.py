@@ -1,0 +1,142 @@
+"""The `openai` provider: the official SDK against any OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import AsyncIterator
+
+import httpx2
+import openai
+
+from .. import errors
+from ..retry import parse_retry_after
+from .base import Completion, Delta, Provider, Stream, Timeouts, Usage
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+def classify(exc: BaseException, base_url: str, model: str | None = None) -> errors.GyroscopeError:
+    """The Gyroscope error for an SDK or transport exception."""
+    if isinstance(exc, errors.GyroscopeError):
+        return exc
+    if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException, asyncio.TimeoutError)):
+        return errors.UpstreamTimeout()
+    if isinstance(exc, openai.APIConnectionError) or isinstance(exc, httpx2.TransportError):
+        return errors.ConnectionFailed(
+            f"Could not reach the AI service at {base_url}. Check OPENAI_BASE_URL and that the "
+            "server is running.", detail=str(exc))
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        code = getattr(exc, "code", None)
+        detail = _message(exc)
+        wait = parse_retry_after(exc.response.headers if exc.response is not None else None)
+        if status == 429 and code == "insufficient_quota":
+            return errors.QuotaExhausted(status=status, detail=detail)
+        if status == 429:
+            return errors.RateLimited(status=status, retry_in_s=wait, detail=detail)
+        if status in (401, 403):
+            return errors.AuthFailed(status=status, detail=detail)
+        if status == 404:
+            return errors.ModelNotFound(
+                f"The model {model!r} was not found at {base_url}. Pick another model."
+                if model else "", status=status, detail=detail)
+        if status in (408, 409) or status >= 500:
+            return errors.ServerError(status=status, retry_in_s=wait, detail=detail)
+        if code == "context_length_exceeded":
+            return errors.PromptTooLong(
+                f"The prompt is longer than {model}'s context window. Shorten it.", status=status,
+                detail=detail)
+        return errors.BadRequest(f"The AI service refused the request: {detail}", status=status,
+                                 detail=detail)
+    if isinstance(exc, (openai.APIError, httpx2.HTTPError)):
+        return errors.ConnectionFailed(detail=str(exc))
+    return errors.UpstreamError(f"Unexpected failure: {exc.__class__.__name__}", detail=str(exc))
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    inner = body.get("error", body) if isinstance(body, dict) else {}
+    msg = inner.get("message") if isinstance(inner, dict) else None
+    return str(msg or exc.message)
+
+
+class _OpenAIStream(Stream):
+    def __init__(self, sdk_stream, base_url: str, model: str) -> None:
+        self._sdk = sdk_stream
+        self._base_url = base_url
+        self._model = model
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        try:
+            async for chunk in self._sdk:
+                usage = None
+                if chunk.usage is not None:
+                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                if chunk.choices:
+                    choice = chunk.choices[0]
+                    yield Delta(text=choice.delta.content or "", finish_reason=choice.finish_reason,
+                                usage=usage, model=chunk.model)
+                elif usage is not None:
+                    yield Delta(usage=usage, model=chunk.model)
+        except (openai.APIError, httpx2.HTTPError, OSError) as exc:
+            raise classify(exc, self._base_url, self._model) from exc
+
+    async def aclose(self) -> None:
+        await self._sdk.close()
+
+
+class OpenAIProvider(Provider):
+    """Chat completions through ``openai.AsyncOpenAI`` with the SDK's own retries off."""
+
+    name = "openai"
+
+    def __init__(self, api_key: str | None, base_url: str | None = None) -> None:
+        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._api_key = api_key or "not-needed"
+        # httpx connection pools belong to one event loop: one client per loop.
+        self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]" = (
+            weakref.WeakKeyDictionary())
+
+    def client(self) -> openai.AsyncOpenAI:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = openai.AsyncOpenAI(api_key=self._api_key, base_url=self.base_url, max_retries=0)
+            self._clients[loop] = client
+        return client
+
+    @staticmethod
+    def _timeout(t: Timeouts) -> httpx2.Timeout:
+        return httpx2.Timeout(t.read, connect=t.connect)
+
+    async def complete(self, params: dict, timeout: Timeouts) -> Completion:
+        try:
+            resp = await self.client().chat.completions.create(**params, timeout=self._timeout(timeout))
+        except Exception as exc:  # noqa: BLE001 - every failure is classified
+            raise classify(exc, self.base_url, params.get("model")) from exc
+        choice = resp.choices[0]
+        usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens) if resp.usage else None
+        return Completion(content=choice.message.content or "", model=resp.model,
+                          finish_reason=choice.finish_reason or "stop", usage=usage)
+
+    async def stream(self, params: dict, timeout: Timeouts) -> Stream:
+        try:
+            sdk_stream = await self.client().chat.completions.create(
+                **params, stream=True, stream_options={"include_usage": True},
+                timeout=self._timeout(timeout))
+        except Exception as exc:  # noqa: BLE001
+            raise classify(exc, self.base_url, params.get("model")) from exc
+        return _OpenAIStream(sdk_stream, self.base_url, params.get("model", ""))
+
+    async def models(self) -> list[str]:
+        try:
+            page = await self.client().models.list(timeout=10)
+        except Exception as exc:  # noqa: BLE001
+            raise classify(exc, self.base_url) from exc
+        return sorted(m.id for m in page.data)
+
+    async def aclose(self) -> None:
+        for client in list(self._clients.values()):
+            await client.close()
+        self._clients.clear()

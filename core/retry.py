@@ -1,0 +1,92 @@
+"""Retry policy on tenacity: what is retried, how long to wait, and the server's say.
+
+The wait is exponential backoff with jitter (base * multiplier**n, capped), unless the
+server sent ``retry-after-ms`` / ``retry-after`` (seconds or an HTTP date), which wins.
+A wait that would pass the request's deadline is not slept: the caller is told at once
+when to try again.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import tenacity
+from tenacity import wait_exponential
+
+from .errors import RetryableError
+
+
+def parse_retry_after(headers: Mapping[str, str] | None, now: Callable[[], float] = time.time) -> float | None:
+    """Seconds the server asks us to wait, from retry-after-ms or retry-after, or None."""
+    if not headers:
+        return None
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Values of the retry.* settings, frozen for one request."""
+
+    max_retries: int = 3
+    base_delay_s: float = 0.5
+    max_delay_s: float = 20.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+    deadline_s: float = 120.0
+
+    @classmethod
+    def from_settings(cls, s: Mapping) -> "RetryPolicy":
+        return cls(max_retries=s["retry.max_retries"], base_delay_s=s["retry.base_delay_s"],
+                   max_delay_s=s["retry.max_delay_s"], multiplier=s["retry.multiplier"],
+                   jitter=s["retry.jitter"], deadline_s=s["retry.deadline_s"])
+
+    @property
+    def max_attempts(self) -> int:
+        return self.max_retries + 1
+
+
+class wait_backoff_or_retry_after(tenacity.wait.wait_base):
+    """Exponential backoff with jitter; the server's Retry-After replaces it when present."""
+
+    def __init__(self, policy: RetryPolicy, rng: random.Random | None = None) -> None:
+        self.policy = policy
+        self.rng = rng or random.Random()
+        self.backoff = wait_exponential(multiplier=policy.base_delay_s, exp_base=policy.multiplier,
+                                        max=policy.max_delay_s)
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        server = getattr(exc, "retry_in_s", None)
+        if server is not None:
+            return float(server)
+        base = min(self.backoff(retry_state), self.policy.max_delay_s)
+        # Jitter takes a random share off the wait, so waits never exceed the cap.
+        return base * (1 - self.policy.jitter * self.rng.random())
+
+
+def is_retryable(exc: BaseException | None) -> bool:
+    """Connection errors, timeouts, 408, 409, 429 (not quota) and 5xx are worth retrying."""
+    return isinstance(exc, RetryableError)

@@ -1,0 +1,186 @@
+"""Gyroscope: the wired-up service (storage, settings, cache, breakers, provider, pipeline)
+with an async API and a sync facade over the same pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from . import portal, providers
+from .breaker import Breakers
+from .cache import ResponseCache
+from .config import Config, load_config
+from .db import Database
+from .errors import GyroscopeError
+from .history import Filters, History
+from .models import GenerationRequest, GenerationResult, RetryNotice
+from .pipeline import Clock, Pipeline
+from .settings import SettingsStore
+
+
+def _optimizer(prompt: str, s, model: str):
+    from .optimizer import RULES, optimize
+    rules = [r for r in RULES if s.get(f"optimizer.rule.{r}", True)]
+    return optimize(prompt, rules=rules, model=model)
+
+
+class AsyncGenerationStream:
+    """Async iterator of text; ``result`` fills in as it goes; ``aclose()`` is a Stop."""
+
+    def __init__(self, agen: AsyncIterator[str], result: GenerationResult) -> None:
+        self._agen = agen
+        self.result = result
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._agen
+
+    async def aclose(self) -> None:
+        await self._agen.aclose()
+
+
+class GenerationStream:
+    """Sync iterator over the same pipeline, driven on the portal loop.
+
+    With ``events=True`` it also yields ``RetryNotice`` objects as retries happen, so a
+    page can show them while it waits. ``close()`` is a Stop: it closes the upstream
+    connection and records the request as cancelled.
+    """
+
+    def __init__(self, pipeline: Pipeline, req: GenerationRequest, events: bool = False) -> None:
+        self.result = GenerationResult(request_id=req.request_id)
+        self._notices: queue.SimpleQueue = queue.SimpleQueue()
+        self._events = events
+        self._agen = pipeline.stream(req, self.result, on_retry=self._notices.put)
+        self._done = False
+        self._pending: concurrent.futures.Future | None = None
+
+    def __iter__(self) -> Iterator[str | RetryNotice]:
+        return self
+
+    def __next__(self) -> str | RetryNotice:
+        if self._done:
+            raise StopIteration
+        if self._pending is None:
+            self._pending = portal.submit(_next(self._agen))
+        while True:
+            try:
+                piece = self._pending.result(timeout=0.1 if self._events else None)
+                break
+            except concurrent.futures.TimeoutError:
+                if not self._notices.empty():
+                    return self._notices.get()
+            except BaseException:
+                self._pending = None
+                self._done = True
+                raise
+        self._pending = None
+        if self._events and not self._notices.empty():
+            # A notice that arrived with this piece is shown first; the piece comes next.
+            notice = self._notices.get()
+            self._pending = _resolved(piece)
+            return notice
+        if piece is None:
+            self._done = True
+            raise StopIteration
+        return piece
+
+    def close(self) -> None:
+        """Stop: close the upstream connection and record the request as cancelled."""
+        if self._done:
+            return
+        self._done = True
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
+            try:
+                self._pending.result(timeout=5)
+            except BaseException:  # noqa: BLE001 - cancellation is the point
+                pass
+        portal.run(self._agen.aclose(), timeout=30)
+
+    def __enter__(self) -> "GenerationStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+async def _next(agen: AsyncIterator[str]) -> str | None:
+    return await anext(agen, None)
+
+
+def _resolved(value: Any) -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+class Gyroscope:
+    """Everything a page, the API or the CLI needs, over one SQLite file and one provider."""
+
+    def __init__(self, config: Config | None = None, *, provider=None, db: Database | None = None,
+                 clock: Clock | None = None, rng=None) -> None:
+        self.config = config or load_config()
+        self.clock = clock or Clock()
+        self.db = db or Database(self.config.db_path)
+        self.settings = SettingsStore(self.db)
+        self.history = History(self.db)
+        self.cache = ResponseCache(self.db, self.settings, clock=self.clock.time)
+        self.breakers = Breakers(self.db, self.settings, self.history, clock=self.clock.time)
+        self.provider = provider or providers.create(self.config.provider, self.config)
+        self.pipeline = Pipeline(self.provider, settings=self.settings, cache=self.cache,
+                                 breakers=self.breakers, history=self.history, clock=self.clock,
+                                 optimizer=_optimizer, rng=rng)
+
+    @property
+    def is_simulated(self) -> bool:
+        return self.provider.name == "simulator"
+
+    # -- async --------------------------------------------------------------------------
+    async def agenerate(self, req: GenerationRequest,
+                        on_retry: Callable[[RetryNotice], None] | None = None) -> GenerationResult:
+        """Generate; raises GyroscopeError (with ``.result``) on failure."""
+        return await self.pipeline.generate(req, on_retry)
+
+    def astream(self, req: GenerationRequest,
+                on_retry: Callable[[RetryNotice], None] | None = None) -> AsyncGenerationStream:
+        """Stream text pieces from async code."""
+        result = GenerationResult(request_id=req.request_id)
+        return AsyncGenerationStream(self.pipeline.stream(req, result, on_retry), result)
+
+    # -- sync (the same pipeline, on the portal loop) --------------------------------------
+    def generate(self, req: GenerationRequest,
+                 on_retry: Callable[[RetryNotice], None] | None = None) -> GenerationResult:
+        """Generate from sync code."""
+        return portal.run(self.pipeline.generate(req, on_retry))
+
+    def stream(self, req: GenerationRequest, events: bool = False) -> GenerationStream:
+        """Stream from sync code (a Streamlit page, the CLI)."""
+        return GenerationStream(self.pipeline, req, events=events)
+
+    def models(self) -> list[str]:
+        """The provider's models plus the configured extras; never raises."""
+        extra = [m.strip() for m in self.settings.get("provider.extra_models").split(",") if m.strip()]
+        try:
+            listed = portal.run(self.provider.models(), timeout=15)
+        except (GyroscopeError, concurrent.futures.TimeoutError, OSError):
+            listed = []
+        default = self.settings.get("provider.default_model")
+        return list(dict.fromkeys([default, *listed, *extra]))
+
+    # -- numbers ---------------------------------------------------------------------------
+    def stats(self, filters: Filters = Filters()) -> dict:
+        """Totals for a range plus each breaker's state (what `stats --json` prints)."""
+        totals = self.history.totals(filters)
+        totals["breakers"] = {b["name"]: b["state"] for b in self.breakers.all_info()}
+        totals["cache"] = self.cache.stats()
+        return totals
+
+    def close(self) -> None:
+        """Commit pending writes and release connections."""
+        try:
+            portal.run(self.provider.aclose(), timeout=5)
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
+        self.db.close()

