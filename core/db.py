@@ -66,10 +66,11 @@ class _Percentile:
         return self.values[rank - 1]
 
 
-def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), timeout=10, isolation_level=None, check_same_thread=False)
+def _connect(path: Path, *, readonly: bool = False, busy_timeout_s: float = 10.0) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None,
+                           check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.create_aggregate("percentile", 2, _Percentile)
     if readonly:
@@ -80,11 +81,12 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
 class Database:
     """One SQLite file (WAL) with migrations applied, a writer thread and readers."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0) -> None:
         self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            setup = _connect(self.path)
+            setup = _connect(self.path, busy_timeout_s=busy_timeout_s)
             setup.execute("PRAGMA journal_mode = WAL")
             migrations.apply(sqlite_utils.Database(setup))
             setup.close()
@@ -104,7 +106,7 @@ class Database:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                conn = _connect(self.path, readonly=True)
+                conn = _connect(self.path, readonly=True, busy_timeout_s=self.busy_timeout_s)
             except sqlite3.Error as exc:
                 raise storage_error(exc, self.path) from exc
             self._local.conn = conn
@@ -170,7 +172,7 @@ class Database:
             if batch:
                 try:
                     if conn is None:
-                        conn = _connect(self.path)
+                        conn = _connect(self.path, busy_timeout_s=self.busy_timeout_s)
                     self._run_batch(conn, batch)
                 except sqlite3.Error as exc:
                     err = storage_error(exc, self.path)
