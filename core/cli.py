@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 
-from .errors import GyroscopeError, InvalidParameter
+from .errors import GyroscopeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,19 +53,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ts(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        when = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidParameter(f"{value!r} is not an ISO date such as 2026-11-01 or "
-                               "2026-11-01T08:00:00+01:00.") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.timestamp()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "simulator":
@@ -91,8 +77,8 @@ def _run(args) -> int:
         if args.command == "generate":
             return _generate(gyro, args)
         if args.command == "stats":
-            from .history import Filters
-            stats = gyro.stats(Filters(start=_ts(args.since), end=_ts(args.until)))
+            from .history import Filters, parse_when
+            stats = gyro.stats(Filters(start=parse_when(args.since), end=parse_when(args.until)))
             if args.json:
                 print(json.dumps(stats, default=str))
             else:

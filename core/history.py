@@ -93,6 +93,20 @@ class Filters:
         return " AND ".join(parts), params
 
 
+def parse_when(value: str | None) -> float | None:
+    """Unix seconds from an ISO date/time (UTC unless it carries an offset), or None."""
+    if not value:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidParameter(f"{value!r} is not an ISO date such as 2026-11-01 or "
+                               "2026-11-01T08:00:00+01:00.") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
 def _offset_segments(tz: str, start: float, end: float) -> list[tuple[float, int]]:
     """[(from_ts, utc_offset_s)] covering start..end, one entry per offset change."""
     zone = ZoneInfo(tz)

@@ -129,6 +129,7 @@ class Gyroscope:
         self.cache = ResponseCache(self.db, self.settings, clock=self.clock.time)
         self.breakers = Breakers(self.db, self.settings, self.history, clock=self.clock.time)
         self.provider = provider or providers.create(self.config.provider, self.config)
+        self._models: tuple[float, list[str]] | None = None
         self.pipeline = Pipeline(self.provider, settings=self.settings, cache=self.cache,
                                  breakers=self.breakers, history=self.history, clock=self.clock,
                                  optimizer=_optimizer, rng=rng)
@@ -162,12 +163,35 @@ class Gyroscope:
     def models(self) -> list[str]:
         """The provider's models plus the configured extras; never raises."""
         extra = [m.strip() for m in self.settings.get("provider.extra_models").split(",") if m.strip()]
-        try:
-            listed = portal.run(self.provider.models(), timeout=15)
-        except (GyroscopeError, concurrent.futures.TimeoutError, OSError):
-            listed = []
+        cached = self._models
+        if cached is not None and self.clock.monotonic() - cached[0] < 60:
+            listed = cached[1]
+        else:
+            try:
+                listed = portal.run(self.provider.models(), timeout=15)
+            except (GyroscopeError, concurrent.futures.TimeoutError, OSError):
+                listed = []
+            self._models = (self.clock.monotonic(), listed)
         default = self.settings.get("provider.default_model")
         return list(dict.fromkeys([default, *listed, *extra]))
+
+    def estimate(self, prompt: str, system: str | None, model: str, max_tokens: int) -> dict:
+        """Prompt tokens, the model's limit and the most the request can cost, before sending."""
+        from . import prices, tokens
+        messages = ([{"role": "system", "content": system}] if system else [])
+        messages.append({"role": "user", "content": prompt})
+        prompt_tokens = tokens.count_messages(messages, model)
+        window = self.provider.context_window(model)
+        return {"prompt_tokens": prompt_tokens, "context_window": window,
+                "too_long": window is not None and prompt_tokens + max_tokens > window,
+                "max_cost": prices.cost(model, prompt_tokens, max_tokens)}
+
+    def optimize_preview(self, prompt: str, model: str):
+        """The optimizer's report for a prompt with the current rules (None if unavailable)."""
+        try:
+            return _optimizer(prompt, self.settings.snapshot(), model)
+        except ImportError:
+            return None
 
     # -- numbers ---------------------------------------------------------------------------
     def stats(self, filters: Filters = Filters()) -> dict:
@@ -184,3 +208,16 @@ class Gyroscope:
         except Exception:  # noqa: BLE001 - closing is best effort
             pass
         self.db.close()
+
+
+_default_lock = __import__("threading").Lock()
+_default: Gyroscope | None = None
+
+
+def default_service() -> Gyroscope:
+    """The process-wide Gyroscope from the environment, shared by pages and the API."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Gyroscope()
+        return _default

@@ -1,0 +1,128 @@
+"""The HTTP API, mounted on Streamlit's server by `st.App` (see streamlit_app.py).
+
+    GET  /api/health              liveness and the active provider
+    POST /api/generate            JSON in, JSON out; {"stream": true} answers with SSE
+    GET  /api/stats               the totals `python -m core stats --json` prints
+
+When GYROSCOPE_API_TOKEN is set, every route but /api/health needs
+``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from contextlib import asynccontextmanager
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from .errors import GyroscopeError, InvalidParameter
+from .history import Filters, parse_when
+from .models import GenerationRequest
+from .service import default_service
+
+_STATUS = {"rejected": 400, "invalid_parameter": 400, "prompt_too_long": 400, "config": 400,
+           "circuit_open": 503, "rate_limited": 429, "quota_exhausted": 402, "retry_later": 503,
+           "model_not_found": 404, "bad_request": 400, "auth": 502, "cancelled": 499}
+
+
+def _error(exc: GyroscopeError) -> JSONResponse:
+    headers = {}
+    if exc.retry_in_s is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_in_s)))
+    return JSONResponse({"error": exc.as_dict()}, status_code=_STATUS.get(exc.kind, 502),
+                        headers=headers)
+
+
+def _authorised(request: Request) -> bool:
+    token = default_service().config.api_token
+    if not token:
+        return True
+    given = request.headers.get("authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+def _unauthorised() -> JSONResponse:
+    return JSONResponse({"error": {"kind": "auth", "message": "Send Authorization: Bearer "
+                                   "<GYROSCOPE_API_TOKEN>.", "retry_in_s": None}}, status_code=401)
+
+
+async def health(request: Request) -> JSONResponse:
+    gyro = default_service()
+    return JSONResponse({"status": "ok", "provider": gyro.provider.name,
+                         "simulated": gyro.is_simulated})
+
+
+async def generate(request: Request):
+    if not _authorised(request):
+        return _unauthorised()
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _error(InvalidParameter("The body must be JSON, e.g. {\"prompt\": \"Hello\"}."))
+    try:
+        wants_stream = bool(body.pop("stream", False)) if isinstance(body, dict) else False
+        req = GenerationRequest.from_dict(body, source="api")
+    except GyroscopeError as exc:
+        return _error(exc)
+    except TypeError as exc:
+        return _error(InvalidParameter(f"Bad request body: {exc}"))
+    gyro = default_service()
+    if not wants_stream:
+        try:
+            return JSONResponse((await gyro.agenerate(req)).as_dict())
+        except GyroscopeError as exc:
+            return _error(exc)
+    return StreamingResponse(_sse(gyro, req, request), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _event(name: str, data) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _sse(gyro, req: GenerationRequest, request: Request):
+    notices: asyncio.Queue = asyncio.Queue()
+    stream = gyro.astream(req, on_retry=notices.put_nowait)
+    try:
+        async for piece in stream:
+            while not notices.empty():
+                n = notices.get_nowait()
+                yield _event("retry", {"kind": n.kind, "attempt": n.attempt,
+                                       "max_attempts": n.max_attempts, "wait_s": n.wait_s,
+                                       "message": n.message})
+            yield _event("delta", {"text": piece})
+        yield _event("done", stream.result.as_dict())
+    except GyroscopeError as exc:
+        yield _event("error", exc.as_dict())
+    finally:
+        await stream.aclose()   # a client that went away is a Stop: upstream closed, row 'cancelled'
+
+
+async def stats(request: Request) -> JSONResponse:
+    if not _authorised(request):
+        return _unauthorised()
+    q = request.query_params
+    try:
+        filters = Filters(start=parse_when(q.get("since")), end=parse_when(q.get("until")), tz=q.get("tz", "UTC"),
+                          models=tuple(q.getlist("model")), sources=tuple(q.getlist("source")))
+        return JSONResponse(default_service().stats(filters))
+    except GyroscopeError as exc:
+        return _error(exc)
+
+
+def routes() -> list[Route]:
+    """The API's routes, for st.App."""
+    return [Route("/api/health", health), Route("/api/generate", generate, methods=["POST"]),
+            Route("/api/stats", stats)]
+
+
+@asynccontextmanager
+async def lifespan(app):
+    yield None
+    from . import service
+    if service._default is not None:
+        service._default.close()

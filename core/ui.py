@@ -1,0 +1,43 @@
+"""The only module that imports both Streamlit and the core: shared page glue."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+import streamlit as st
+
+from .errors import CircuitOpen, GyroscopeError
+from .service import Gyroscope, default_service
+
+SIMULATOR_BANNER = "Simulated responses — set OPENAI_API_KEY for real content."
+
+
+def get_gyro() -> Gyroscope:
+    """The process's Gyroscope service (one per process, shared by every session and the API)."""
+    return default_service()
+
+
+def provider_badge(gyro: Gyroscope) -> None:
+    """Say which provider is active; on the simulator, say so loudly."""
+    if gyro.is_simulated:
+        st.info(SIMULATOR_BANNER, icon=":material/science:")
+    else:
+        st.caption(f"Provider: **{gyro.provider.name}** at `{gyro.provider.base_url}`")
+
+
+def show_error(exc: GyroscopeError) -> None:
+    """An error in plain words with what to do — never a traceback."""
+    if isinstance(exc, CircuitOpen):
+        until = time.strftime("%H:%M:%S", time.localtime(time.time() + (exc.retry_in_s or 0)))
+        st.warning(f"The AI service is paused after repeated failures — next try in "
+                   f"{exc.retry_in_s or 0:.0f} s (at {until}).", icon=":material/pause_circle:")
+    elif exc.kind in ("invalid_parameter", "prompt_too_long", "rejected", "config"):
+        st.warning(exc.user_message, icon=":material/edit:")
+    else:
+        st.error(exc.user_message, icon=":material/error:")
+
+
+def check_password(given: str, expected: str) -> bool:
+    """Constant-time comparison of a password attempt."""
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))

@@ -1,0 +1,21 @@
+"""Gyroscope's entrypoint.
+
+`streamlit run streamlit_app.py` imports this module as an ASGI app (`app` below: the
+dashboard plus the HTTP API routes); each browser session then runs it as a script, where
+it is only the router between the pages.
+"""
+
+import streamlit as st
+
+if __name__ == "__main__":  # a browser session running the script
+    st.set_page_config(page_title="Gyroscope", page_icon=":material/explore:", layout="wide")
+    nav = st.navigation([
+        st.Page("pages/generate.py", title="Generate", icon=":material/edit_note:", default=True),
+        st.Page("pages/metrics.py", title="Metrics", icon=":material/monitoring:", url_path="metrics"),
+        st.Page("pages/settings.py", title="Settings", icon=":material/tune:", url_path="settings"),
+    ])
+    nav.run()
+else:  # imported by `streamlit run` (uvicorn) as the ASGI application
+    from core.api import lifespan, routes
+
+    app = st.App(__file__, routes=routes(), lifespan=lifespan)
