@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -17,7 +18,9 @@ def shared_simulator():
     with _lock:
         if _running is None:
             from ..simulator import Simulator, start_in_background
-            _running = start_in_background(Simulator(ttft_ms=150, tokens_per_s=60))
+            ttft = float(os.environ.get("GYROSCOPE_SIM_TTFT_MS", 150))
+            tps = float(os.environ.get("GYROSCOPE_SIM_TOKENS_PER_S", 60))
+            _running = start_in_background(Simulator(ttft_ms=ttft, tokens_per_s=tps))
         return _running
 
 
