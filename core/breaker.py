@@ -27,9 +27,14 @@ CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreake
 class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
     """pybreaker storage in the `breakers` table, so every process on the file shares it."""
 
+    #: How long a read of the shared row may be reused. Another process's change is seen
+    #: within this time; this process's own writes are seen at once.
+    READ_TTL_S = 0.1
+
     def __init__(self, db, name: str) -> None:
         super().__init__(name)
         self.db = db
+        self._cached: tuple[float, dict] | None = None
         db.write(lambda conn: conn.execute(
             "INSERT OR IGNORE INTO breakers (name, state, fail_counter, success_counter, updated_at) "
             "VALUES (?, 'closed', 0, 0, ?)", (name, time.time())))
@@ -39,6 +44,7 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
         return row["v"] if row else None
 
     def _set(self, sql: str, *params) -> None:
+        self._cached = None
         self.db.write(lambda conn: conn.execute(
             f"UPDATE breakers SET {sql}, updated_at = ? WHERE name = ?", (*params, time.time(), self._name)))
 
@@ -80,7 +86,14 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
         self._set("opened_at = ?", value.timestamp())
 
     def snapshot(self) -> dict:
-        return self.db.query_one("SELECT * FROM breakers WHERE name = ?", (self._name,)) or {}
+        """The whole row (state, counters, opened_at), briefly cached for the hot path."""
+        now = time.monotonic()
+        cached = self._cached
+        if cached is not None and now - cached[0] < self.READ_TTL_S:
+            return cached[1]
+        row = self.db.query_one("SELECT * FROM breakers WHERE name = ?", (self._name,)) or {}
+        self._cached = (now, row)
+        return row
 
 
 @dataclass
@@ -142,9 +155,11 @@ class Breaker:
         """Permission for one attempt, or CircuitOpen with the seconds until the next probe."""
         with self._lock:
             self._conf()
-            state = self.storage.state
+            snap = self.storage.snapshot()      # one read on the hot path
+            state = snap.get("state", CLOSED)
             if state == OPEN:
-                wait = max(0.0, self._opened_at() + self.cb.reset_timeout - self.clock())
+                opened_at = snap.get("opened_at") or self.clock()
+                wait = max(0.0, opened_at + self.cb.reset_timeout - self.clock())
                 if wait > 0:
                     raise CircuitOpen(retry_in_s=wait)
                 self._move(HALF_OPEN, "reset timeout elapsed; probing")
@@ -162,14 +177,15 @@ class Breaker:
             return
         with self._lock:
             permit.done = True
-            state = self.storage.state
+            snap = self.storage.snapshot()
+            state = snap.get("state", CLOSED)
             if permit.probe:
                 self._probes = max(0, self._probes - 1)
             if state == HALF_OPEN:
                 self.storage.increment_success_counter()
                 if self.storage.success_counter >= self.cb.success_threshold:
                     self._move(CLOSED, f"{self.cb.success_threshold} successful probe(s)")
-            elif state == CLOSED and self.storage.counter:
+            elif state == CLOSED and snap.get("fail_counter"):
                 self.storage.reset_counter()
 
     def failure(self, permit: Permit, cause: str) -> None:

@@ -145,6 +145,44 @@ class Database:
         """Run a write from async code and await its commit."""
         return await asyncio.wrap_future(self.submit(fn))
 
+    async def awrite_soon(self, fn: WriteFn) -> Any:
+        """Commit ``fn`` on this thread if the file is free this instant, else via the writer.
+
+        A lone request then pays ~50 us for its row instead of two thread hand-offs, and
+        under contention (another writer holds the lock) nothing waits on the loop: the
+        write goes to the writer thread's next group commit.
+        """
+        done, value = self._try_direct(fn)
+        if done:
+            return value
+        return await self.awrite(fn)
+
+    def _try_direct(self, fn: WriteFn) -> tuple[bool, Any]:
+        if self._closed or not self._queue.empty():
+            return False, None
+        conn = getattr(self._local, "wconn", None)
+        try:
+            if conn is None:
+                conn = _connect(self.path, busy_timeout_s=0)
+                self._local.wconn = conn
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return False, None   # busy or locked right now: let the writer thread queue it
+        try:
+            value = fn(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if "locked" in str(exc).lower() or "busy" in str(exc).lower():
+                return False, None
+            raise storage_error(exc, self.path) from exc
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return True, value
+
     def flush(self, timeout: float = 30) -> None:
         """Wait until everything queued so far is committed."""
         self.write(lambda conn: None, timeout)

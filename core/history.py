@@ -168,6 +168,10 @@ class History:
         """Queue the row; the returned future resolves once it is committed."""
         return self.db.submit(insert_fn(record))
 
+    async def asubmit(self, record: RequestRecord) -> int:
+        """Insert the row from async code; returns once it is committed."""
+        return await self.db.awrite_soon(insert_fn(record))
+
     def record(self, record: RequestRecord) -> int:
         """Insert the row and wait for its commit."""
         return self.db.write(insert_fn(record))

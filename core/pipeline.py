@@ -345,4 +345,4 @@ class Pipeline:
             cost=result.cost, cost_unknown=usage is not None and result.cost is None and not result.from_cache,
             from_cache=result.from_cache, cost_saved=result.cost_saved,
             optimizer_tokens_saved=run.optimizer_saved, optimizer_cost_saved=optimizer_cost_saved)
-        await asyncio.shield(asyncio.wrap_future(self.history.submit(record)))
+        await asyncio.shield(self.history.asubmit(record))

@@ -159,7 +159,8 @@ class Simulator:
         with self._lock:
             merged = {**self._faults, **checked}
             if merged["retry_after_http_date"] and merged["retry_after_s"] is None:
-                raise FaultError("retry_after_http_date", "retry_after_http_date needs retry_after_s (the delay the date is computed from)")
+                message = "retry_after_http_date needs retry_after_s (the delay the date is computed from)"
+                raise FaultError("retry_after_http_date", message)
             self._faults = merged
             if outage_s is not None:
                 self._outage_until = self.clock() + outage_s
@@ -186,7 +187,8 @@ class Simulator:
         with self._lock:
             f = self._faults
             if self._outage_until is not None and self.clock() < self._outage_until:
-                return ApiError(503, "The service is temporarily unavailable (simulated outage).", type="server_error")
+                message = "The service is temporarily unavailable (simulated outage)."
+                return ApiError(503, message, type="server_error")
             if f["auth_error"]:
                 return self._error_for(401, api_key)
             if f["quota_exhausted"]:

@@ -18,7 +18,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -69,9 +69,9 @@ def _number(body: dict, key: str, low: float, high: float, param: str | None = N
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad_type(param, "a decimal", value)
     if value < low or value > high:
-        side, word, bound = ("below", "minimum", f">= {low}") if value < low else ("above", "maximum", f"<= {high}")
-        message = f"Invalid '{param}': decimal {side} {word} value. Expected a value {bound}, but got {value} instead."
-        raise ApiError(400, message, param=param, code=f"decimal_{side}_{word[:3]}_value")
+        side, word, bound = ("below", "min", f">= {low}") if value < low else ("above", "max", f"<= {high}")
+        message = f"Invalid '{param}': decimal {side} {word}imum value. Expected a value {bound}, but got {value}."
+        raise ApiError(400, message, param=param, code=f"decimal_{side}_{word}_value")
     return float(value)
 
 
@@ -122,7 +122,7 @@ def _messages(body: dict) -> list[dict]:
     if not isinstance(messages, list):
         raise _bad_type("messages", "an array", messages)
     if not messages:
-        message = "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead."
+        message = "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array."
         raise ApiError(400, message, param="messages", code="empty_array")
     normalized = []
     for i, message in enumerate(messages):
@@ -284,6 +284,7 @@ class _QuietCuts(logging.Filter):
 
 
 logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
+_log = logging.getLogger(__name__)
 
 
 def _header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -296,7 +297,7 @@ class _Link:
     def __init__(self, receive, send, shutdown: asyncio.Event) -> None:
         self._receive, self._send, self._shutdown = receive, send, shutdown
         self.left = asyncio.Event()
-        self.finished = False
+        self.started = self.finished = False
         self.request_id = "req_" + secrets.token_hex(16)
         self._watcher: asyncio.Task | None = None
 
@@ -339,6 +340,7 @@ class _Link:
         return self.wanted
 
     async def start(self, status: int, headers: dict[str, str]) -> None:
+        self.started = True
         headers = {**headers, "x-request-id": self.request_id}
         await self._send({"type": "http.response.start", "status": status, "headers": _header_list(headers)})
 
@@ -354,6 +356,11 @@ class _Link:
         await self.start(status, {"content-type": "application/json", "content-length": str(len(body)),
                                   **(headers or {})})
         await self.finish(body)
+
+
+def _prepare(raw: bytes) -> tuple[ChatRequest, Completion]:
+    request = parse_chat_request(raw)
+    return request, complete(request)
 
 
 def _sse(payload: dict | str) -> bytes:
@@ -381,6 +388,16 @@ class _ChatEndpoint:
             raw = await Request(scope, receive).body()
             link.watch()
             await self._respond(scope, raw, link)
+        except ClientDisconnect:  # left while still sending the body
+            self.sim.count(disconnected=1)
+        except _CutConnection:
+            raise
+        except Exception:
+            if link.started:
+                raise
+            # A simulator bug must still look like an OpenAI 500, so clients exercise their real error path.
+            _log.exception("simulator failed to answer a chat request")
+            await link.send_json(500, ApiError(500, "The simulator failed to answer.", type="server_error").body())
         finally:
             await link.close()
             self.sim.count(in_flight=-1)
@@ -391,8 +408,8 @@ class _ChatEndpoint:
         error = sim.draw_fault(_api_key(scope))
         if error is None:
             try:
-                request = parse_chat_request(raw)
-                completion = complete(request)
+                # Off the event loop: counting a huge prompt's tokens would stall every other stream.
+                request, completion = await asyncio.to_thread(_prepare, raw)
             except ApiError as exc:
                 error = exc
         if faults["slow_s"] and not await link.pause(faults["slow_s"]):
@@ -440,8 +457,8 @@ class _ChatEndpoint:
             await link.write(_sse(c.chunk({}, c.finish_reason, with_usage=usage)))
             if usage:
                 await link.write(_sse(c.usage_chunk()))
+            sim.count(streams_completed=1)  # before the send, so a client that saw [DONE] sees the count
             await link.finish(_sse("[DONE]"))
-            sim.count(streams_completed=1)
         except OSError:  # a send to a closed socket, on servers speaking ASGI spec 2.4+
             sim.count(disconnected=1, streams_disconnected=1)
         except asyncio.CancelledError:  # uvicorn gave up waiting for us at shutdown

@@ -158,7 +158,7 @@ def generate(model: str, messages: list[dict], *, seed=None, temperature=None, t
 
 def pieces(text: str) -> list[str]:
     """Stream units: one word each with its leading whitespace, so they join back to ``text``."""
-    return re.findall(r"\s*\S+", text)
+    return re.findall(r"\s*\S+|\s+", text)
 
 
 def truncate(text: str, max_tokens: int | None, model: str) -> tuple[str, bool]:
