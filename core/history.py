@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import dataclasses
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 from zoneinfo import ZoneInfo
 
 from .errors import InvalidParameter
+from .schema import ROLLUP_ERROR_KIND, ROLLUP_IS_ERROR, ROLLUP_SUMS
 
 OUTCOMES = ("ok", "error", "cancelled", "circuit_open", "rejected")
 FAILED = ("error", "circuit_open")
@@ -108,7 +112,11 @@ def parse_when(value: str | None) -> float | None:
 
 
 def _offset_segments(tz: str, start: float, end: float) -> list[tuple[float, int]]:
-    """[(from_ts, utc_offset_s)] covering start..end, one entry per offset change."""
+    """[(from_ts, utc_offset_s)] covering start..end, one entry per offset change.
+
+    A change is found to the exact second (zones change offset on whole seconds), so the
+    hour that starts at a DST change is wholly on its new side.
+    """
     zone = ZoneInfo(tz)
 
     def offset(ts: float) -> int:
@@ -116,37 +124,119 @@ def _offset_segments(tz: str, start: float, end: float) -> list[tuple[float, int
 
     segments = [(start, offset(start))]
     step = 6 * 3600
-    t = start
+    t = math.floor(start)
     while t < end:
-        nxt = min(t + step, end)
+        nxt = min(t + step, math.ceil(end))
         if offset(nxt) != segments[-1][1]:
-            lo, hi = t, nxt  # bisect to the second the offset changed
+            lo, hi = t, nxt  # whole seconds: offset(lo) is the old one, offset(hi) the new
             while hi - lo > 1:
-                mid = (lo + hi) / 2
+                mid = (lo + hi) // 2
                 if offset(mid) == segments[-1][1]:
                     lo = mid
                 else:
                     hi = mid
-            segments.append((hi, offset(nxt)))
+            segments.append((hi, offset(hi)))
         t = nxt
     return segments
 
 
+class _Buckets:
+    """Local days or hours of ``tz`` over start..end: their SQL, numbers and UTC extents."""
+
+    def __init__(self, unit: str, tz: str, start: float, end: float) -> None:
+        self.size = {"day": 86400, "hour": 3600}.get(unit)
+        if self.size is None:
+            raise InvalidParameter("unit must be 'day' or 'hour'.")
+        self.unit, self.start, self.end = unit, start, end
+        self.segments = _offset_segments(tz, start, end)
+
+    def sql(self, col: str = "ts") -> tuple[str, list[Any]]:
+        """SQL for the bucket number of ``col``, and its params."""
+        segments = self.segments
+        if len(segments) == 1:
+            return f"CAST(({col} + ?) / {self.size} AS INTEGER)", [segments[0][1]]
+        case, params = "CASE", []
+        for (_, off), (nxt, _) in zip(segments, segments[1:]):
+            case += f" WHEN {col} < ? THEN ?"
+            params += [nxt, off]
+        case += " ELSE ? END"
+        params.append(segments[-1][1])
+        return f"CAST(({col} + ({case})) / {self.size} AS INTEGER)", params
+
+    def number(self, ts: float) -> int:
+        """The bucket number of ``ts`` (what ``sql()`` computes)."""
+        i = bisect.bisect_right([s for s, _ in self.segments], ts) - 1
+        return int((ts + self.segments[max(i, 0)][1]) // self.size)
+
+    def cuts(self) -> list[float]:
+        """Every instant strictly inside start..end where the bucket may change."""
+        cuts = set()
+        bounds = [s for s, _ in self.segments[1:]] + [self.end]
+        for (frm, off), upto in zip(self.segments, bounds):
+            cuts.add(frm)
+            k = math.ceil((frm + off) / self.size)
+            while k * self.size - off < upto:
+                cuts.add(k * self.size - off)
+                k += 1
+        return sorted(c for c in cuts if self.start < c < self.end)
+
+    def extents(self) -> list[tuple[int, list[tuple[float, float]]]]:
+        """[(bucket number, [(from_ts, to_ts), ...])] in bucket order; a bucket has two
+        extents when a DST change repeats its local hour."""
+        points = [self.start, *self.cuts(), self.end]
+        out: dict[int, list[tuple[float, float]]] = {}
+        for lo, hi in zip(points, points[1:]):
+            ranges = out.setdefault(self.number(lo), [])
+            if ranges and ranges[-1][1] == lo:
+                ranges[-1] = (ranges[-1][0], hi)
+            else:
+                ranges.append((lo, hi))
+        return sorted(out.items())
+
+
 def bucket_expr(unit: str, tz: str, start: float, end: float) -> tuple[str, list[Any]]:
     """SQL for the local day/hour number of ``ts`` in ``tz`` (DST-correct), and its params."""
-    size = {"day": 86400, "hour": 3600}.get(unit)
-    if size is None:
-        raise InvalidParameter("unit must be 'day' or 'hour'.")
-    segments = _offset_segments(tz, start, end)
-    if len(segments) == 1:
-        return f"CAST((ts + ?) / {size} AS INTEGER)", [segments[0][1]]
-    case, params = "CASE", []
-    for (_, off), (nxt, _) in zip(segments, segments[1:]):
-        case += " WHEN ts < ? THEN ?"
-        params += [nxt, off]
-    case += " ELSE ? END"
-    params.append(segments[-1][1])
-    return f"CAST((ts + ({case})) / {size} AS INTEGER)", params
+    return _Buckets(unit, tz, start, end).sql()
+
+
+def _ranges_sql(col: str, ranges: list[tuple[float, float]]) -> tuple[str, list[Any]]:
+    """``(col >= ? AND col < ?) OR ...`` for half-open ranges."""
+    params: list[Any] = []
+    for lo, hi in ranges:
+        params += [lo, hi]
+    return "(" + " OR ".join(f"({col} >= ? AND {col} < ?)" for _ in ranges) + ")", params
+
+
+def nearest_rank(values: list[float], p: float) -> float | None:
+    """The nearest-rank p-th percentile (p in 0..100) of sorted values, as SQL `percentile`."""
+    if not values:
+        return None
+    return values[max(1, math.ceil(p / 100.0 * len(values))) - 1]
+
+
+class _AnsweredStats:
+    """SQL aggregate ``answered_stats(latency_ms, ttft_ms)``: 'p50,p95,ttft_p50' (repr)."""
+
+    def __init__(self) -> None:
+        self.latency: list[float] = []
+        self.ttft: list[float] = []
+
+    def step(self, latency: float | None, ttft: float | None) -> None:
+        if latency is not None:
+            self.latency.append(latency)
+        if ttft is not None:
+            self.ttft.append(ttft)
+
+    def finalize(self) -> str:
+        self.latency.sort()
+        self.ttft.sort()
+        found = (nearest_rank(self.latency, 50), nearest_rank(self.latency, 95),
+                 nearest_rank(self.ttft, 50))
+        return ",".join("" if v is None else repr(v) for v in found)
+
+
+def _floats(text: str) -> list[float | None]:
+    return [float(v) if v else None for v in text.split(",")]
 
 
 def bucket_label(unit: str, number: int) -> str:
@@ -187,29 +277,38 @@ class History:
             values))
 
     # -- reading ---------------------------------------------------------------------
+    # Sums come from the hourly rollup (migration m002) for every hour that lies wholly in
+    # the range and in one bucket, and from the raw rows for the rest (the range's ends,
+    # hours cut by a half-hour zone's midnight): the same numbers, read from ~1/50 of the rows.
+    # Percentiles are exact nearest-rank over the raw rows.
+
     def totals(self, filters: Filters = Filters()) -> dict:
         """Headline figures for a range (the numbers `stats --json` prints)."""
-        where, params = filters.where()
-        row = self.db.query_one(f"""
-            SELECT count(*) AS total_requests,
-                   coalesce(sum(outcome = 'ok'), 0) AS ok_requests,
-                   coalesce(sum(from_cache), 0) AS cached_requests,
-                   coalesce(sum(outcome IN ('error', 'circuit_open')), 0) AS failed_requests,
-                   coalesce(sum(outcome = 'cancelled'), 0) AS cancelled_requests,
-                   coalesce(sum(outcome = 'rejected'), 0) AS rejected_requests,
-                   coalesce(sum(outcome = 'circuit_open'), 0) AS circuit_open_requests,
-                   coalesce(sum(cost), 0.0) AS total_cost,
-                   coalesce(sum(cost_unknown), 0) AS unknown_cost_requests,
-                   coalesce(sum(cost_saved), 0.0) AS cost_saved,
-                   coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
-                   coalesce(sum(completion_tokens), 0) AS completion_tokens,
-                   coalesce(sum(optimizer_tokens_saved), 0) AS optimizer_tokens_saved,
-                   coalesce(sum(optimizer_cost_saved), 0.0) AS optimizer_cost_saved,
-                   coalesce(sum(max(attempts - 1, 0)), 0) AS retries,
-                   coalesce(sum(retry_wait_s), 0.0) AS retry_wait_s,
-                   percentile(CASE WHEN outcome = 'ok' AND from_cache = 0 THEN latency_ms END, 50) AS latency_p50_ms,
-                   percentile(CASE WHEN outcome = 'ok' AND from_cache = 0 THEN latency_ms END, 95) AS latency_p95_ms
-            FROM requests WHERE {where}""", params) or {}
+        with self._snapshot():
+            span = self._span(filters)
+            inner, params = self._sum_rows(filters, span, None, [c for c, _ in ROLLUP_SUMS])
+            row = self.db.query_one(f"""
+                SELECT coalesce(sum(requests), 0) AS total_requests,
+                       coalesce(sum(ok), 0) AS ok_requests,
+                       coalesce(sum(cached), 0) AS cached_requests,
+                       coalesce(sum(failed), 0) AS failed_requests,
+                       coalesce(sum(cancelled), 0) AS cancelled_requests,
+                       coalesce(sum(rejected), 0) AS rejected_requests,
+                       coalesce(sum(circuit_open), 0) AS circuit_open_requests,
+                       coalesce(sum(cost), 0.0) AS total_cost,
+                       coalesce(sum(cost_unknown), 0) AS unknown_cost_requests,
+                       coalesce(sum(cost_saved), 0.0) AS cost_saved,
+                       coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+                       coalesce(sum(completion_tokens), 0) AS completion_tokens,
+                       coalesce(sum(optimizer_tokens_saved), 0) AS optimizer_tokens_saved,
+                       coalesce(sum(optimizer_cost_saved), 0.0) AS optimizer_cost_saved,
+                       coalesce(sum(retries), 0) AS retries,
+                       coalesce(sum(retry_wait_s), 0.0) AS retry_wait_s,
+                       coalesce(sum(timed), 0) AS timed
+                FROM ({inner})""", params)
+            timed = row.pop("timed")
+            row["latency_p50_ms"] = self._latency_percentile(filters, 50, timed)
+            row["latency_p95_ms"] = self._latency_percentile(filters, 95, timed)
         total = row["total_requests"]
         ok = row["ok_requests"]
         row["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
@@ -222,62 +321,51 @@ class History:
 
     def series(self, filters: Filters, unit: str = "day", by_model: bool = True) -> list[dict]:
         """Per local day/hour (and model): requests, errors, tokens, cost, latency..."""
-        where, params = filters.where()
-        start = filters.start if filters.start is not None else self._edge("min")
-        end = filters.end if filters.end is not None else self._edge("max") + 1
-        if start is None:
-            return []
-        expr, bparams = bucket_expr(unit, filters.tz, start, end)
-        model_col = "model" if by_model else "'all'"
-        rows = self.db.query(f"""
-            SELECT {expr} AS bucket, {model_col} AS model,
-                   count(*) AS requests,
-                   sum(outcome = 'ok') AS ok,
-                   sum(outcome IN ('error', 'circuit_open')) AS errors,
-                   sum(outcome = 'cancelled') AS cancelled,
-                   sum(from_cache) AS cached,
-                   coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
-                   coalesce(sum(completion_tokens), 0) AS completion_tokens,
-                   coalesce(sum(cost), 0.0) AS cost,
-                   coalesce(sum(cost_saved), 0.0) AS cost_saved,
-                   coalesce(sum(optimizer_tokens_saved), 0) AS optimizer_tokens_saved,
-                   sum(max(attempts - 1, 0)) AS retries,
-                   coalesce(sum(retry_wait_s), 0.0) AS retry_wait_s,
-                   percentile(CASE WHEN outcome = 'ok' AND from_cache = 0 THEN latency_ms END, 50) AS latency_p50_ms,
-                   percentile(CASE WHEN outcome = 'ok' AND from_cache = 0 THEN latency_ms END, 95) AS latency_p95_ms,
-                   percentile(CASE WHEN outcome = 'ok' AND from_cache = 0 THEN ttft_ms END, 50) AS ttft_p50_ms
-            FROM requests WHERE {where}
-            GROUP BY bucket, 2 ORDER BY bucket, 2""", bparams + params)
+        with self._snapshot():
+            span = self._span(filters)
+            if span is None:
+                return []
+            buckets = _Buckets(unit, filters.tz, *span)
+            rows = self._bucket_sums(filters, span, buckets, by_model, """
+                sum(requests) AS requests, sum(ok) AS ok, sum(failed) AS errors,
+                sum(cancelled) AS cancelled, sum(cached) AS cached,
+                sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
+                sum(cost) AS cost, sum(cost_saved) AS cost_saved,
+                sum(optimizer_tokens_saved) AS optimizer_tokens_saved,
+                sum(retries) AS retries, sum(retry_wait_s) AS retry_wait_s""",
+                ("requests", "ok", "failed", "cancelled", "cached", "prompt_tokens",
+                 "completion_tokens", "cost", "cost_saved", "optimizer_tokens_saved", "retries",
+                 "retry_wait_s"))
+            found = self._answered_stats(filters, buckets, by_model)
         for row in rows:
+            p50, p95, ttft = found.get((row["bucket"], row["model"]), (None, None, None))
+            row.update(latency_p50_ms=p50, latency_p95_ms=p95, ttft_p50_ms=ttft)
             row["bucket"] = bucket_label(unit, row["bucket"])
             row["hit_rate"] = row["cached"] / row["ok"] if row["ok"] else 0.0
         return rows
 
     def daily_cost_by_model(self, filters: Filters) -> list[dict]:
         """Cost per local day and model (the managers' chart), aggregated in SQL."""
-        where, params = filters.where()
-        start = filters.start if filters.start is not None else self._edge("min")
-        end = filters.end if filters.end is not None else self._edge("max") + 1
-        if start is None:
-            return []
-        expr, bparams = bucket_expr("day", filters.tz, start, end)
-        rows = self.db.query(f"""
-            SELECT {expr} AS bucket, model, count(*) AS requests,
-                   coalesce(sum(cost), 0.0) AS cost, coalesce(sum(cost_saved), 0.0) AS cost_saved
-            FROM requests WHERE {where} GROUP BY bucket, model ORDER BY bucket, model""",
-                             bparams + params)
+        with self._snapshot():
+            span = self._span(filters)
+            if span is None:
+                return []
+            buckets = _Buckets("day", filters.tz, *span)
+            rows = self._bucket_sums(
+                filters, span, buckets, True,
+                "sum(requests) AS requests, sum(cost) AS cost, sum(cost_saved) AS cost_saved",
+                ("requests", "cost", "cost_saved"))
         for row in rows:
             row["bucket"] = bucket_label("day", row["bucket"])
         return rows
 
     def errors_by_kind(self, filters: Filters, unit: str = "day") -> list[dict]:
         """Failed requests per local bucket and error kind."""
-        where, params = filters.where()
-        start = filters.start if filters.start is not None else self._edge("min")
-        end = filters.end if filters.end is not None else self._edge("max") + 1
-        if start is None:
+        span = self._span(filters)
+        if span is None:
             return []
-        expr, bparams = bucket_expr(unit, filters.tz, start, end)
+        expr, bparams = _Buckets(unit, filters.tz, *span).sql()
+        where, params = filters.where()
         rows = self.db.query(f"""
             SELECT {expr} AS bucket, coalesce(error_kind, outcome) AS kind, count(*) AS n
             FROM requests WHERE {where} AND outcome IN ('error', 'circuit_open')
@@ -319,8 +407,126 @@ class History:
         if column not in ("model", "source"):
             raise InvalidParameter("column must be model or source")
         return [r["v"] for r in self.db.query(
-            f"SELECT DISTINCT {column} AS v FROM requests WHERE {column} IS NOT NULL ORDER BY 1")]
+            f"SELECT DISTINCT {column} AS v FROM request_hours "
+            f"WHERE {column} IS NOT NULL AND requests > 0 ORDER BY 1")]
 
     def _edge(self, fn: str) -> float | None:
         row = self.db.query_one(f"SELECT {fn}(ts) AS t FROM requests")
         return row["t"] if row else None
+
+    def _span(self, filters: Filters) -> tuple[float, float] | None:
+        """The range to read: the filter's, or from the first row to just past the last."""
+        start = filters.start if filters.start is not None else self._edge("min")
+        if start is None:
+            return None
+        if filters.end is not None:
+            return start, filters.end
+        last = self._edge("max")
+        return (start, last + 1) if last is not None else None
+
+    @contextlib.contextmanager
+    def _snapshot(self):
+        """One read transaction, so the rollup, the raw ends and the percentiles agree."""
+        conn = self.db.reader()
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _parts(self, filters: Filters, span: tuple[float, float] | None,
+               buckets: _Buckets | None, table: str) -> tuple[str, str, list[Any]]:
+        """WHERE clauses for the rollup ``table`` and for the raw rows (either may be ''),
+        and their params: whole hours inside one bucket from the rollup, the rest raw."""
+        other, oparams = dataclasses.replace(filters, start=None, end=None).where()
+        if span is None:
+            return "", "", []
+        start, end = span
+        first, last = math.ceil(start / 3600), math.floor(end / 3600)   # whole hours: [first, last)
+        if first >= last:
+            where, params = _ranges_sql("ts", [(start, end)])
+            return "", f"{where} AND {other}", params + oparams
+        dirty = sorted({int(c // 3600) for c in (buckets.cuts() if buckets else [])
+                        if c % 3600 and first <= c // 3600 < last})
+        raw = [(start, first * 3600)] if start < first * 3600 else []
+        for hour in dirty:
+            raw.append((hour * 3600, hour * 3600 + 3600))
+        if last * 3600 < end:
+            raw.append((last * 3600, end))
+        merged: list[tuple[float, float]] = []
+        for lo, hi in raw:
+            if merged and merged[-1][1] >= lo:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        rollup, rparams = "", []
+        if len(dirty) < last - first:
+            rollup = f"hour >= ? AND hour < ? AND {other}"
+            rparams = [first, last, *oparams]
+            if dirty:
+                rollup += f" AND hour NOT IN ({','.join('?' * len(dirty))})"
+                rparams += dirty
+        where, params = _ranges_sql("ts", merged) if merged else ("", [])
+        raw_where = f"{where} AND {other}" if merged else ""
+        return rollup, raw_where, rparams + (params + oparams if merged else [])
+
+    def _sum_rows(self, filters: Filters, span, buckets: _Buckets | None,
+                  columns) -> tuple[str, list[Any]]:
+        """A subquery of (ts, model, source, *columns) rows whose sums are the range's sums."""
+        rollup, raw, params = self._parts(filters, span, buckets, "request_hours")
+        exprs = dict(ROLLUP_SUMS)
+        parts = []
+        if rollup:
+            parts.append(f"SELECT hour * 3600 AS ts, model, source, {', '.join(columns)} "
+                         f"FROM request_hours WHERE {rollup}")
+        if raw:
+            cols = ", ".join(f"{exprs[c].format(r='')} AS {c}" for c in columns)
+            parts.append(f"SELECT ts, model, source, {cols} FROM requests WHERE {raw}")
+        if not parts:
+            parts.append(f"SELECT 0 AS ts, NULL AS model, NULL AS source, "
+                         f"{', '.join(f'0 AS {c}' for c in columns)} WHERE 0")
+        return " UNION ALL ".join(parts), params
+
+    def _bucket_sums(self, filters: Filters, span, buckets: _Buckets, by_model: bool,
+                     select: str, columns) -> list[dict]:
+        inner, params = self._sum_rows(filters, span, buckets, columns)
+        expr, bparams = buckets.sql()
+        model_col = "model" if by_model else "'all'"
+        return self.db.query(f"""
+            SELECT {expr} AS bucket, {model_col} AS model, {select} FROM ({inner})
+            GROUP BY bucket, 2 HAVING sum(requests) > 0 ORDER BY bucket, 2""", bparams + params)
+
+    def _latency_percentile(self, filters: Filters, p: float, n: int) -> float | None:
+        """Exact nearest-rank latency percentile of the n answered requests in ``filters``,
+        by walking the latency index from the nearer end (no sort, no rows in Python)."""
+        if n <= 0:
+            return None
+        k = max(1, math.ceil(p / 100.0 * n))
+        order, offset = ("ASC", k - 1) if k - 1 <= n - k else ("DESC", n - k)
+        where, params = filters.where()
+        row = self.db.query_one(f"""
+            SELECT latency_ms FROM requests INDEXED BY idx_requests_ok_latency
+            WHERE outcome = 'ok' AND from_cache = 0 AND latency_ms IS NOT NULL AND {where}
+            ORDER BY latency_ms {order} LIMIT 1 OFFSET ?""", params + [offset])
+        return row["latency_ms"] if row else None
+
+    def _answered_stats(self, filters: Filters, buckets: _Buckets,
+                        by_model: bool) -> dict[tuple[int, str], tuple]:
+        """{(bucket, model): (latency p50, p95, ttft p50)}, one bucket at a time in time order."""
+        conn = self.db.reader()
+        conn.create_aggregate("answered_stats", 2, _AnsweredStats)
+        other, oparams = dataclasses.replace(filters, start=None, end=None).where()
+        model_col = "model" if by_model else "'all'"
+        found = {}
+        for number, ranges in buckets.extents():
+            where, params = _ranges_sql("ts", ranges)
+            for row in self.db.query(f"""
+                    SELECT {model_col} AS model, answered_stats(latency_ms, ttft_ms) AS s
+                    FROM requests INDEXED BY idx_requests_ok_ts
+                    WHERE outcome = 'ok' AND from_cache = 0 AND {where} AND {other}
+                    GROUP BY 1""", params + oparams):
+                found[(number, row["model"])] = tuple(_floats(row["s"]))
+        return found

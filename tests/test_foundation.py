@@ -175,6 +175,7 @@ def api(app_env):
     gyro = core.service.default_service()
     gyro.provider.sim.set_latency(ttft_ms=0, tokens_per_s=0)
     gyro.provider.sim.clear_faults()
+    gyro.provider.sim.reset_stats()
     url, server = _serve(Starlette(routes=routes()))
     yield url, gyro
     server.should_exit = True
@@ -219,3 +220,52 @@ def test_api_token_is_required_when_configured(app_env, monkeypatch):
         assert urllib.request.urlopen(url + "/api/health", timeout=5).status == 200
     finally:
         server.should_exit = True
+
+
+def test_simulator_runs_standalone_from_the_command_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "core", "simulator", "--port", str(port),
+                             "--ttft-ms", "0", "--tokens-per-s", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).read())
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert "gpt-4o-mini" in {m["id"] for m in body["data"]}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_api_client_that_goes_away_mid_stream_is_a_stop(api):
+    url, gyro = api
+    gyro.provider.sim.set_latency(ttft_ms=0, tokens_per_s=30)
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "A long story about a harbour town", "stream": True, "cache": False})
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall((f"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        received = b""
+        while received.count(b"event: delta") < 3:
+            received += sock.recv(4096)
+    deadline = time.time() + 5
+    row = None
+    while time.time() < deadline:
+        gyro.db.flush()
+        row = gyro.db.query_one("SELECT outcome, completion_tokens FROM requests WHERE source = 'api'")
+        if row:
+            break
+        time.sleep(0.05)
+    assert row is not None and row["outcome"] == "cancelled" and row["completion_tokens"] >= 1
+    deadline = time.time() + 3
+    while gyro.provider.sim.stats()["streams_disconnected"] < 1 and time.time() < deadline:
+        time.sleep(0.02)
+    assert gyro.provider.sim.stats()["streams_disconnected"] == 1
