@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from .errors import ConfigError
 
@@ -51,9 +51,22 @@ def check_base_url(url: str) -> str:
     """A usable http(s) base URL, or ConfigError naming it."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ConfigError(f"OPENAI_BASE_URL={url!r} is not an http(s) URL. Set it to something "
+        raise ConfigError(f"OPENAI_BASE_URL={redact_url(url)!r} is not an http(s) URL. Set it to something "
                           "like https://api.openai.com/v1 or http://localhost:8000/v1.")
     return url.rstrip("/")
+
+
+def redact_url(url: str | None) -> str:
+    """A URL without user, password, query or fragment (any of which could carry a secret)."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if not parts.scheme:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def load_config(env: Mapping[str, str] | None = None,

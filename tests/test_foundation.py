@@ -269,3 +269,28 @@ def test_api_client_that_goes_away_mid_stream_is_a_stop(api):
     while gyro.provider.sim.stats()["streams_disconnected"] < 1 and time.time() < deadline:
         time.sleep(0.02)
     assert gyro.provider.sim.stats()["streams_disconnected"] == 1
+
+
+def test_credentials_in_the_base_url_never_reach_the_database(simulator, tmp_path):
+    from core.config import Config
+    from core.providers.openai_provider import OpenAIProvider
+    url = simulator.base_url.replace("http://", "http://alice:hunter2-pw@")
+    provider = OpenAIProvider("sk-live-SECRET-key", url)
+    gyro = core.service.Gyroscope(Config("openai", provider.base_url, tmp_path / "c.db"), provider=provider)
+    gyro.generate(GenerationRequest(prompt="Name a mountain", max_tokens=10, source="test"))
+    gyro.close()
+    data = b"".join(p.read_bytes() for p in tmp_path.glob("c.db*"))
+    for secret in (b"hunter2-pw", b"sk-live-SECRET-key", b"alice"):
+        assert secret not in data
+    assert provider.base_url == simulator.base_url
+
+
+def test_a_base_url_without_the_api_path_is_explained(simulator, tmp_path):
+    from core.config import Config
+    from core.errors import BadRequest
+    from core.providers.openai_provider import OpenAIProvider
+    url = simulator.base_url.removesuffix("/v1") + "/nothing-here"
+    gyro = core.service.Gyroscope(Config("openai", url, tmp_path / "u.db"), provider=OpenAIProvider("sk", url))
+    with pytest.raises(BadRequest, match="no chat completions endpoint .*Check OPENAI_BASE_URL"):
+        gyro.generate(GenerationRequest(prompt="Hi", source="test"))
+    gyro.close()

@@ -196,7 +196,7 @@ def test_transient_statuses_are_retried(gyro, simulator, status):
 
 @pytest.mark.parametrize("status,error", [
     (400, errors.BadRequest), (401, errors.AuthFailed), (403, errors.AuthFailed),
-    (404, errors.ModelNotFound), (422, errors.BadRequest)])
+    (404, errors.BadRequest), (422, errors.BadRequest)])
 def test_client_errors_are_not_retried(gyro, simulator, status, error):
     simulator.sim.set_faults(fail_next=1, fail_status=status)
     with pytest.raises(error):

@@ -10,6 +10,7 @@ import httpx2
 import openai
 
 from .. import errors
+from ..config import redact_url
 from ..retry import parse_retry_after
 from .base import Completion, Delta, Provider, Stream, Timeouts, Usage
 
@@ -37,6 +38,10 @@ def classify(exc: BaseException, base_url: str, model: str | None = None) -> err
             return errors.RateLimited(status=status, retry_in_s=wait, detail=detail)
         if status in (401, 403):
             return errors.AuthFailed(status=status, detail=detail)
+        if status == 404 and code != "model_not_found" and "model" not in detail.lower():
+            return errors.BadRequest(
+                f"The server at {base_url} has no chat completions endpoint (404). Check "
+                "OPENAI_BASE_URL; for most servers it ends in /v1.", status=status, detail=detail)
         if status == 404:
             return errors.ModelNotFound(
                 f"The model {model!r} was not found at {base_url}. Pick another model."
@@ -92,7 +97,9 @@ class OpenAIProvider(Provider):
     name = "openai"
 
     def __init__(self, api_key: str | None, base_url: str | None = None) -> None:
-        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        # What is shown, recorded and keyed on: never the URL's user, password or query.
+        self.base_url = redact_url(self._url)
         self._api_key = api_key or "not-needed"
         # httpx connection pools belong to one event loop: one client per loop.
         self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]" = (
@@ -102,7 +109,7 @@ class OpenAIProvider(Provider):
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = openai.AsyncOpenAI(api_key=self._api_key, base_url=self.base_url, max_retries=0)
+            client = openai.AsyncOpenAI(api_key=self._api_key, base_url=self._url, max_retries=0)
             self._clients[loop] = client
         return client
 

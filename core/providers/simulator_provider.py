@@ -48,6 +48,10 @@ class SimulatorProvider(OpenAIProvider):
         return self.running.base_url
 
     @property
+    def _url(self) -> str:
+        return self.running.base_url
+
+    @property
     def upstream_id(self) -> str:
         # The port changes per process; the breaker is shared by name across processes.
         return "simulator"
