@@ -55,6 +55,7 @@ class GenerationStream:
         self._agen = pipeline.stream(req, self.result, on_retry=self._notices.put)
         self._done = False
         self._pending: concurrent.futures.Future | None = None
+        self._task: asyncio.Task | None = None
 
     def __iter__(self) -> Iterator[str | RetryNotice]:
         return self
@@ -63,7 +64,7 @@ class GenerationStream:
         if self._done:
             raise StopIteration
         if self._pending is None:
-            self._pending = portal.submit(_next(self._agen))
+            self._pending = portal.submit(self._next())
         while True:
             try:
                 piece = self._pending.result(timeout=0.1 if self._events else None)
@@ -86,28 +87,32 @@ class GenerationStream:
             raise StopIteration
         return piece
 
-    def close(self) -> None:
-        """Stop: close the upstream connection and record the request as cancelled."""
-        if self._done:
-            return
-        self._done = True
-        if self._pending is not None and not self._pending.done():
-            self._pending.cancel()
+    async def _next(self) -> str | None:
+        self._task = asyncio.current_task()
+        return await anext(self._agen, None)
+
+    async def _stop(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()               # a read in flight: cancel it and let it record
             try:
-                self._pending.result(timeout=5)
+                await task
             except BaseException:  # noqa: BLE001 - cancellation is the point
                 pass
-        portal.run(self._agen.aclose(), timeout=30)
+        await self._agen.aclose()       # no-op when the generator already finished
+
+    def close(self) -> None:
+        """Stop: close the upstream connection and record the request as cancelled."""
+        if self._done and (self._pending is None or self._pending.done()):
+            return
+        self._done = True
+        portal.run(self._stop(), timeout=30)
 
     def __enter__(self) -> "GenerationStream":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-async def _next(agen: AsyncIterator[str]) -> str | None:
-    return await anext(agen, None)
 
 
 def _resolved(value: Any) -> concurrent.futures.Future:

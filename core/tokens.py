@@ -58,11 +58,33 @@ def encoding_for(model: str | None) -> tiktoken.Encoding:
     return tiktoken.get_encoding(FALLBACK_ENCODING)
 
 
+_PIECE = 64 * 1024
+
+
+def _encode_len(enc: tiktoken.Encoding, text: str) -> int:
+    if len(text) <= _PIECE:
+        try:
+            return len(enc.encode(text, disallowed_special=()))
+        except Exception:  # noqa: BLE001 - tiktoken's regex overflows on huge whitespace runs
+            pass
+    # Count very long texts in pieces cut after whitespace: exact but for a token or so at
+    # each cut, and it cannot overflow the tokenizer's regex stack.
+    total, start = 0, 0
+    while start < len(text):
+        end = min(len(text), start + _PIECE)
+        if end < len(text):
+            cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+            end = cut + 1 if cut > start else end
+        total += len(enc.encode(text[start:end], disallowed_special=()))
+        start = end
+    return total
+
+
 def count_text(text: str, model: str | None = None) -> int:
     """Number of tokens in ``text`` for ``model``."""
     if not text:
         return 0
-    return len(encoding_for(model).encode(text, disallowed_special=()))
+    return _encode_len(encoding_for(model), text)
 
 
 def count_messages(messages: list[dict], model: str | None = None) -> int:
@@ -74,5 +96,5 @@ def count_messages(messages: list[dict], model: str | None = None) -> int:
         for key in ("role", "content", "name"):
             value = message.get(key)
             if isinstance(value, str) and value:
-                total += len(enc.encode(value, disallowed_special=()))
+                total += _encode_len(enc, value)
     return total

@@ -129,14 +129,17 @@ if go or regenerate:
     run(refresh=bool(regenerate))
 
 latest = state.generations[-1] if state.generations else None
+if latest is not None and not (go or regenerate):
+    # A rerun while a generation runs (Stop, or any widget) interrupts it; Streamlit may start
+    # this run before the interrupted one has finished closing, so show what arrived so far.
+    r = latest["result"]
+    st.markdown(latest["content"] or "_(nothing arrived)_")
+    if r is None or r.outcome == "cancelled":
+        st.caption("Stopped — the text above is what arrived.")
+    elif latest["error"] is not None:
+        show_error(latest["error"])
 if latest is not None and latest["result"] is not None:
     r = latest["result"]
-    if not (go or regenerate):      # after a rerun (e.g. Stop) keep the text on screen
-        st.markdown(latest["content"] or "_(nothing arrived)_")
-        if r.outcome == "cancelled":
-            st.caption("Stopped — the text above is what arrived.")
-        elif latest["error"] is not None:
-            show_error(latest["error"])
     if r.usage is not None:
         cost = "unknown" if r.cost is None else f"${r.cost:.6f}"
         est = " (estimated)" if r.tokens_estimated else ""
@@ -147,12 +150,12 @@ if latest is not None and latest["result"] is not None:
         if st.button("Regenerate (bypass the cache)", key="regen"):
             state.regenerate = True
             st.rerun()
-    if latest["content"]:
-        d1, d2, _ = st.columns([1, 1, 4])
-        d1.download_button("Download .md", latest["content"], file_name="generation.md", key="dl_md")
-        d2.download_button("Download .txt", latest["content"], file_name="generation.txt", key="dl_txt")
-        with st.expander("Copy"):
-            st.code(latest["content"], language=None, wrap_lines=True)
+if latest is not None and latest["content"]:
+    d1, d2, _ = st.columns([1, 1, 4])
+    d1.download_button("Download .md", latest["content"], file_name="generation.md", key="dl_md")
+    d2.download_button("Download .txt", latest["content"], file_name="generation.txt", key="dl_txt")
+    with st.expander("Copy"):
+        st.code(latest["content"], language=None, wrap_lines=True)
 
 if len(state.generations) > 1:
     st.subheader("This session")
