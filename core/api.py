@@ -37,8 +37,8 @@ def _error(exc: GyroscopeError) -> JSONResponse:
                         headers=headers)
 
 
-def _authorised(request: Request) -> bool:
-    token = default_service().config.api_token
+def _authorised(request: Request, gyro) -> bool:
+    token = gyro.config.api_token
     if not token:
         return True
     given = request.headers.get("authorization", "")
@@ -51,13 +51,20 @@ def _unauthorised() -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    gyro = default_service()
+    try:
+        gyro = default_service()
+    except GyroscopeError as exc:
+        return _error(exc)
     return JSONResponse({"status": "ok", "provider": gyro.provider.name,
                          "simulated": gyro.is_simulated})
 
 
 async def generate(request: Request):
-    if not _authorised(request):
+    try:
+        gyro = default_service()
+    except GyroscopeError as exc:
+        return _error(exc)
+    if not _authorised(request, gyro):
         return _unauthorised()
     try:
         body = await request.json()
@@ -70,7 +77,6 @@ async def generate(request: Request):
         return _error(exc)
     except TypeError as exc:
         return _error(InvalidParameter(f"Bad request body: {exc}"))
-    gyro = default_service()
     if not wants_stream:
         try:
             return JSONResponse((await gyro.agenerate(req)).as_dict())
@@ -103,10 +109,10 @@ async def _sse(gyro, req: GenerationRequest, request: Request):
 
 
 async def stats(request: Request) -> JSONResponse:
-    if not _authorised(request):
-        return _unauthorised()
     q = request.query_params
     try:
+        if not _authorised(request, default_service()):
+            return _unauthorised()
         filters = Filters(start=parse_when(q.get("since")), end=parse_when(q.get("until")), tz=q.get("tz", "UTC"),
                           models=tuple(q.getlist("model")), sources=tuple(q.getlist("source")))
         return JSONResponse(default_service().stats(filters))

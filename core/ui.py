@@ -14,8 +14,15 @@ SIMULATOR_BANNER = "Simulated responses — set OPENAI_API_KEY for real content.
 
 
 def get_gyro() -> Gyroscope:
-    """The process's Gyroscope service (one per process, shared by every session and the API)."""
-    return default_service()
+    """The process's Gyroscope service (one per process, shared by every session and the API).
+
+    A configuration or database problem stops the page with its message, never a traceback.
+    """
+    try:
+        return default_service()
+    except GyroscopeError as exc:
+        show_error(exc)
+        st.stop()
 
 
 def provider_badge(gyro: Gyroscope) -> None:

@@ -123,3 +123,25 @@ def test_optimize_toggle_shows_the_saving(app):
         pytest.skip("optimizer not installed")
     at.toggle(key="optimize").set_value(True).run()
     assert "Optimized prompt saves" in texts(at) and not at.exception
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"OPENAI_BASE_URL": "localhost:8000"}, "OPENAI_BASE_URL='localhost:8000' is not an http(s) URL"),
+    ({"GYROSCOPE_DB": "CORRUPT"}, "not a valid SQLite database"),
+])
+def test_bad_configuration_or_database_is_a_message_not_a_traceback(tmp_path, monkeypatch, env, message):
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GYROSCOPE_PROVIDER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GYROSCOPE_DB", str(tmp_path / "ok.db"))
+    for name, value in env.items():
+        if value == "CORRUPT":
+            bad = tmp_path / "bad.db"
+            bad.write_bytes(b"garbage" * 1000)
+            value = str(bad)
+        monkeypatch.setenv(name, value)
+    core.service._default = None
+    for page in ("generate.py", "metrics.py", "settings.py"):
+        at = AppTest.from_file(str(ROOT / "pages" / page), default_timeout=30).run()
+        assert not at.exception, page
+        assert message in texts(at), page
+    core.service._default = None

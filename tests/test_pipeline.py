@@ -382,3 +382,15 @@ def test_cli_generate_json_and_failure(tmp_path):
     text = subprocess.run([sys.executable, "-m", "core", "generate", "Name three rivers", "--max-tokens", "40"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert text.returncode == 0 and text.stdout.strip() == data["content"].strip()
+
+
+def test_an_optimized_request_records_the_tokens_saved_and_their_price(gyro):
+    verbose = ("Hello! Could you please kindly write a short poem about the sea? "
+               "Thank you so much in advance!")
+    result = gyro.generate(req(verbose, optimize=True))
+    assert result.optimizer["tokens_saved"] > 0 and result.prompt_sent != verbose
+    row = rows(gyro)[0]
+    assert row["optimizer_tokens_saved"] == result.optimizer["tokens_saved"]
+    assert row["optimizer_cost_saved"] == pytest.approx(row["optimizer_tokens_saved"] * 0.15e-6)
+    plain = gyro.generate(req(verbose, optimize=False))
+    assert plain.optimizer is None and rows(gyro)[1]["optimizer_tokens_saved"] == 0
