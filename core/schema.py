@@ -50,3 +50,94 @@ def m001_initial(db) -> None:
         "name": str, "state": str, "fail_counter": int, "success_counter": int,
         "opened_at": float, "updated_at": float,
     }, pk="name", defaults={"state": "closed", "fail_counter": 0, "success_counter": 0})
+
+
+# Per-row contributions to the hourly rollup, as SQL over one `requests` row (``{r}`` is
+# ``new.``/``old.`` in the triggers, empty in queries over raw rows). Frozen with m002:
+# changing a column means a new migration that rebuilds the rollup.
+ROLLUP_SUMS = (
+    ("requests", "1"),
+    ("ok", "{r}outcome = 'ok'"),
+    ("failed", "{r}outcome IN ('error', 'circuit_open')"),
+    ("cancelled", "{r}outcome = 'cancelled'"),
+    ("rejected", "{r}outcome = 'rejected'"),
+    ("circuit_open", "{r}outcome = 'circuit_open'"),
+    ("cached", "coalesce({r}from_cache, 0)"),
+    ("cost", "coalesce({r}cost, 0.0)"),
+    ("cost_unknown", "coalesce({r}cost_unknown, 0)"),
+    ("cost_saved", "coalesce({r}cost_saved, 0.0)"),
+    ("prompt_tokens", "coalesce({r}prompt_tokens, 0)"),
+    ("completion_tokens", "coalesce({r}completion_tokens, 0)"),
+    ("optimizer_tokens_saved", "coalesce({r}optimizer_tokens_saved, 0)"),
+    ("optimizer_cost_saved", "coalesce({r}optimizer_cost_saved, 0.0)"),
+    ("retries", "coalesce(max({r}attempts - 1, 0), 0)"),
+    ("retry_wait_s", "coalesce({r}retry_wait_s, 0.0)"),
+    # answered upstream (not from the cache) with a latency: what the percentiles rank
+    ("timed", "coalesce({r}outcome = 'ok' AND {r}from_cache = 0 AND {r}latency_ms IS NOT NULL, 0)"),
+)
+ROLLUP_ERROR_KIND = "coalesce({r}error_kind, {r}outcome)"
+ROLLUP_IS_ERROR = "{r}outcome IN ('error', 'circuit_open')"
+
+
+def _rollup_add(r: str) -> str:
+    cols = ", ".join(c for c, _ in ROLLUP_SUMS)
+    values = ", ".join(e.format(r=r) for _, e in ROLLUP_SUMS)
+    updates = ", ".join(f"{c} = {c} + excluded.{c}" for c, _ in ROLLUP_SUMS)
+    return (f"INSERT INTO request_hours (hour, model, source, {cols}) "
+            f"VALUES (CAST({r}ts / 3600 AS INTEGER), {r}model, {r}source, {values}) "
+            f"ON CONFLICT (hour, model, source) DO UPDATE SET {updates};\n"
+            f"INSERT INTO request_hour_errors (hour, model, source, kind, n) "
+            f"SELECT CAST({r}ts / 3600 AS INTEGER), {r}model, {r}source, "
+            f"{ROLLUP_ERROR_KIND.format(r=r)}, 1 WHERE {ROLLUP_IS_ERROR.format(r=r)} "
+            f"ON CONFLICT (hour, model, source, kind) DO UPDATE SET n = n + 1;\n")
+
+
+def _rollup_remove(r: str) -> str:
+    # `IS` and one rowid, because a NULL model or source never conflicts, so such rows
+    # may be spread over several rollup rows.
+    updates = ", ".join(f"{c} = {c} - ({e.format(r=r)})" for c, e in ROLLUP_SUMS)
+    hour = f"CAST({r}ts / 3600 AS INTEGER)"
+    return (f"UPDATE request_hours SET {updates} WHERE rowid = (SELECT rowid FROM request_hours "
+            f"WHERE hour = {hour} AND model IS {r}model AND source IS {r}source LIMIT 1);\n"
+            f"UPDATE request_hour_errors SET n = n - 1 WHERE rowid = (SELECT rowid FROM "
+            f"request_hour_errors WHERE {ROLLUP_IS_ERROR.format(r=r)} AND hour = {hour} AND "
+            f"model IS {r}model AND source IS {r}source AND kind = {ROLLUP_ERROR_KIND.format(r=r)} "
+            f"LIMIT 1);\n")
+
+
+@migrations()
+def m002_hourly_rollup(db) -> None:
+    """Hourly sums per model and source, kept by triggers, so charts over a year stay fast.
+
+    Every zone in use today is offset from UTC by whole quarter hours, and nearly all by
+    whole hours; History reads the hours that fall inside one local day/hour from here and
+    only the hours cut by a boundary (range ends, half-hour zones) from the raw rows.
+    """
+    real = {"cost", "cost_saved", "optimizer_cost_saved", "retry_wait_s"}
+    sums = ", ".join(f"{c} {'REAL' if c in real else 'INTEGER'} NOT NULL DEFAULT 0" for c, _ in ROLLUP_SUMS)
+    db.execute(f"CREATE TABLE request_hours (hour INTEGER NOT NULL, model TEXT, source TEXT, {sums}, "
+               "PRIMARY KEY (hour, model, source))")
+    db.execute("CREATE TABLE request_hour_errors (hour INTEGER NOT NULL, model TEXT, source TEXT, "
+               "kind TEXT, n INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (hour, model, source, kind))")
+    cols = ", ".join(c for c, _ in ROLLUP_SUMS)
+    exprs = ", ".join(f"sum({e.format(r='')})" for _, e in ROLLUP_SUMS)
+    db.execute(f"INSERT INTO request_hours (hour, model, source, {cols}) "
+               f"SELECT CAST(ts / 3600 AS INTEGER), model, source, {exprs} FROM requests GROUP BY 1, 2, 3")
+    db.execute("INSERT INTO request_hour_errors (hour, model, source, kind, n) "
+               f"SELECT CAST(ts / 3600 AS INTEGER), model, source, {ROLLUP_ERROR_KIND.format(r='')}, "
+               f"count(*) FROM requests WHERE {ROLLUP_IS_ERROR.format(r='')} GROUP BY 1, 2, 3, 4")
+    db.execute(f"CREATE TRIGGER requests_rollup_insert AFTER INSERT ON requests BEGIN\n"
+               f"{_rollup_add('new.')}END")
+    db.execute(f"CREATE TRIGGER requests_rollup_delete AFTER DELETE ON requests BEGIN\n"
+               f"{_rollup_remove('old.')}END")
+    db.execute(f"CREATE TRIGGER requests_rollup_update AFTER UPDATE ON requests BEGIN\n"
+               f"{_rollup_remove('old.')}{_rollup_add('new.')}END")
+    db.execute("CREATE INDEX idx_request_hours_model ON request_hours (model)")
+    db.execute("CREATE INDEX idx_request_hours_source ON request_hours (source)")
+    # Exact latency percentiles: walk answered requests in latency order (p95 from the top)
+    # instead of sorting a range's rows in Python.
+    db.execute("CREATE INDEX idx_requests_ok_latency ON requests (latency_ms, ts, model, source) "
+               "WHERE outcome = 'ok' AND from_cache = 0")
+    # Per-bucket percentiles: answered requests in time order, covering what they read.
+    db.execute("CREATE INDEX idx_requests_ok_ts ON requests (ts, outcome, from_cache, model, source, "
+               "latency_ms, ttft_ms) WHERE outcome = 'ok' AND from_cache = 0")

@@ -1,0 +1,174 @@
+"""The Metrics page under AppTest, on a real SQLite file: empty state, demo history, filters,
+the same totals as `python -m core stats --json`, bad ranges, and days in the viewer's zone."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import core.service
+from core import charts
+from core.demo import fill_history
+from core.history import Filters, RequestRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+# Demo history ends "now", so tests pick whole past days from a fixed end instead.
+END = dt.datetime(2026, 11, 28, tzinfo=dt.timezone.utc).timestamp()
+
+
+@pytest.fixture
+def page(tmp_path, monkeypatch):
+    """(AppTest of pages/metrics.py, its Gyroscope) on a fresh database file."""
+    monkeypatch.setenv("GYROSCOPE_DB", str(tmp_path / "metrics.db"))
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GYROSCOPE_PROVIDER"):
+        monkeypatch.delenv(name, raising=False)
+    core.service._default = None
+    gyro = core.service.default_service()
+    at = AppTest.from_file(str(ROOT / "pages" / "metrics.py"), default_timeout=30)
+    yield at, gyro
+    assert len(at.exception) == 0
+    gyro.close()
+    core.service._default = None
+
+
+def texts(at) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    parts += [e.value for e in at.error] + [w.value for w in at.warning] + [i.value for i in at.info]
+    return "\n".join(str(p) for p in parts)
+
+
+def shown(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def custom(at, first: dt.date, last: dt.date, tz: str | None = None) -> AppTest:
+    if tz:
+        at.selectbox(key="metrics_tz").set_value(tz)
+    at.radio(key="metrics_range").set_value("Custom dates").run()
+    at.date_input(key="metrics_from").set_value(first)
+    at.date_input(key="metrics_to").set_value(last)
+    return at.run()
+
+
+def figures(at) -> dict[str, dict]:
+    return {json.loads(c.proto.spec)["layout"]["title"]["text"]: json.loads(c.proto.spec)
+            for c in at.get("plotly_chart")}
+
+
+def test_empty_database_says_how_to_get_data(page):
+    at, _ = page
+    at.run()
+    assert len(at.exception) == 0
+    assert "No requests recorded yet" in texts(at) and "Generate" in texts(at)
+    assert at.button(key="load_demo").label == "Load demo history"
+    assert not at.metric and not at.get("plotly_chart")
+
+
+def test_demo_button_fills_history_and_the_page_shows_figures_and_charts(page):
+    at, gyro = page
+    at.run()
+    at.button(key="load_demo").click().run()
+    assert len(at.exception) == 0
+    assert gyro.history.totals()["total_requests"] == 5000
+    figs = shown(at)
+    assert int(figs["Requests"].replace(",", "")) > 0 and figs["p95 latency"].endswith(" ms")
+    assert set(figures(at)) == {"Cost per day by model", "Requests and errors",
+                                "Latency (answers from the AI service)", "Cache", "Retries",
+                                "Circuit breakers"}
+    assert at.download_button(key="export_daily").label == "Daily table (CSV)"
+    assert at.download_button(key="export_rows").label.startswith("Requests (CSV, newest ")
+
+
+def test_filters_change_the_figures(page):
+    at, gyro = page
+    fill_history(gyro.db, rows=3000, days=30)
+    at.run()
+    week = shown(at)["Requests"]
+    at.radio(key="metrics_range").set_value("Last 30 days").run()
+    month = shown(at)["Requests"]
+    at.multiselect(key="metrics_models").set_value(["gpt-4o"]).run()
+    one_model = shown(at)["Requests"]
+    at.multiselect(key="metrics_sources").set_value(["cli"]).run()
+    narrower = shown(at)["Requests"]
+    counts = [int(v.replace(",", "")) for v in (week, month, one_model, narrower)]
+    assert counts[1] > counts[0] and counts[1] > counts[2] > counts[3] > 0
+    assert counts[2] == gyro.history.totals(
+        Filters(models=("gpt-4o",)))["total_requests"]
+    cost = figures(at)["Cost per day by model"]
+    assert {t["name"] for t in cost["data"]} == {"gpt-4o"}
+    assert len(at.exception) == 0
+
+
+def test_headline_equals_the_cli_for_the_same_range(page):
+    at, gyro = page
+    fill_history(gyro.db, rows=4000, days=20, end=END, seed=3)
+    at.context = {"timezone": "Europe/Berlin"}
+    at.run()
+    custom(at, dt.date(2026, 11, 15), dt.date(2026, 11, 22))
+    since, until = re.search(r"--since (\S+) --until (\S+)`", texts(at)).groups()
+    assert since == "2026-11-15T00:00:00+01:00" and until == "2026-11-23T00:00:00+01:00"
+    out = subprocess.run([sys.executable, "-m", "core", "stats", "--json", "--since", since, "--until", until],
+                         env={**os.environ, "GYROSCOPE_DB": str(gyro.db.path)}, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=True)
+    cli = json.loads(out.stdout)
+    assert cli["total_requests"] > 1000
+    assert shown(at) == {label: value for label, value, _ in charts.headline(cli)}
+    assert len(at.exception) == 0
+
+
+def test_end_before_start_and_an_empty_range_get_a_message_not_an_exception(page):
+    at, gyro = page
+    fill_history(gyro.db, rows=500, days=5, end=END)
+    at.run()
+    custom(at, dt.date(2026, 11, 20), dt.date(2026, 11, 10))
+    assert len(at.exception) == 0
+    assert any("before the start date" in w.value for w in at.warning)
+    custom(at, dt.date(2025, 1, 1), dt.date(2025, 1, 31))
+    assert len(at.exception) == 0
+    assert "No requests in this range" in texts(at) and not at.metric
+
+
+def test_daily_table_follows_the_viewers_zone_far_from_utc(page):
+    at, gyro = page
+    # 10:30 UTC on Nov 24 is 00:30 Nov 25 in Kiritimati (UTC+14); 09:30 UTC is still Nov 24 there.
+    for i, (hour, cost) in enumerate(((9, 2.0), (10, 1.0))):
+        ts = dt.datetime(2026, 11, 24, hour, 30, tzinfo=dt.timezone.utc).timestamp()
+        gyro.history.record(RequestRecord(ts=ts, request_id=f"k{i}", model="gpt-4o-mini", cost=cost))
+    at.context = {"timezone": "Pacific/Kiritimati"}
+    at.run()
+    assert at.selectbox(key="metrics_tz").value == "Pacific/Kiritimati"   # the browser's zone by default
+    custom(at, dt.date(2026, 11, 20), dt.date(2026, 11, 27))
+    table = at.dataframe[0].value
+    assert dict(zip(table["day"], table["cost"])) == {"2026-11-24": 2.0, "2026-11-25": 1.0}
+    cost = figures(at)["Cost per day by model"]["data"][0]
+    assert dict(zip(cost["x"], cost["y"])) == {"2026-11-24": 2.0, "2026-11-25": 1.0}
+    custom(at, dt.date(2026, 11, 20), dt.date(2026, 11, 27), tz="UTC")
+    table = at.dataframe[0].value
+    assert dict(zip(table["day"], table["cost"])) == {"2026-11-24": 3.0}
+    assert len(at.exception) == 0
+
+
+def test_breaker_states_and_transitions_with_their_cause(page):
+    at, gyro = page
+    fill_history(gyro.db, rows=300, days=2, end=END)
+    breaker = gyro.breakers.get("simulator", "gpt-4o")
+    t = dt.datetime(2026, 11, 27, 12, tzinfo=dt.timezone.utc).timestamp()
+    gyro.history.event("breaker", breaker.name, "closed", "open", "5 consecutive failures (last: server_error)", ts=t)
+    gyro.history.event("breaker", breaker.name, "open", "half-open", "reset timeout elapsed; probing", ts=t + 30)
+    gyro.db.flush()
+    at.run()
+    custom(at, dt.date(2026, 11, 26), dt.date(2026, 11, 27), tz="UTC")
+    assert shown(at)["simulator · gpt-4o"] == "closed"
+    [marks] = [t for t in figures(at)["Circuit breakers"]["data"] if t["name"] == "transitions"]
+    assert "5 consecutive failures (last: server_error)" in marks["hovertext"][0]
+    assert "open → half-open" in marks["hovertext"][1]
+    at.toggle(key="metrics_live").set_value(True).run()     # the auto-refreshing fragment renders too
+    assert len(at.exception) == 0 and "simulator · gpt-4o" in shown(at)
