@@ -126,18 +126,6 @@ def test_third_party_provider_through_the_entry_point_group(tmp_path, monkeypatc
 
 
 # -- the app ---------------------------------------------------------------------------------
-@pytest.fixture
-def app_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("GYROSCOPE_DB", str(tmp_path / "app.db"))
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GYROSCOPE_PROVIDER", "GYROSCOPE_API_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    core.service._default = None
-    yield
-    if core.service._default is not None:
-        core.service._default.close()
-    core.service._default = None
-
-
 def test_the_app_starts_under_apptest_on_the_generate_page(app_env):
     at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=30).run()
     assert not at.exception
@@ -173,9 +161,6 @@ def _post(url: str, body, token: str | None = None) -> tuple[int, bytes]:
 def api(app_env):
     from core.api import routes
     gyro = core.service.default_service()
-    gyro.provider.sim.set_latency(ttft_ms=0, tokens_per_s=0)
-    gyro.provider.sim.clear_faults()
-    gyro.provider.sim.reset_stats()
     url, server = _serve(Starlette(routes=routes()))
     yield url, gyro
     server.should_exit = True

@@ -12,22 +12,12 @@ from core.breaker import OPEN
 
 
 @pytest.fixture
-def app(tmp_path, monkeypatch):
-    monkeypatch.setenv("GYROSCOPE_DB", str(tmp_path / "page.db"))
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GYROSCOPE_PROVIDER", "GYROSCOPE_ADMIN_PASSWORD"):
-        monkeypatch.delenv(name, raising=False)
-    core.service._default = None
+def app(app_env):
     gyro = core.service.default_service()
-    gyro.provider.sim.clear_faults()
-    gyro.provider.sim.set_latency(ttft_ms=0, tokens_per_s=0)
-    gyro.provider.sim.reset_stats()
     gyro.settings.set_many({"retry.max_retries": 0}, actor="test")
     at = AppTest.from_file(str(ROOT / "pages" / "generate.py"), default_timeout=30)
     at.run()
     yield at, gyro
-    gyro.provider.sim.clear_faults()
-    gyro.close()
-    core.service._default = None
 
 
 def generate(at, prompt="Write a welcome email for a yoga studio"):
@@ -129,19 +119,15 @@ def test_optimize_toggle_shows_the_saving(app):
     ({"OPENAI_BASE_URL": "localhost:8000"}, "OPENAI_BASE_URL='localhost:8000' is not an http(s) URL"),
     ({"GYROSCOPE_DB": "CORRUPT"}, "not a valid SQLite database"),
 ])
-def test_bad_configuration_or_database_is_a_message_not_a_traceback(tmp_path, monkeypatch, env, message):
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GYROSCOPE_PROVIDER"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("GYROSCOPE_DB", str(tmp_path / "ok.db"))
+def test_bad_configuration_or_database_is_a_message_not_a_traceback(app_env, tmp_path, monkeypatch,
+                                                                  env, message):
     for name, value in env.items():
         if value == "CORRUPT":
             bad = tmp_path / "bad.db"
             bad.write_bytes(b"garbage" * 1000)
             value = str(bad)
         monkeypatch.setenv(name, value)
-    core.service._default = None
     for page in ("generate.py", "metrics.py", "settings.py"):
         at = AppTest.from_file(str(ROOT / "pages" / page), default_timeout=30).run()
         assert not at.exception, page
         assert message in texts(at), page
-    core.service._default = None

@@ -25,18 +25,12 @@ END = dt.datetime(2026, 11, 28, tzinfo=dt.timezone.utc).timestamp()
 
 
 @pytest.fixture
-def page(tmp_path, monkeypatch):
+def page(app_env):
     """(AppTest of pages/metrics.py, its Gyroscope) on a fresh database file."""
-    monkeypatch.setenv("GYROSCOPE_DB", str(tmp_path / "metrics.db"))
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GYROSCOPE_PROVIDER"):
-        monkeypatch.delenv(name, raising=False)
-    core.service._default = None
     gyro = core.service.default_service()
     at = AppTest.from_file(str(ROOT / "pages" / "metrics.py"), default_timeout=30)
     yield at, gyro
     assert len(at.exception) == 0
-    gyro.close()
-    core.service._default = None
 
 
 def texts(at) -> str:

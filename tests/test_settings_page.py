@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest, AppTestError
 from core import admin, service
 from core.errors import CircuitOpen, InvalidParameter, ServerError
 from core.models import GenerationRequest
-from core.providers.simulator_provider import shared_simulator
+from tests.conftest import drop_service
 from core.settings import BY_NAME, SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,31 +22,11 @@ SECRET_KEY = "sk-test-SECRET-abc123"
 PASSWORD = "correct horse battery staple"
 
 
-def _drop_service() -> None:
-    with service._default_lock:
-        old, service._default = service._default, None
-    if old is not None:
-        old.close()
-
-
 @pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
+def env(app_env, monkeypatch):
     """A fresh database and service per test, the simulator as provider, no real waits."""
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GYROSCOPE_PROVIDER",
-                 "GYROSCOPE_ADMIN_PASSWORD", "GYROSCOPE_API_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("GYROSCOPE_DB", str(tmp_path / "g.db"))
-    monkeypatch.chdir(tmp_path)  # so a developer's .streamlit/secrets.toml is not read
     monkeypatch.setattr(admin, "WRONG_PASSWORD_DELAY_S", 0)
-    running = shared_simulator()  # the one the page's service talks to
-    latency = running.sim.latency()
-    running.sim.clear_faults()
-    running.sim.set_latency(0, 0)
-    _drop_service()
-    yield tmp_path
-    _drop_service()
-    running.sim.clear_faults()
-    running.sim.set_latency(latency["ttft_ms"], latency["tokens_per_s"])
+    yield app_env
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -331,13 +311,13 @@ def test_the_api_key_never_reaches_the_page_the_audit_trail_or_the_database(monk
     assert SECRET_KEY not in rendered_text(at)
     assert all(SECRET_KEY not in str(r) for r in service.default_service().settings.audit())
     service.default_service().db.flush()
-    files = [p for p in env.iterdir() if p.name.startswith("g.db")]
-    assert any(p.name == "g.db-wal" for p in files)
+    files = [p for p in env.iterdir() if p.name.startswith("app.db")]
+    assert any(p.name == "app.db-wal" for p in files)
     for path in files:
         assert SECRET_KEY.encode() not in path.read_bytes(), path.name
-    _drop_service()  # checkpoint the WAL into the file, then look again
+    drop_service()  # checkpoint the WAL into the file, then look again
     for path in env.iterdir():
-        if path.name.startswith("g.db"):
+        if path.name.startswith("app.db"):
             assert SECRET_KEY.encode() not in path.read_bytes(), path.name
 
 
