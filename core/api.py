@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import contextlib
 from contextlib import asynccontextmanager
 
 from starlette.requests import Request
@@ -91,21 +92,39 @@ def _event(name: str, data) -> str:
 
 
 async def _sse(gyro, req: GenerationRequest, request: Request):
-    notices: asyncio.Queue = asyncio.Queue()
-    stream = gyro.astream(req, on_retry=notices.put_nowait)
+    """Text, retry notices (as they happen, even before the first token) and the end."""
+    events: asyncio.Queue = asyncio.Queue()
+    stream = gyro.astream(req, on_retry=lambda n: events.put_nowait(("retry", n)))
+
+    async def pump() -> None:
+        try:
+            async for piece in stream:
+                events.put_nowait(("delta", piece))
+            events.put_nowait(("done", stream.result))
+        except GyroscopeError as exc:
+            events.put_nowait(("error", exc))
+
+    task = asyncio.create_task(pump())
     try:
-        async for piece in stream:
-            while not notices.empty():
-                n = notices.get_nowait()
-                yield _event("retry", {"kind": n.kind, "attempt": n.attempt,
-                                       "max_attempts": n.max_attempts, "wait_s": n.wait_s,
-                                       "message": n.message})
-            yield _event("delta", {"text": piece})
-        yield _event("done", stream.result.as_dict())
-    except GyroscopeError as exc:
-        yield _event("error", exc.as_dict())
+        while True:
+            kind, value = await events.get()
+            if kind == "delta":
+                yield _event("delta", {"text": value})
+            elif kind == "retry":
+                yield _event("retry", {"kind": value.kind, "attempt": value.attempt,
+                                       "max_attempts": value.max_attempts, "wait_s": value.wait_s,
+                                       "message": value.message})
+            else:
+                yield _event(kind, value.as_dict())
+                return
     finally:
-        await stream.aclose()   # a client that went away is a Stop: upstream closed, row 'cancelled'
+        # A client that went away is a Stop: cancel the read, which closes the upstream
+        # connection and records the request as cancelled.
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        await stream.aclose()
 
 
 async def stats(request: Request) -> JSONResponse:

@@ -25,75 +25,96 @@ CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreake
 
 
 class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
-    """pybreaker storage in the `breakers` table, so every process on the file shares it."""
+    """pybreaker storage in the `breakers` table, so every process on the file shares it.
 
-    #: How long a read of the shared row may be reused. Another process's change is seen
-    #: within this time; this process's own writes are seen at once.
+    Writes never wait: each change is applied to this process's view at once and queued
+    to the database writer (counters as relative updates, so processes' changes add up).
+    Reads reuse the view while writes are pending, else re-read the row at most every
+    READ_TTL_S, which is how another process's change arrives.
+    """
+
     READ_TTL_S = 0.1
+    _DEFAULT = {"state": CLOSED, "fail_counter": 0, "success_counter": 0, "opened_at": None}
 
     def __init__(self, db, name: str) -> None:
         super().__init__(name)
         self.db = db
-        self._cached: tuple[float, dict] | None = None
-        db.write(lambda conn: conn.execute(
-            "INSERT OR IGNORE INTO breakers (name, state, fail_counter, success_counter, updated_at) "
-            "VALUES (?, 'closed', 0, 0, ?)", (name, time.time())))
+        self._lock = threading.Lock()
+        self._row: dict | None = None
+        self._read_at = float("-inf")
+        self._pending = 0
 
-    def _get(self, column: str):
-        row = self.db.query_one(f"SELECT {column} AS v FROM breakers WHERE name = ?", (self._name,))
-        return row["v"] if row else None
+    def snapshot(self) -> dict:
+        """The row (state, counters, opened_at) as this process sees it."""
+        now = time.monotonic()
+        with self._lock:
+            if self._row is not None and (self._pending or now - self._read_at < self.READ_TTL_S):
+                return dict(self._row)
+        row = self.db.query_one("SELECT state, fail_counter, success_counter, opened_at FROM breakers "
+                                "WHERE name = ?", (self._name,)) or dict(self._DEFAULT)
+        with self._lock:
+            if not self._pending:       # never replace a newer local view with an older file
+                self._row, self._read_at = row, now
+            return dict(self._row)
 
-    def _set(self, sql: str, *params) -> None:
-        self._cached = None
-        self.db.write(lambda conn: conn.execute(
-            f"UPDATE breakers SET {sql}, updated_at = ? WHERE name = ?", (*params, time.time(), self._name)))
+    def _change(self, local, sql: str, *params) -> None:
+        if self._row is None:
+            self.snapshot()
+        with self._lock:
+            local(self._row)
+            self._pending += 1
+        name = self._name
+
+        def write(conn) -> None:
+            conn.execute("INSERT OR IGNORE INTO breakers (name, state, fail_counter, success_counter, "
+                         "updated_at) VALUES (?, 'closed', 0, 0, ?)", (name, time.time()))
+            conn.execute(f"UPDATE breakers SET {sql}, updated_at = ? WHERE name = ?",
+                         (*params, time.time(), name))
+        self.db.submit(write).add_done_callback(self._written)
+
+    def _written(self, fut) -> None:
+        with self._lock:
+            self._pending -= 1
+            self._read_at = float("-inf") if fut.exception() else self._read_at
 
     @property
     def state(self) -> str:
-        return self._get("state") or CLOSED
+        return self.snapshot()["state"] or CLOSED
 
     @state.setter
     def state(self, state: str) -> None:
-        self._set("state = ?", state)
+        self._change(lambda r: r.update(state=state), "state = ?", state)
 
     def increment_counter(self) -> None:
-        self._set("fail_counter = fail_counter + 1")
+        self._change(lambda r: r.update(fail_counter=r["fail_counter"] + 1), "fail_counter = fail_counter + 1")
 
     def reset_counter(self) -> None:
-        self._set("fail_counter = 0")
+        self._change(lambda r: r.update(fail_counter=0), "fail_counter = 0")
 
     def increment_success_counter(self) -> None:
-        self._set("success_counter = success_counter + 1")
+        self._change(lambda r: r.update(success_counter=r["success_counter"] + 1),
+                     "success_counter = success_counter + 1")
 
     def reset_success_counter(self) -> None:
-        self._set("success_counter = 0")
+        self._change(lambda r: r.update(success_counter=0), "success_counter = 0")
 
     @property
     def counter(self) -> int:
-        return int(self._get("fail_counter") or 0)
+        return int(self.snapshot()["fail_counter"] or 0)
 
     @property
     def success_counter(self) -> int:
-        return int(self._get("success_counter") or 0)
+        return int(self.snapshot()["success_counter"] or 0)
 
     @property
     def opened_at(self) -> datetime | None:
-        ts = self._get("opened_at")
+        ts = self.snapshot()["opened_at"]
         return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
 
     @opened_at.setter
     def opened_at(self, value: datetime) -> None:
-        self._set("opened_at = ?", value.timestamp())
-
-    def snapshot(self) -> dict:
-        """The whole row (state, counters, opened_at), briefly cached for the hot path."""
-        now = time.monotonic()
-        cached = self._cached
-        if cached is not None and now - cached[0] < self.READ_TTL_S:
-            return cached[1]
-        row = self.db.query_one("SELECT * FROM breakers WHERE name = ?", (self._name,)) or {}
-        self._cached = (now, row)
-        return row
+        ts = value.timestamp()
+        self._change(lambda r: r.update(opened_at=ts), "opened_at = ?", ts)
 
 
 @dataclass
@@ -275,6 +296,6 @@ class Breakers:
 
     def all_info(self) -> list[dict]:
         """State of every breaker known to the file (any process's)."""
-        rows = self.db.query("SELECT name FROM breakers ORDER BY name")
-        return [self.get(*r["name"].split("|", 1)).info() if "|" in r["name"]
-                else {"name": r["name"], "state": "unknown"} for r in rows]
+        names = {r["name"] for r in self.db.query("SELECT name FROM breakers")} | set(self._breakers)
+        return [self.get(*name.split("|", 1)).info() if "|" in name
+                else {"name": name, "state": "unknown"} for name in sorted(names)]

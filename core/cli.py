@@ -114,7 +114,7 @@ def _generate(gyro, args) -> int:
             if isinstance(piece, str):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-            else:
+            elif piece is not None:
                 print(f"\n[{piece.message}]", file=sys.stderr)
     sys.stdout.write("\n")
     return 0

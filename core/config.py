@@ -49,9 +49,14 @@ def _read_secrets(path: Path) -> dict:
 
 def check_base_url(url: str) -> str:
     """A usable http(s) base URL, or ConfigError naming it."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ConfigError(f"OPENAI_BASE_URL={redact_url(url)!r} is not an http(s) URL. Set it to something "
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 - raises ValueError for a bad port
+        redact_url(url)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"OPENAI_BASE_URL={redact_url(url)!r} is not a usable http(s) URL. Set it to something "
                           "like https://api.openai.com/v1 or http://localhost:8000/v1.")
     return url.rstrip("/")
 
@@ -60,12 +65,15 @@ def redact_url(url: str | None) -> str:
     """A URL without user, password, query or fragment (any of which could carry a secret)."""
     if not url:
         return ""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return "<unparseable URL>"
     if not parts.scheme:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+        return url if "@" not in url else "<unparseable URL>"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 

@@ -194,6 +194,14 @@ class Database:
         self._closed = True
         self._queue.put(_STOP)
         self._writer.join(timeout=30)
+        # A write that slipped in as we closed must not leave its caller waiting forever.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(StorageError(f"The database {self.path} is closed."))
 
     def _write_loop(self) -> None:
         conn = None
@@ -206,14 +214,16 @@ class Database:
                 except queue.Empty:
                     break
             stop = any(entry is _STOP for entry in batch)
-            batch = [entry for entry in batch if entry is not _STOP]
+            # A caller that gave up (cancelled its future) does not get its write run.
+            batch = [entry for entry in batch
+                     if entry is not _STOP and entry[1].set_running_or_notify_cancel()]
             if batch:
                 try:
                     if conn is None:
                         conn = _connect(self.path, busy_timeout_s=self.busy_timeout_s)
                     self._run_batch(conn, batch)
-                except sqlite3.Error as exc:
-                    err = storage_error(exc, self.path)
+                except BaseException as exc:  # noqa: BLE001 - the writer thread must survive
+                    err = storage_error(exc, self.path) if isinstance(exc, sqlite3.Error) else exc
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(err)

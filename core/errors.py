@@ -11,8 +11,9 @@
     └── UpstreamError                   (the provider failed)     error
         ├── RetryableError              (worth another attempt)
         │   ├── RateLimited             rate_limited    (429, may carry retry_in_s)
-        │   ├── ServerError             server_error    (5xx, 408, 409)
-        │   ├── UpstreamTimeout         timeout
+        │   ├── ServerError             server_error    (5xx)
+        │   ├── Conflict                conflict        (409; not a breaker failure)
+        │   ├── UpstreamTimeout         timeout         (and 408)
         │   └── ConnectionFailed        connection
         ├── QuotaExhausted              quota_exhausted (429 insufficient_quota)
         ├── AuthFailed                  auth            (401/403)
@@ -35,6 +36,7 @@ class GyroscopeError(Exception):
 
     kind = "error"
     outcome = "error"
+    breaker_failure = False      # True: counts against the upstream's circuit breaker
     status: int | None = None
     retry_in_s: float | None = None
 
@@ -116,6 +118,7 @@ class RetryableError(UpstreamError):
 
 class RateLimited(RetryableError):
     kind = "rate_limited"
+    breaker_failure = True
 
     def default_message(self) -> str:
         return "The AI service is rate limiting us. Wait a moment and try again."
@@ -123,6 +126,7 @@ class RateLimited(RetryableError):
 
 class ServerError(RetryableError):
     kind = "server_error"
+    breaker_failure = True
 
     def default_message(self) -> str:
         return "The AI service had an internal error. Try again in a moment."
@@ -130,6 +134,7 @@ class ServerError(RetryableError):
 
 class UpstreamTimeout(RetryableError):
     kind = "timeout"
+    breaker_failure = True
 
     def default_message(self) -> str:
         return "The AI service did not answer in time. Try again, or raise the timeout in Settings."
@@ -137,9 +142,19 @@ class UpstreamTimeout(RetryableError):
 
 class ConnectionFailed(RetryableError):
     kind = "connection"
+    breaker_failure = True
 
     def default_message(self) -> str:
         return "Could not reach the AI service. Check OPENAI_BASE_URL and your network."
+
+
+class Conflict(RetryableError):
+    """409: worth another try, but says nothing about the upstream's health."""
+
+    kind = "conflict"
+
+    def default_message(self) -> str:
+        return "The AI service reported a conflict with another request. Try again."
 
 
 class QuotaExhausted(UpstreamError):
@@ -191,6 +206,7 @@ class DeadlineExceeded(UpstreamError):
 
 class StreamInterrupted(UpstreamError):
     kind = "stream_interrupted"
+    breaker_failure = True
 
     def default_message(self) -> str:
         return "The answer was cut off by the AI service. The partial text is kept; try again."

@@ -27,7 +27,6 @@ class GenerationRequest:
     refresh: bool = False
     optimize: bool | None = None      # None: the optimizer.enabled setting decides
     source: str = "api"
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "api") -> "GenerationRequest":
@@ -35,7 +34,7 @@ class GenerationRequest:
         from .errors import InvalidParameter
         if not isinstance(data, dict):
             raise InvalidParameter("The request body must be a JSON object with a \"prompt\".")
-        allowed = set(cls.__dataclass_fields__) - {"source", "request_id"}
+        allowed = set(cls.__dataclass_fields__) - {"source"}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise InvalidParameter(f"Unknown field(s): {', '.join(unknown)}. Allowed: "
@@ -64,9 +63,9 @@ class RetryNotice:
 
 @dataclass
 class GenerationResult:
-    """What came back, and what it took."""
+    """What came back, and what it took (``request_id`` is new for every run)."""
 
-    request_id: str
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     content: str = ""
     model: str = ""
     finish_reason: str | None = None

@@ -27,6 +27,7 @@ from . import errors, prices, tokens
 from .history import RequestRecord
 from .models import GenerationRequest, GenerationResult, RetryNotice
 from .providers.base import Delta, Timeouts, Usage
+from .breaker import OPEN
 from .retry import RetryPolicy, is_retryable, wait_backoff_or_retry_after
 
 CACHE_CHUNK_CHARS = 24
@@ -73,7 +74,7 @@ class Pipeline:
     async def generate(self, req: GenerationRequest,
                        on_retry: Callable[[RetryNotice], None] | None = None) -> GenerationResult:
         """Run to completion; raises a GyroscopeError (with ``.result``) on failure."""
-        result = GenerationResult(request_id=req.request_id)
+        result = GenerationResult()
         async for _ in self.run(req, result, streaming=False, on_retry=on_retry):
             pass
         return result
@@ -118,10 +119,13 @@ class Pipeline:
             await self._record(run, exc.outcome, exc)
             raise
         except Exception as exc:  # a bug must still leave its row, then surface
-            wrapped = errors.UpstreamError(f"Internal error: {exc.__class__.__name__}: {exc}")
+            wrapped = errors.UpstreamError(
+                f"Something unexpected went wrong ({exc.__class__.__name__}). Try again; if it "
+                "keeps happening, report it with the time it happened.", detail=repr(exc))
+            wrapped.result = result
             result.error = wrapped
             await self._record(run, "error", wrapped)
-            raise
+            raise wrapped from exc
 
     def _prepare(self, run: _Run, s) -> tuple[dict, str | None]:
         """Validate, optimize and build the provider parameters and the cache key."""
@@ -203,6 +207,10 @@ class Pipeline:
         def past_deadline(state: tenacity.RetryCallState) -> bool:
             return monotonic() + state.upcoming_sleep > deadline_at
 
+        def breaker_opened(state: tenacity.RetryCallState) -> bool:
+            # Our own failures just opened it: waiting to be refused would only waste time.
+            return breaker.storage.state == OPEN
+
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception()
             result.retry_wait_s += state.upcoming_sleep
@@ -213,34 +221,38 @@ class Pipeline:
 
         def give_up(state: tenacity.RetryCallState):
             exc = state.outcome.exception()
-            wait = state.upcoming_sleep
-            if state.attempt_number < policy.max_attempts and exc.retry_in_s is not None:
-                raise errors.RetryLater(retry_in_s=wait, status=exc.status, detail=str(exc)) from exc
+            if (state.attempt_number < policy.max_attempts and exc.retry_in_s is not None
+                    and not breaker_opened(state)):
+                raise errors.RetryLater(retry_in_s=state.upcoming_sleep, status=exc.status,
+                                        detail=str(exc)) from exc
             raise exc
 
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception(is_retryable),
-            stop=tenacity.stop_after_attempt(policy.max_attempts) | past_deadline,
+            stop=tenacity.stop_after_attempt(policy.max_attempts) | past_deadline | breaker_opened,
             wait=wait_backoff_or_retry_after(policy, self.rng),
             sleep=self.clock.sleep, before_sleep=before_sleep, retry_error_callback=give_up)
 
-        upstream_stream = None
-        permit = None
+        upstream_stream = iterator = first = completion = permit = None
         async for attempt in retrying:
             with attempt:
-                result.attempts += 1
                 permit = breaker.acquire()
-                timeout = Timeouts(connect=min(s["timeout.connect_s"], max(0.01, deadline_at - monotonic())),
-                                   read=min(s["timeout.read_s"], max(0.01, deadline_at - monotonic())))
+                result.attempts += 1
+                left = max(0.01, deadline_at - monotonic())
+                timeout = Timeouts(connect=min(s["timeout.connect_s"], left), read=min(s["timeout.read_s"], left))
                 try:
-                    if streaming:
-                        upstream_stream = await self.provider.stream(params, timeout)
-                        iterator = upstream_stream.__aiter__()
-                        first = await self._first_delta(upstream_stream, iterator)
-                    else:
-                        completion = await self.provider.complete(params, timeout)
-                except errors.RetryableError as exc:
-                    breaker.failure(permit, exc.kind)
+                    async with asyncio.timeout(left):   # the overall deadline, whatever trickles in
+                        if streaming:
+                            upstream_stream = await self.provider.stream(params, timeout)
+                            iterator = upstream_stream.__aiter__()
+                            first = await self._first_delta(upstream_stream, iterator)
+                        else:
+                            completion = await self.provider.complete(params, timeout)
+                except TimeoutError as exc:
+                    breaker.failure(permit, "timeout")
+                    raise errors.UpstreamTimeout() from exc
+                except errors.UpstreamError as exc:
+                    self._settle_permit(breaker, permit, exc)
                     raise
                 except BaseException:
                     breaker.release(permit)
@@ -268,26 +280,31 @@ class Pipeline:
                 if delta.usage is not None:
                     self._settle_usage(run, delta.usage)
                 delta = await anext(iterator, None)
+            if result.finish_reason is None:    # ended without saying it was complete
+                raise errors.StreamInterrupted()
+            breaker.success(permit)
         except errors.UpstreamError as exc:
-            if isinstance(exc, errors.RetryableError):
-                breaker.failure(permit, exc.kind)
-            else:
-                breaker.release(permit)
+            self._settle_permit(breaker, permit, exc)
             self._settle_usage(run, None)
+            if isinstance(exc, errors.StreamInterrupted):
+                raise
             raise errors.StreamInterrupted(status=exc.status, detail=str(exc)) from exc
         except BaseException:
-            breaker.release(permit)
             self._settle_usage(run, None)
             raise
         finally:
+            breaker.release(permit)             # a Stop or a bug: neither success nor failure
             await upstream_stream.aclose()
-        if result.finish_reason is None:  # the stream ended without saying it was complete
-            breaker.failure(permit, "stream_interrupted")
-            self._settle_usage(run, None)
-            raise errors.StreamInterrupted()
-        breaker.success(permit)
         if result.usage is None:
             self._settle_usage(run, None)
+
+    @staticmethod
+    def _settle_permit(breaker, permit, exc: errors.UpstreamError) -> None:
+        """Count the failure against the upstream only when it is the upstream's fault."""
+        if exc.breaker_failure:
+            breaker.failure(permit, exc.kind)
+        else:
+            breaker.release(permit)
 
     @staticmethod
     async def _first_delta(upstream_stream, iterator) -> Delta | None:
@@ -323,14 +340,18 @@ class Pipeline:
         result.latency_ms = (now - run.t0) * 1000.0
         if run.first_token_at is not None:
             result.ttft_ms = (run.first_token_at - run.t0) * 1000.0
-        if outcome == "cancelled" and result.usage is None and result.attempts:
-            self._settle_usage(run, None)
-        usage = result.usage
         optimizer_cost_saved = 0.0
-        if run.optimizer_saved:
-            optimizer_cost_saved = prices.cost(result.model, run.optimizer_saved, 0, self.price_provider) or 0.0
+        try:   # counting and costing must never cost the request its row
+            if outcome == "cancelled" and result.usage is None and result.attempts:
+                self._settle_usage(run, None)
+            if run.optimizer_saved:
+                optimizer_cost_saved = prices.cost(result.model, run.optimizer_saved, 0,
+                                                   self.price_provider) or 0.0
+        except Exception:  # noqa: BLE001
+            pass
+        usage = result.usage
         record = RequestRecord(
-            ts=self.clock.time(), request_id=req.request_id, source=req.source,
+            ts=self.clock.time(), request_id=result.request_id, source=req.source,
             provider=self.provider.name, base_url=self.provider.base_url,
             upstream=self.provider.upstream_id, model=result.model, outcome=outcome,
             error_kind=exc.kind if exc is not None else None,

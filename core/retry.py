@@ -8,6 +8,7 @@ when to try again.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import random
 import time
@@ -43,6 +44,8 @@ def parse_retry_after(headers: Mapping[str, str] | None, now: Callable[[], float
         return None
     if when is None:
         return None
+    if when.tzinfo is None:           # "-0000" parses as naive; HTTP dates are always GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - now())
 
 

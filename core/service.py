@@ -43,13 +43,16 @@ class AsyncGenerationStream:
 class GenerationStream:
     """Sync iterator over the same pipeline, driven on the portal loop.
 
-    With ``events=True`` it also yields ``RetryNotice`` objects as retries happen, so a
-    page can show them while it waits. ``close()`` is a Stop: it closes the upstream
+    With ``events=True`` it also yields ``RetryNotice`` objects as retries happen, and
+    ``None`` about every ``HEARTBEAT_S`` while nothing arrives, so a page gets a chance to
+    notice a Stop during a long wait. ``close()`` is a Stop: it closes the upstream
     connection and records the request as cancelled.
     """
 
+    HEARTBEAT_S = 0.25
+
     def __init__(self, pipeline: Pipeline, req: GenerationRequest, events: bool = False) -> None:
-        self.result = GenerationResult(request_id=req.request_id)
+        self.result = GenerationResult()
         self._notices: queue.SimpleQueue = queue.SimpleQueue()
         self._events = events
         self._agen = pipeline.stream(req, self.result, on_retry=self._notices.put)
@@ -57,21 +60,20 @@ class GenerationStream:
         self._pending: concurrent.futures.Future | None = None
         self._task: asyncio.Task | None = None
 
-    def __iter__(self) -> Iterator[str | RetryNotice]:
+    def __iter__(self) -> Iterator[str | RetryNotice | None]:
         return self
 
-    def __next__(self) -> str | RetryNotice:
+    def __next__(self) -> str | RetryNotice | None:
         if self._done:
             raise StopIteration
         if self._pending is None:
             self._pending = portal.submit(self._next())
         while True:
             try:
-                piece = self._pending.result(timeout=0.1 if self._events else None)
+                piece = self._pending.result(timeout=self.HEARTBEAT_S if self._events else None)
                 break
             except concurrent.futures.TimeoutError:
-                if not self._notices.empty():
-                    return self._notices.get()
+                return self._notices.get() if not self._notices.empty() else None
             except BaseException:
                 self._pending = None
                 self._done = True
@@ -106,7 +108,10 @@ class GenerationStream:
         if self._done and (self._pending is None or self._pending.done()):
             return
         self._done = True
-        portal.run(self._stop(), timeout=30)
+        try:
+            portal.run(self._stop(), timeout=30)
+        except concurrent.futures.TimeoutError:
+            pass  # the loop is wedged; the row is written when the generator is finalised
 
     def __enter__(self) -> "GenerationStream":
         return self
@@ -152,7 +157,7 @@ class Gyroscope:
     def astream(self, req: GenerationRequest,
                 on_retry: Callable[[RetryNotice], None] | None = None) -> AsyncGenerationStream:
         """Stream text pieces from async code."""
-        result = GenerationResult(request_id=req.request_id)
+        result = GenerationResult()
         return AsyncGenerationStream(self.pipeline.stream(req, result, on_retry), result)
 
     # -- sync (the same pipeline, on the portal loop) --------------------------------------

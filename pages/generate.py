@@ -100,10 +100,14 @@ def run(refresh: bool) -> None:
              "at": time.strftime("%H:%M:%S")}
     state.generations.append(entry)
     notice_box = st.empty()
+    heartbeat = st.empty()
     stream = gyro.stream(req, events=True)
 
     def text():
         for piece in stream:
+            if piece is None:          # nothing yet: touching the page lets a Stop get through
+                heartbeat.empty()
+                continue
             if isinstance(piece, RetryNotice):
                 notice_box.info(piece.message, icon=":material/autorenew:")
                 continue

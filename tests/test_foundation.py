@@ -50,10 +50,12 @@ def test_secrets_toml_is_read_and_env_wins(tmp_path):
         load_config({}, secrets)
 
 
-@pytest.mark.parametrize("url", ["localhost:8000", "ftp://x/v1", "not a url"])
+@pytest.mark.parametrize("url", ["localhost:8000", "ftp://x/v1", "not a url", "http://u:p@host:99999/v1",
+                                 "https://u:p@[::1/v1"])
 def test_bad_base_url_is_named_in_a_clear_message(tmp_path, url):
-    with pytest.raises(ConfigError, match="OPENAI_BASE_URL=.*is not an http"):
+    with pytest.raises(ConfigError, match="OPENAI_BASE_URL=.*is not a usable http") as info:
         load_config({"OPENAI_BASE_URL": url}, tmp_path / "none.toml")
+    assert "u:p@" not in str(info.value)
 
 
 # -- provider plugins ------------------------------------------------------------------------
@@ -279,3 +281,13 @@ def test_a_base_url_without_the_api_path_is_explained(simulator, tmp_path):
     with pytest.raises(BadRequest, match="no chat completions endpoint .*Check OPENAI_BASE_URL"):
         gyro.generate(GenerationRequest(prompt="Hi", source="test"))
     gyro.close()
+
+
+def test_api_stream_announces_retries_even_when_it_fails(api):
+    url, gyro = api
+    gyro.settings.set_many({"retry.max_retries": 2, "retry.base_delay_s": 0.01, "retry.max_delay_s": 0.02})
+    gyro.provider.sim.set_faults(error_rate=1.0, error_status=503)
+    status, body = _post(url + "/api/generate", {"prompt": "Hi", "stream": True, "cache": False})
+    kinds = [block.split("\n")[0] for block in body.decode().split("\n\n") if block.strip()]
+    assert kinds == ["event: retry", "event: retry", "event: error"]
+    assert '"attempt": 2' in body.decode() and '"kind": "server_error"' in body.decode()

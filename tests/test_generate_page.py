@@ -116,7 +116,7 @@ def test_optimize_toggle_shows_the_saving(app):
 
 
 @pytest.mark.parametrize("env,message", [
-    ({"OPENAI_BASE_URL": "localhost:8000"}, "OPENAI_BASE_URL='localhost:8000' is not an http(s) URL"),
+    ({"OPENAI_BASE_URL": "localhost:8000"}, "OPENAI_BASE_URL='localhost:8000' is not a usable http(s) URL"),
     ({"GYROSCOPE_DB": "CORRUPT"}, "not a valid SQLite database"),
 ])
 def test_bad_configuration_or_database_is_a_message_not_a_traceback(app_env, tmp_path, monkeypatch,

@@ -311,6 +311,7 @@ def test_client_errors_and_cancellations_do_not_move_the_breaker(tmp_path, simul
 def test_breaker_state_is_shared_through_the_file(tmp_path, simulator, clock):
     gyro = make_gyro(tmp_path, simulator, clock)
     gyro.breakers.get("simulator", "gpt-4o-mini").force_open(actor="test")
+    gyro.db.flush()                       # breaker writes are queued, never waited on
     out = subprocess.run([sys.executable, "-m", "core", "stats", "--json"], capture_output=True, text=True,
                          env={**os.environ, "GYROSCOPE_DB": str(tmp_path / "g.db")}, check=True)
     assert json.loads(out.stdout)["breakers"] == {"simulator|gpt-4o-mini": "open"}
@@ -394,3 +395,90 @@ def test_an_optimized_request_records_the_tokens_saved_and_their_price(gyro):
     assert row["optimizer_cost_saved"] == pytest.approx(row["optimizer_tokens_saved"] * 0.15e-6)
     plain = gyro.generate(req(verbose, optimize=False))
     assert plain.optimizer is None and rows(gyro)[1]["optimizer_tokens_saved"] == 0
+
+
+# -- regressions found in review -------------------------------------------------------------
+class _OddProvider(SimulatorProvider):
+    """The simulator, except for answers a real server might send by mistake."""
+
+    def __init__(self, running, mode):
+        super().__init__(running)
+        self.mode = mode
+
+    async def complete(self, params, timeout):
+        done = await super().complete(params, timeout)
+        if self.mode == "crash":
+            raise IndexError("list index out of range")
+        done.finish_reason = None
+        return done
+
+
+@pytest.mark.parametrize("mode", ["crash", "no_finish_reason"])
+def test_odd_answers_are_plain_errors_or_uncached(tmp_path, simulator, clock, mode):
+    cfg = Config(provider="simulator", base_url=None, db_path=tmp_path / "odd.db")
+    gyro = Gyroscope(cfg, provider=_OddProvider(simulator, mode), clock=clock.as_clock())
+    if mode == "crash":
+        with pytest.raises(errors.UpstreamError, match="Something unexpected went wrong"):
+            gyro.generate(req())
+        assert rows(gyro)[0]["outcome"] == "error"
+    else:
+        gyro.generate(req())
+        assert not gyro.generate(req()).from_cache   # not known to be complete: never cached
+    gyro.close()
+
+
+def test_the_same_request_object_twice_leaves_two_rows(gyro):
+    r = req(cache=False)
+    first, second = gyro.generate(r), gyro.generate(r)
+    assert first.request_id != second.request_id and len(rows(gyro)) == 2
+
+
+def test_a_409_is_retried_but_does_not_count_against_the_upstream(tmp_path, simulator, clock):
+    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.fail_max": 1, "retry.max_retries": 0})
+    simulator.sim.set_faults(fail_next=1, fail_status=409)
+    with pytest.raises(errors.Conflict):
+        gyro.generate(req(cache=False))
+    assert gyro.breakers.get("simulator", "gpt-4o-mini").info()["state"] == "closed"
+    gyro.close()
+
+
+def test_retries_stop_as_soon_as_the_breaker_opens(tmp_path, simulator, clock):
+    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.fail_max": 2, "retry.max_retries": 3})
+    simulator.sim.set_faults(error_rate=1.0, error_status=503)
+    with pytest.raises(errors.ServerError):
+        gyro.generate(req(cache=False))
+    assert clock.slept == [1] and simulator.sim.stats()["chat_requests"] == 2
+    row = rows(gyro)[0]
+    assert (row["attempts"], row["outcome"], row["error_kind"]) == (2, "error", "server_error")
+    gyro.close()
+
+
+def test_a_stopped_probe_frees_its_slot(tmp_path, simulator, clock):
+    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.half_open_max_calls": 1})
+    breaker = gyro.breakers.get("simulator", "gpt-4o-mini")
+    breaker.force_open(actor="test")
+    clock.advance(31)
+    simulator.sim.set_latency(ttft_ms=0, tokens_per_s=100)
+    stream = gyro.stream(req(cache=False))
+    next(stream)
+    stream.close()
+    assert breaker.info()["state"] == "half-open"
+    assert gyro.generate(req(cache=False)).outcome == "ok"     # the slot was released
+    assert breaker.info()["state"] == "closed"
+    gyro.close()
+
+
+def test_a_breaker_write_never_waits_for_a_locked_file(gyro, simulator):
+    import sqlite3
+    breaker = gyro.breakers.get("simulator", "gpt-4o-mini")
+    blocker = sqlite3.connect(gyro.db.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")        # the file is locked by someone else...
+    try:
+        permit = breaker.acquire()
+        breaker.failure(permit, "server_error")  # ...yet this returns (it would hang otherwise)
+        assert breaker.info()["fail_counter"] == 1
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    gyro.db.flush()
+    assert gyro.db.query_one("SELECT fail_counter FROM breakers")["fail_counter"] == 1

@@ -339,3 +339,15 @@ def test_locked_file_fails_the_write_with_a_message_and_no_half_row(tmp_path):
     history.record(_record(2))       # and the writer recovers once the lock is gone
     assert db.query_one("SELECT count(*) AS n FROM requests")["n"] == 1
     db.close()
+
+
+def test_a_cancelled_write_is_skipped_and_the_writer_survives(db):
+    gate = threading.Event()
+    busy = db.submit(lambda conn: gate.wait(5))
+    ran = []
+    cancelled = db.submit(lambda conn: ran.append(1))
+    assert cancelled.cancel()
+    gate.set()
+    busy.result(5)
+    db.write(lambda conn: conn.execute("INSERT INTO meta (key, value) VALUES ('alive', '1')"))
+    assert ran == [] and db.query_one("SELECT value FROM meta WHERE key = 'alive'") == {"value": "1"}

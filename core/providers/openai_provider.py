@@ -46,7 +46,11 @@ def classify(exc: BaseException, base_url: str, model: str | None = None) -> err
             return errors.ModelNotFound(
                 f"The model {model!r} was not found at {base_url}. Pick another model."
                 if model else "", status=status, detail=detail)
-        if status in (408, 409) or status >= 500:
+        if status == 408:
+            return errors.UpstreamTimeout(status=status, retry_in_s=wait, detail=detail)
+        if status == 409:
+            return errors.Conflict(status=status, retry_in_s=wait, detail=detail)
+        if status >= 500:
             return errors.ServerError(status=status, retry_in_s=wait, detail=detail)
         if code == "context_length_exceeded":
             return errors.PromptTooLong(
@@ -54,7 +58,9 @@ def classify(exc: BaseException, base_url: str, model: str | None = None) -> err
                 detail=detail)
         return errors.BadRequest(f"The AI service refused the request: {detail}", status=status,
                                  detail=detail)
-    if isinstance(exc, (openai.APIError, httpx2.HTTPError)):
+    if isinstance(exc, openai.APIError):   # e.g. an error event inside a stream
+        return errors.ServerError(f"The AI service reported an error: {exc.message}", detail=str(exc))
+    if isinstance(exc, httpx2.HTTPError):
         return errors.ConnectionFailed(detail=str(exc))
     return errors.UpstreamError(f"Unexpected failure: {exc.__class__.__name__}", detail=str(exc))
 
@@ -80,8 +86,9 @@ class _OpenAIStream(Stream):
                     usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 if chunk.choices:
                     choice = chunk.choices[0]
-                    yield Delta(text=choice.delta.content or "", finish_reason=choice.finish_reason,
-                                usage=usage, model=chunk.model)
+                    text = (choice.delta.content or "") if choice.delta is not None else ""
+                    yield Delta(text=text, finish_reason=choice.finish_reason, usage=usage,
+                                model=chunk.model)
                 elif usage is not None:
                     yield Delta(usage=usage, model=chunk.model)
         except (openai.APIError, httpx2.HTTPError, OSError) as exc:
@@ -122,10 +129,14 @@ class OpenAIProvider(Provider):
             resp = await self.client().chat.completions.create(**params, timeout=self._timeout(timeout))
         except Exception as exc:  # noqa: BLE001 - every failure is classified
             raise classify(exc, self.base_url, params.get("model")) from exc
+        if not resp.choices or resp.choices[0].message is None:
+            raise errors.ServerError("The AI service sent an answer with no text. Try again.")
         choice = resp.choices[0]
         usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens) if resp.usage else None
+        # finish_reason stays None when the server did not say the answer is complete, so
+        # such an answer is never cached.
         return Completion(content=choice.message.content or "", model=resp.model,
-                          finish_reason=choice.finish_reason or "stop", usage=usage)
+                          finish_reason=choice.finish_reason, usage=usage)
 
     async def stream(self, params: dict, timeout: Timeouts) -> Stream:
         try:
