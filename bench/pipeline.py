@@ -83,7 +83,7 @@ async def async_sequential(base_url: str, gyro: Gyroscope, n: int) -> None:
     await raw.close()
 
 
-async def concurrent(base_url: str, gyro: Gyroscope, n: int) -> None:
+async def concurrent(base_url: str, gyro: Gyroscope, n: int, rounds: int = 5) -> None:
     raw = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench", max_retries=0)
     params = dict(model="gpt-4o-mini", max_tokens=16, temperature=0.7)
 
@@ -93,17 +93,22 @@ async def concurrent(base_url: str, gyro: Gyroscope, n: int) -> None:
     async def gyro_one(i):
         await gyro.agenerate(GenerationRequest(prompt=MSG.format(i=i), max_tokens=16, source="bench"))
 
-    await asyncio.gather(*(raw_one(i) for i in range(50)))
-    await asyncio.gather(*(gyro_one(i) for i in range(50)))
-    results = {}
-    for name, fn in (("raw", raw_one), ("gyro", gyro_one), ("raw", raw_one), ("gyro", gyro_one)):
-        t = time.perf_counter()
-        await asyncio.gather(*(fn(i) for i in range(n)))
-        results.setdefault(name, []).append(n / (time.perf_counter() - t))
-    raw_rps, gyro_rps = max(results["raw"]), max(results["gyro"])
-    print(f"{n} concurrent requests, simulator latency 200 ms (best of 2 rounds each)")
-    print(f"  raw AsyncOpenAI          {raw_rps:7.1f} req/s")
-    print(f"  gyroscope agenerate()    {gyro_rps:7.1f} req/s  ({gyro_rps / raw_rps:.1%} of raw)")
+    await asyncio.gather(*(raw_one(i) for i in range(100)))
+    await asyncio.gather(*(gyro_one(i) for i in range(100)))
+    rps: dict[str, list[float]] = {"raw": [], "gyro": []}
+    cpu: dict[str, list[float]] = {"raw": [], "gyro": []}
+    for _ in range(rounds):              # alternate, so machine noise hits both alike
+        for name, fn in (("raw", raw_one), ("gyro", gyro_one)):
+            c, t = time.process_time(), time.perf_counter()
+            await asyncio.gather(*(fn(i) for i in range(n)))
+            rps[name].append(n / (time.perf_counter() - t))
+            cpu[name].append((time.process_time() - c) / n * 1000)
+    print(f"{n} concurrent requests, simulator latency 200 ms, {rounds} alternating rounds each")
+    for name, label in (("raw", "raw AsyncOpenAI       "), ("gyro", "gyroscope agenerate() ")):
+        print(f"  {label}   best {max(rps[name]):6.1f} req/s  median {statistics.median(rps[name]):6.1f} req/s"
+              f"  client CPU {statistics.median(cpu[name]):.2f} ms/request")
+    print(f"  throughput vs raw        best {max(rps['gyro']) / max(rps['raw']):.1%}"
+          f"  median {statistics.median(rps['gyro']) / statistics.median(rps['raw']):.1%}")
     await raw.close()
 
 
@@ -137,6 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sequential", type=int, default=400)
     ap.add_argument("--concurrent", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--ttft", type=int, default=100)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -147,7 +153,7 @@ def main() -> None:
             gyro.close()
         with simulator_process(ttft_ms=200, tokens_per_s=0) as base:
             gyro = make_gyro(base, Path(d) / "c")
-            asyncio.run(concurrent(base, gyro, args.concurrent))
+            asyncio.run(concurrent(base, gyro, args.concurrent, args.rounds))
             gyro.close()
         with simulator_process(ttft_ms=50, tokens_per_s=200) as base:
             gyro = make_gyro(base, Path(d) / "t")

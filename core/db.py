@@ -148,8 +148,9 @@ class Database:
     async def awrite_soon(self, fn: WriteFn) -> Any:
         """Commit ``fn`` on this thread if the file is free this instant, else via the writer.
 
-        A lone request then pays ~50 us for its row instead of two thread hand-offs, and
-        under contention (another writer holds the lock) nothing waits on the loop: the
+        A row then costs ~50 us on the caller's loop instead of two thread hand-offs (which,
+        measured with 1000 concurrent requests, cost more CPU than the commits they batch).
+        Under contention (another writer holds the lock) nothing waits on the loop: the
         write goes to the writer thread's next group commit.
         """
         done, value = self._try_direct(fn)

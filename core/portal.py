@@ -1,4 +1,5 @@
-"""A background event loop that lets sync callers drive the async pipeline."""
+"""How sync callers drive the async pipeline: on an event loop of their own thread when
+they can (no thread hop), else on a shared background loop."""
 
 from __future__ import annotations
 
@@ -38,3 +39,21 @@ def submit(coro: Coroutine) -> Future:
 def run(coro: Coroutine, timeout: float | None = None) -> Any:
     """Run a coroutine on the portal loop and wait for its result."""
     return submit(coro).result(timeout)
+
+
+_local = threading.local()
+
+
+def run_here(coro: Coroutine) -> Any:
+    """Run a coroutine to completion on this thread's own loop (kept for reuse, so its
+    connections are too); from inside a running loop, fall back to the portal."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return run(coro)
+    own = getattr(_local, "loop", None)
+    if own is None or own.is_closed():
+        own = _local.loop = asyncio.new_event_loop()
+    return own.run_until_complete(coro)

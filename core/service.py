@@ -163,8 +163,8 @@ class Gyroscope:
     # -- sync (the same pipeline, on the portal loop) --------------------------------------
     def generate(self, req: GenerationRequest,
                  on_retry: Callable[[RetryNotice], None] | None = None) -> GenerationResult:
-        """Generate from sync code."""
-        return portal.run(self.pipeline.generate(req, on_retry))
+        """Generate from sync code (on this thread's own loop: no hand-off to another thread)."""
+        return portal.run_here(self.pipeline.generate(req, on_retry))
 
     def stream(self, req: GenerationRequest, events: bool = False) -> GenerationStream:
         """Stream from sync code (a Streamlit page, the CLI)."""

@@ -87,6 +87,18 @@ def count_text(text: str, model: str | None = None) -> int:
     return _encode_len(encoding_for(model), text)
 
 
+def upper_bound(messages: list[dict]) -> int:
+    """A cheap bound no real count exceeds: every token covers at least one UTF-8 byte."""
+    total = TOKENS_PER_REPLY
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        for key in ("role", "content", "name"):
+            value = message.get(key)
+            if isinstance(value, str):
+                total += len(value.encode("utf-8", "surrogatepass"))
+    return total
+
+
 def count_messages(messages: list[dict], model: str | None = None) -> int:
     """Prompt tokens of a chat request, counted the way OpenAI bills them."""
     enc = encoding_for(model)
