@@ -351,3 +351,26 @@ def test_a_cancelled_write_is_skipped_and_the_writer_survives(db):
     busy.result(5)
     db.write(lambda conn: conn.execute("INSERT INTO meta (key, value) VALUES ('alive', '1')"))
     assert ran == [] and db.query_one("SELECT value FROM meta WHERE key = 'alive'") == {"value": "1"}
+
+
+def test_concurrent_edits_of_one_setting_last_write_wins_and_all_are_audited(tmp_path):
+    path = tmp_path / "edits.db"
+    stores = [SettingsStore(Database(path), ttl=0) for _ in range(2)]   # two "processes"
+    def edit(store, values, actor):
+        for v in values:
+            store.set("retry.max_retries", v, actor=actor)
+    threads = [threading.Thread(target=edit, args=(stores[0], [1, 2, 3, 4, 5] * 4, "alice")),
+               threading.Thread(target=edit, args=(stores[1], [6, 7, 8, 9, 10] * 4, "bob"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    audit = list(reversed(stores[0].audit(limit=100)))       # oldest first
+    assert len(audit) == 40
+    assert [int(a["version"]) for a in audit] == list(range(1, 41))
+    for before, after in zip(audit, audit[1:]):               # a chain: nothing half-applied
+        assert after["old"] == before["new"]
+    final = int(audit[-1]["new"])
+    assert stores[0].get("retry.max_retries") == stores[1].get("retry.max_retries") == final
+    for s in stores:
+        s.db.close()
