@@ -18,4 +18,14 @@ if __name__ == "__main__":  # a browser session running the script
 else:  # imported by `streamlit run` (uvicorn) as the ASGI application
     from core.api import lifespan, routes
 
+    try:
+        # Until some session has run st.navigation, Streamlit treats a `pages/` folder as a
+        # v1 multipage app, so a first visit straight to /metrics would run that page file
+        # alone (no navigation, no layout). This app always navigates with st.navigation.
+        from streamlit.runtime.pages_manager import PagesManager
+
+        PagesManager.uses_pages_directory = False
+    except ImportError:  # a later Streamlit without the v1 fallback
+        pass
+
     app = st.App(__file__, routes=routes(), lifespan=lifespan)

@@ -66,6 +66,22 @@ def test_streamlit_run_serves_health_and_the_api(server):
 
 @pytest.mark.browser
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian's chromium is not installed")
+def test_a_first_visit_straight_to_a_page_gets_the_apps_navigation(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(server["url"] + "/metrics", wait_until="domcontentloaded")
+        nav = page.locator('[data-testid="stSidebarNav"]')
+        expect(nav.get_by_text("Generate", exact=True)).to_be_visible(timeout=30_000)
+        expect(nav.get_by_text("Settings", exact=True)).to_be_visible()
+        assert nav.get_by_text("streamlit app").count() == 0
+        browser.close()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian's chromium is not installed")
 def test_type_generate_watch_it_grow_then_stop(server):
     from playwright.sync_api import expect, sync_playwright
 
