@@ -77,6 +77,7 @@ class Pipeline:
         self.optimizer = optimizer
         self.rng = rng
         self.price_provider = "openai"
+        self._waits: dict[RetryPolicy, wait_backoff_or_retry_after] = {}
 
     # -- public --------------------------------------------------------------------------
     async def generate(self, req: GenerationRequest,
@@ -242,7 +243,7 @@ class Pipeline:
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception(is_retryable),
             stop=stop,
-            wait=wait_backoff_or_retry_after(policy, self.rng),
+            wait=self._wait_for(policy),
             sleep=self.clock.sleep, before_sleep=before_sleep, retry_error_callback=give_up)
 
         upstream_stream = iterator = first = completion = permit = None
@@ -309,6 +310,13 @@ class Pipeline:
             await upstream_stream.aclose()
         if result.usage is None:
             self._settle_usage(run, None)
+
+    def _wait_for(self, policy: RetryPolicy) -> wait_backoff_or_retry_after:
+        """The wait strategy of a policy (stateless, so built once per distinct policy)."""
+        wait = self._waits.get(policy)
+        if wait is None:
+            wait = self._waits[policy] = wait_backoff_or_retry_after(policy, self.rng)
+        return wait
 
     @staticmethod
     def _settle_permit(breaker, permit, exc: errors.UpstreamError) -> None:
