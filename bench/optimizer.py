@@ -9,7 +9,6 @@ the corpus, and not one protected span changed.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,25 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.optimizer import RULES, optimize  # noqa: E402
+from tests.data.prompts import CORPUS_FILE, big_prompt, load_corpus  # noqa: E402
 
-CORPUS_FILE = ROOT / "tests" / "data" / "prompts" / "corpus.jsonl"
 GOAL_VERBOSE_MEAN = 0.10
-
-
-def load_corpus() -> list[dict]:
-    return [json.loads(line) for line in CORPUS_FILE.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-
-
-def big_prompt(corpus: list[dict], size: int) -> str:
-    """``size`` characters of corpus prompts, one after another, split by --- lines."""
-    parts, n, i = [], 0, 0
-    while n < size:
-        piece = corpus[i % len(corpus)]["prompt"] + "\n\n---\n\n"
-        parts.append(piece)
-        n += len(piece)
-        i += 1
-    return "".join(parts)[:size]
 
 
 def pct(x: float) -> str:

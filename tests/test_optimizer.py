@@ -8,7 +8,6 @@ import re
 import statistics
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,10 +15,9 @@ from hypothesis import strategies as st
 
 from core.optimizer import RULES, OptimizationReport, optimize
 from core.tokens import count_text
+from tests.data.prompts import big_prompt, load_corpus
 
-CORPUS_FILE = Path(__file__).parent / "data" / "prompts" / "corpus.jsonl"
-CORPUS = [json.loads(line) for line in CORPUS_FILE.read_text(encoding="utf-8").splitlines()
-          if line.strip()]
+CORPUS = load_corpus()
 IDS = [r["id"] for r in CORPUS]
 
 NEGATION = re.compile(r"\b(?:not|no|never|without|none|nor|cannot|\w+n['’]t)\b", re.I)
@@ -364,13 +362,7 @@ def test_bytes_and_none_are_accepted():
 
 
 def _big(size: int) -> str:
-    parts, n, i = [], 0, 0
-    while n < size:
-        piece = CORPUS[i % len(CORPUS)]["prompt"] + "\n\n---\n\n"
-        parts.append(piece)
-        n += len(piece)
-        i += 1
-    return "".join(parts)[:size]
+    return big_prompt(CORPUS, size)
 
 
 def test_one_megabyte_prompt_is_fast():

@@ -13,7 +13,6 @@ _MULTISPACE = re.compile(r" {2,}")
 
 def _rule_whitespace(s: str, mk: _Mask) -> str:
     lines = s.split("\n")
-    n = len(lines)
     run_at: dict[int, tuple[int, int]] = {}
     for i, line in enumerate(lines):
         if "  " not in line:
@@ -33,6 +32,7 @@ def _rule_whitespace(s: str, mk: _Mask) -> str:
         lines[i] = line[:p] + _MULTISPACE.sub(" ", line[p:core_end]) + line[core_end:]
     out: list[str] = []
     blank_run = 0
+    pending = ""
     for line in lines:
         if line.strip(" \t\r"):
             if blank_run:
