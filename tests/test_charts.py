@@ -17,7 +17,8 @@ import pytest
 from core import charts
 from core.db import Database
 from core.errors import InvalidParameter
-from core.history import Filters, History, RequestRecord, insert_fn, nearest_rank
+from core.buckets import nearest_rank
+from core.history import Filters, History, RequestRecord, insert_fn
 
 DAY = [
     {"bucket": "2026-11-24", "model": "gpt-4o", "requests": 3, "cost": 0.5, "cost_saved": 0.0},
