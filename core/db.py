@@ -145,18 +145,21 @@ class Database:
         """Run a write from async code and await its commit."""
         return await asyncio.wrap_future(self.submit(fn))
 
-    async def awrite_soon(self, fn: WriteFn) -> Any:
-        """Commit ``fn`` on this thread if the file is free this instant, else via the writer.
+    def write_now_or_submit(self, fn: WriteFn) -> Future:
+        """Commit ``fn`` on this thread if the file is free this instant, else queue it.
 
-        A row then costs ~50 us on the caller's loop instead of two thread hand-offs (which,
-        measured with 1000 concurrent requests, cost more CPU than the commits they batch).
-        Under contention (another writer holds the lock) nothing waits on the loop: the
+        A row then costs ~0.1 ms on the caller's thread instead of two thread hand-offs
+        (which, measured with 1000 concurrent requests, cost more CPU than the commits they
+        batch), and the returned future is already done, so async callers need not yield
+        to their loop. Under contention (another writer holds the lock) nothing waits: the
         write goes to the writer thread's next group commit.
         """
         done, value = self._try_direct(fn)
         if done:
-            return value
-        return await self.awrite(fn)
+            fut: Future = Future()
+            fut.set_result(value)
+            return fut
+        return self.submit(fn)
 
     def _try_direct(self, fn: WriteFn) -> tuple[bool, Any]:
         if self._closed or not self._queue.empty():

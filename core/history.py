@@ -123,9 +123,9 @@ class History:
         """Queue the row; the returned future resolves once it is committed."""
         return self.db.submit(insert_fn(record))
 
-    async def asubmit(self, record: RequestRecord) -> int:
-        """Insert the row from async code; returns once it is committed."""
-        return await self.db.awrite_soon(insert_fn(record))
+    def commit_soon(self, record: RequestRecord):
+        """Commit the row now if the file is free (the future is then done), else queue it."""
+        return self.db.write_now_or_submit(insert_fn(record))
 
     def record(self, record: RequestRecord) -> int:
         """Insert the row and wait for its commit."""

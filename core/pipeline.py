@@ -386,4 +386,7 @@ class Pipeline:
             cost=result.cost, cost_unknown=usage is not None and result.cost is None and not result.from_cache,
             from_cache=result.from_cache, cost_saved=result.cost_saved,
             optimizer_tokens_saved=run.optimizer_saved, optimizer_cost_saved=optimizer_cost_saved)
-        await asyncio.shield(self.history.asubmit(record))
+        fut = self.history.commit_soon(record)
+        if not fut.done():   # queued behind another writer: wait for its group commit
+            await asyncio.shield(asyncio.wrap_future(fut))
+        fut.result()         # surface a storage error
