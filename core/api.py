@@ -83,7 +83,7 @@ async def generate(request: Request):
             return JSONResponse((await gyro.agenerate(req)).as_dict())
         except GyroscopeError as exc:
             return _error(exc)
-    return StreamingResponse(_sse(gyro, req, request), media_type="text/event-stream",
+    return StreamingResponse(_sse(gyro, req), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -91,7 +91,7 @@ def _event(name: str, data) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _sse(gyro, req: GenerationRequest, request: Request):
+async def _sse(gyro, req: GenerationRequest):
     """Text, retry notices (as they happen, even before the first token) and the end."""
     events: asyncio.Queue = asyncio.Queue()
     stream = gyro.astream(req, on_retry=lambda n: events.put_nowait(("retry", n)))

@@ -94,11 +94,6 @@ class _Buckets:
         return sorted(out.items())
 
 
-def bucket_expr(unit: str, tz: str, start: float, end: float) -> tuple[str, list[Any]]:
-    """SQL for the local day/hour number of ``ts`` in ``tz`` (DST-correct), and its params."""
-    return _Buckets(unit, tz, start, end).sql()
-
-
 def _ranges_sql(col: str, ranges: list[tuple[float, float]]) -> tuple[str, list[Any]]:
     """``(col >= ? AND col < ?) OR ...`` for half-open ranges."""
     params: list[Any] = []

@@ -20,7 +20,6 @@
         ├── ModelNotFound               model_not_found (404)
         ├── BadRequest                  bad_request     (400/422, context length)
         ├── RetryLater                  retry_later     (server asks to wait past the deadline)
-        ├── DeadlineExceeded            deadline        (overall deadline used up)
         └── StreamInterrupted           stream_interrupted (failed after the first token)
 
 Pages, the API and the CLI show ``user_message``; nobody writes their own wording.
@@ -194,14 +193,6 @@ class RetryLater(UpstreamError):
         wait = max(0.0, self.retry_in_s or 0.0)
         return (f"The AI service asked us to wait {wait:.1f} s, longer than the request's "
                 f"deadline allows. Try again in {wait:.0f} s.")
-
-
-class DeadlineExceeded(UpstreamError):
-    kind = "deadline"
-
-    def default_message(self) -> str:
-        return ("The request ran out of time after retrying. Try again, or raise "
-                "retry.deadline_s in Settings.")
 
 
 class StreamInterrupted(UpstreamError):

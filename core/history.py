@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 from zoneinfo import ZoneInfo
 
@@ -15,8 +15,6 @@ from .errors import InvalidParameter
 from .schema import ROLLUP_ERROR_KIND, ROLLUP_IS_ERROR, ROLLUP_SUMS
 
 
-OUTCOMES = ("ok", "error", "cancelled", "circuit_open", "rejected")
-FAILED = ("error", "circuit_open")
 
 
 @dataclass
@@ -70,7 +68,6 @@ class Filters:
     models: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
     tz: str = "UTC"
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.start is not None and self.end is not None and self.end <= self.start:

@@ -8,7 +8,12 @@ from typing import Any
 
 from .providers.base import Usage
 
-SOURCES = ("page", "api", "cli", "batch", "bench", "test")
+
+
+def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
+    """The chat messages of a prompt and an optional system prompt."""
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
 
 
 @dataclass

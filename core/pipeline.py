@@ -25,7 +25,8 @@ import tenacity
 
 from . import errors, prices, tokens
 from .history import RequestRecord
-from .models import GenerationRequest, GenerationResult, RetryNotice
+from .cache import cache_key
+from .models import GenerationRequest, GenerationResult, RetryNotice, chat_messages
 from .providers.base import Delta, Timeouts, Usage
 from .breaker import OPEN
 from .retry import RetryPolicy, is_retryable, wait_backoff_or_retry_after
@@ -161,9 +162,7 @@ class Pipeline:
             run.optimizer_saved = report.tokens_saved
             prompt = report.optimized
         result.prompt_sent = prompt
-        messages = ([{"role": "system", "content": req.system}] if req.system else [])
-        messages.append({"role": "user", "content": prompt})
-        run.messages = messages
+        messages = run.messages = chat_messages(prompt, req.system)
         window = self.provider.context_window(result.model)
         # A token is at least one byte, so a prompt whose bytes fit needs no counting.
         if (window is not None and tokens.upper_bound(messages) + max_tokens > window
@@ -179,7 +178,6 @@ class Pipeline:
                 params[name] = getattr(req, name)
         key = None
         if req.cache and s["cache.enabled"]:
-            from .cache import cache_key
             key = cache_key(provider=self.provider.name, base_url=self.provider.upstream_id,
                             model=result.model, messages=messages, temperature=temperature,
                             top_p=req.top_p, max_tokens=max_tokens, seed=req.seed, stop=req.stop,

@@ -28,11 +28,6 @@ def _rates(model: str, provider_id: str) -> tuple[float, float, bool] | None:
     return per_in, per_out, flat
 
 
-def known(model: str, provider_id: str = "openai") -> bool:
-    """Whether the price table knows this model."""
-    return bool(model) and _rates(model, provider_id) is not None
-
-
 def cost(model: str, prompt_tokens: int | None, completion_tokens: int | None,
          provider_id: str = "openai") -> float | None:
     """Price in USD, or None when the model is not in the price table (never a silent 0)."""

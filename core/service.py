@@ -6,16 +6,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import queue
+import threading
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from . import portal, providers
+from . import portal, prices, providers, tokens
 from .breaker import Breakers
 from .cache import ResponseCache
 from .config import Config, load_config
 from .db import Database
 from .errors import GyroscopeError
 from .history import Filters, History
-from .models import GenerationRequest, GenerationResult, RetryNotice
+from .models import GenerationRequest, GenerationResult, RetryNotice, chat_messages
 from .pipeline import Clock, Pipeline
 from .settings import SettingsStore
 
@@ -160,7 +161,7 @@ class Gyroscope:
         result = GenerationResult()
         return AsyncGenerationStream(self.pipeline.stream(req, result, on_retry), result)
 
-    # -- sync (the same pipeline, on the portal loop) --------------------------------------
+    # -- sync (the same pipeline, driven from sync code) ------------------------------------
     def generate(self, req: GenerationRequest,
                  on_retry: Callable[[RetryNotice], None] | None = None) -> GenerationResult:
         """Generate from sync code (on this thread's own loop: no hand-off to another thread)."""
@@ -187,21 +188,15 @@ class Gyroscope:
 
     def estimate(self, prompt: str, system: str | None, model: str, max_tokens: int) -> dict:
         """Prompt tokens, the model's limit and the most the request can cost, before sending."""
-        from . import prices, tokens
-        messages = ([{"role": "system", "content": system}] if system else [])
-        messages.append({"role": "user", "content": prompt})
-        prompt_tokens = tokens.count_messages(messages, model)
+        prompt_tokens = tokens.count_messages(chat_messages(prompt, system), model)
         window = self.provider.context_window(model)
         return {"prompt_tokens": prompt_tokens, "context_window": window,
                 "too_long": window is not None and prompt_tokens + max_tokens > window,
                 "max_cost": prices.cost(model, prompt_tokens, max_tokens)}
 
     def optimize_preview(self, prompt: str, model: str):
-        """The optimizer's report for a prompt with the current rules (None if unavailable)."""
-        try:
-            return _optimizer(prompt, self.settings.snapshot(), model)
-        except ImportError:
-            return None
+        """The optimizer's report for a prompt with the current rules."""
+        return _optimizer(prompt, self.settings.snapshot(), model)
 
     # -- numbers ---------------------------------------------------------------------------
     def stats(self, filters: Filters = Filters()) -> dict:
@@ -220,7 +215,7 @@ class Gyroscope:
         self.db.close()
 
 
-_default_lock = __import__("threading").Lock()
+_default_lock = threading.Lock()
 _default: Gyroscope | None = None
 
 

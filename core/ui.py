@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import time
 
 import streamlit as st
 
@@ -36,9 +35,7 @@ def provider_badge(gyro: Gyroscope) -> None:
 def show_error(exc: GyroscopeError) -> None:
     """An error in plain words with what to do — never a traceback."""
     if isinstance(exc, CircuitOpen):
-        until = time.strftime("%H:%M:%S", time.localtime(time.time() + (exc.retry_in_s or 0)))
-        st.warning(f"The AI service is paused after repeated failures — next try in "
-                   f"{exc.retry_in_s or 0:.0f} s (at {until}).", icon=":material/pause_circle:")
+        st.warning(exc.user_message, icon=":material/pause_circle:")
     elif exc.kind in ("invalid_parameter", "prompt_too_long", "rejected", "config"):
         st.warning(exc.user_message, icon=":material/edit:")
     else:

@@ -33,22 +33,19 @@ with st.expander("Options"):
     seed_text = c3.text_input("Seed (optional, whole number)", key="seed")
     use_cache = c4.toggle("Use the response cache", value=bool(s["cache.enabled"]), key="use_cache")
 
-optimize = False
-preview = None
-if prompt.strip():
-    preview = gyro.optimize_preview(prompt, model)
+optimize = st.toggle("Optimize prompt", value=bool(s["optimizer.enabled"]), key="optimize",
+                     help="Removes filler, repeats and extra whitespace; never touches code, "
+                          "quotes, numbers or negations.")
+preview = gyro.optimize_preview(prompt, model) if optimize and prompt.strip() else None
 if preview is not None:
-    optimize = st.toggle("Optimize prompt", value=bool(s["optimizer.enabled"]), key="optimize",
-                         help="Removes filler, repeats and extra whitespace; never touches code, "
-                              "quotes, numbers or negations.")
-    if optimize and preview.changed:
+    if preview.changed:
         saved_cost = prices.cost(model, preview.tokens_saved, 0) or 0.0
         st.caption(f"Optimized prompt saves **{preview.tokens_saved} tokens** "
                    f"({preview.saved_ratio:.0%}, ${saved_cost:.6f} per request).")
         with st.expander("Optimized prompt and changes"):
             st.code(preview.optimized, language=None, wrap_lines=True)
             st.code(preview.diff(), language="diff")
-    elif optimize:
+    else:
         st.caption("The optimizer found nothing to remove.")
 
 seed = None
@@ -58,7 +55,7 @@ if seed_text.strip():
     except ValueError:
         st.warning("The seed must be a whole number, like 42. Leave it empty for none.")
 
-sent_prompt = preview.optimized if (optimize and preview is not None) else prompt
+sent_prompt = preview.optimized if preview is not None else prompt
 too_long = False
 if prompt.strip():
     est = gyro.estimate(sent_prompt, system or None, model, int(max_tokens))
@@ -76,9 +73,7 @@ if prompt.strip():
 def paused_countdown() -> None:
     left = state.paused_until - time.time()
     if left > 0:
-        until = time.strftime("%H:%M:%S", time.localtime(state.paused_until))
-        st.warning(f"The AI service is paused after repeated failures — next try in {left:.0f} s "
-                   f"(at {until}).", icon=":material/pause_circle:")
+        st.warning(CircuitOpen(retry_in_s=left).user_message, icon=":material/pause_circle:")
 
 
 paused_countdown()

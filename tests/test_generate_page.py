@@ -109,8 +109,6 @@ def test_optimize_toggle_shows_the_saving(app):
     at, _ = app
     at.text_area(key="prompt").input(
         "Could you please kindly write a short   poem about the sea? Thank you so much in advance!").run()
-    if not at.toggle:
-        pytest.skip("optimizer not installed")
     at.toggle(key="optimize").set_value(True).run()
     assert "Optimized prompt saves" in texts(at) and not at.exception
 

@@ -20,7 +20,7 @@ import pytest
 from core.cache import ResponseCache, cache_key, normalize_whitespace
 from core.db import Database, storage_error
 from core.errors import InvalidParameter, StorageError
-from core.history import Filters, History, RequestRecord
+from core.history import Filters, History, RequestRecord, insert_fn
 from core.settings import SETTINGS, SettingsStore
 from tests.support import FakeClock
 
@@ -136,8 +136,7 @@ def test_thousand_concurrent_writers_from_threads_and_an_event_loop(db):
             errors.append(exc)
 
     async def loop_writers() -> None:
-        await asyncio.gather(*(db.awrite(__import__("core.history", fromlist=["insert_fn"]).insert_fn(
-            _record(i))) for i in range(500, 1000)))
+        await asyncio.gather(*(db.awrite(insert_fn(_record(i))) for i in range(500, 1000)))
 
     threads = [threading.Thread(target=worker, args=(n * 50,)) for n in range(10)]
     for t in threads:
