@@ -1,11 +1,21 @@
 """Pipeline overhead against the raw openai SDK, side by side in one run.
 
-    python bench/pipeline.py [--sequential 400] [--concurrent 1000]
+    python bench/pipeline.py [--pairs 1000] [--concurrent 1000] [--rounds 8] [--ttft 300]
 
-1. Sequential requests, cache off: median latency raw SDK vs Gyroscope (sync facade and async).
-2. 1000 concurrent requests with 200 ms simulator latency: throughput raw AsyncOpenAI vs pipeline.
-3. Time to first token when streaming: raw vs pipeline.
-The simulator runs in a separate process; both clients talk to it over loopback HTTP.
+0. The pipeline's own cost with a provider that answers at once (no network): what every
+   request pays for validation, breaker, retry set-up, pricing and its history row.
+1. Sequential requests, cache off: raw SDK vs Gyroscope, async (``AsyncOpenAI`` vs
+   ``agenerate``) and sync (``OpenAI`` vs ``generate``).
+2. 1000 concurrent requests with 200 ms simulator latency: throughput, raw ``AsyncOpenAI``
+   vs ``agenerate``.
+3. Time to first token when streaming: raw vs ``astream``.
+
+The simulator runs in its own process; both sides talk to it over loopback HTTP. Sides
+are interleaved in ABBA order (raw, ours, ours, raw, ...), so drift of this shared VM and
+any work one side leaves behind (our history rows are committed by a writer thread, in
+batches) fall on both alike. Overhead is the median of ours minus the median of raw; the
+median of the paired differences is printed beside it as a check. CPU is per request:
+the calling thread's, plus (for ours) the database writer thread's share.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx2
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,138 +36,273 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._sim import simulator_process  # noqa: E402
 from core.config import Config  # noqa: E402
 from core.models import GenerationRequest  # noqa: E402
+from core.providers.base import Completion, Provider, Usage  # noqa: E402
 from core.providers.openai_provider import OpenAIProvider  # noqa: E402
 from core.service import Gyroscope  # noqa: E402
 
 MSG = "Write a tagline for a neighbourhood bakery, number {i}"
+PARAMS = dict(model="gpt-4o-mini", max_tokens=16, temperature=0.7)
 
 
-def make_gyro(base_url: str, tmp: Path) -> Gyroscope:
+def make_gyro(base_url: str, tmp: Path, provider: Provider | None = None) -> Gyroscope:
     cfg = Config(provider="openai", base_url=base_url, db_path=tmp / "bench.db", api_key="sk-bench")
-    gyro = Gyroscope(cfg, provider=OpenAIProvider("sk-bench", base_url))
+    gyro = Gyroscope(cfg, provider=provider or OpenAIProvider("sk-bench", base_url))
     gyro.settings.set_many({"cache.enabled": False, "breaker.fail_max": 1000}, actor="bench")
     return gyro
 
 
+def request(i: int, **kw) -> GenerationRequest:
+    return GenerationRequest(prompt=MSG.format(i=i), max_tokens=kw.pop("max_tokens", 16), source="bench", **kw)
+
+
+def messages(i: int) -> list[dict]:
+    return [{"role": "user", "content": MSG.format(i=i)}]
+
+
 def ms(values: list[float]) -> str:
-    return f"median {statistics.median(values) * 1000:7.3f} ms  p95 {sorted(values)[int(len(values) * .95)] * 1000:7.3f} ms"
+    return (f"median {statistics.median(values) * 1000:7.3f} ms  "
+            f"p95 {sorted(values)[int(len(values) * .95)] * 1000:7.3f} ms")
 
 
-def sequential(base_url: str, gyro: Gyroscope, n: int) -> None:
-    raw = openai.OpenAI(base_url=base_url, api_key="sk-bench", max_retries=0)
-    params = dict(model="gpt-4o-mini", max_tokens=16, temperature=0.7)
-    raw_t, gyro_t = [], []
-    for i in range(30):  # warm both paths
-        raw.chat.completions.create(messages=[{"role": "user", "content": MSG.format(i=i)}], **params)
-        gyro.generate(GenerationRequest(prompt=MSG.format(i=i), max_tokens=16, source="bench"))
-    for i in range(n):   # interleaved, so drift hits both equally
-        t = time.perf_counter()
-        raw.chat.completions.create(messages=[{"role": "user", "content": MSG.format(i=i)}], **params)
-        raw_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        gyro.generate(GenerationRequest(prompt=MSG.format(i=i), max_tokens=16, source="bench"))
-        gyro_t.append(time.perf_counter() - t)
-    print(f"sequential, cache off, n={n}")
-    print(f"  raw openai.OpenAI        {ms(raw_t)}")
-    print(f"  gyroscope generate()     {ms(gyro_t)}")
-    print(f"  overhead (median)        {(statistics.median(gyro_t) - statistics.median(raw_t)) * 1000:+.3f} ms")
+class WriterCPU:
+    """CPU seconds used by the database writer thread (where history rows are committed)."""
+
+    def __init__(self, gyro: Gyroscope) -> None:
+        self._clock = time.pthread_getcpuclockid(gyro.db._writer.ident)  # bench-only peek
+
+    def __call__(self) -> float:
+        return time.clock_gettime(self._clock)
 
 
-async def async_sequential(base_url: str, gyro: Gyroscope, n: int) -> None:
-    raw = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench", max_retries=0)
-    params = dict(model="gpt-4o-mini", max_tokens=16, temperature=0.7)
-    raw_t, gyro_t = [], []
-    for i in range(30):
-        await raw.chat.completions.create(messages=[{"role": "user", "content": MSG.format(i=i)}], **params)
-        await gyro.agenerate(GenerationRequest(prompt=MSG.format(i=i), max_tokens=16, source="bench"))
+def report(title: str, raw_label: str, ours_label: str, raw: list[float], ours: list[float],
+           raw_cpu: list[float], ours_cpu: list[float], writer_cpu: float) -> None:
+    paired = statistics.median(o - r for r, o in zip(raw, ours))
+    print(title)
+    print(f"  {raw_label:24s} {ms(raw)}  CPU {statistics.median(raw_cpu) * 1000:.3f} ms")
+    print(f"  {ours_label:24s} {ms(ours)}  CPU {statistics.median(ours_cpu) * 1000:.3f} ms"
+          f" + writer {writer_cpu * 1000:.3f} ms")
+    print(f"  overhead (median)        {(statistics.median(ours) - statistics.median(raw)) * 1000:+.3f} ms"
+          f"   (median of paired differences {paired * 1000:+.3f} ms)")
+
+
+# -- 0. no network ----------------------------------------------------------------------------
+class InstantProvider(Provider):
+    """Answers at once: what is left of a request's time is the pipeline's own."""
+
+    name = "instant"
+    base_url = "http://instant.invalid/v1"
+
+    async def complete(self, params, timeout):
+        return self.complete_blocking(params, timeout)
+
+    def complete_blocking(self, params, timeout):
+        return Completion(content="Fresh bread daily.", model=params["model"], finish_reason="stop",
+                          usage=Usage(20, 5))
+
+    async def stream(self, params, timeout):
+        raise NotImplementedError
+
+    async def models(self):
+        return ["gpt-4o-mini"]
+
+
+def own_cost(tmp: Path, n: int = 3000) -> None:
+    gyro = make_gyro("http://instant.invalid/v1", tmp, InstantProvider())
+
+    async def run_async() -> list[float]:
+        out = []
+        for i in range(n):
+            t = time.perf_counter()
+            await gyro.agenerate(request(i))
+            out.append(time.perf_counter() - t)
+        return out
+
+    asyncio.run(run_async())                       # warm
+    a = asyncio.run(run_async())
+    s = []
     for i in range(n):
         t = time.perf_counter()
-        await raw.chat.completions.create(messages=[{"role": "user", "content": MSG.format(i=i)}], **params)
-        raw_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        await gyro.agenerate(GenerationRequest(prompt=MSG.format(i=i), max_tokens=16, source="bench"))
-        gyro_t.append(time.perf_counter() - t)
-    print(f"sequential async, cache off, n={n}")
-    print(f"  raw openai.AsyncOpenAI   {ms(raw_t)}")
-    print(f"  gyroscope agenerate()    {ms(gyro_t)}")
-    print(f"  overhead (median)        {(statistics.median(gyro_t) - statistics.median(raw_t)) * 1000:+.3f} ms")
-    await raw.close()
+        gyro.generate(request(i))
+        s.append(time.perf_counter() - t)
+    gyro.close()
+    print(f"pipeline's own cost, provider answering at once, n={n}")
+    print(f"  agenerate()  median {statistics.median(a) * 1e6:6.1f} us    generate()  median "
+          f"{statistics.median(s) * 1e6:6.1f} us")
 
 
-async def concurrent(base_url: str, gyro: Gyroscope, n: int, rounds: int = 5) -> None:
-    raw = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench", max_retries=0)
-    params = dict(model="gpt-4o-mini", max_tokens=16, temperature=0.7)
+# -- 1. sequential ------------------------------------------------------------------------------
+def abba(i: int) -> bool:
+    """True when raw goes first in pair i (raw, ours, ours, raw, ...)."""
+    return i % 2 == 0
 
-    async def raw_one(i):
-        await raw.chat.completions.create(messages=[{"role": "user", "content": MSG.format(i=i)}], **params)
 
-    async def gyro_one(i):
-        await gyro.agenerate(GenerationRequest(prompt=MSG.format(i=i), max_tokens=16, source="bench"))
+def sequential_sync(base_url: str, gyro: Gyroscope, pairs: int) -> None:
+    raw_client = openai.OpenAI(base_url=base_url, api_key="sk-bench", max_retries=0)
+    writer = WriterCPU(gyro)
+    t_raw, t_ours, c_raw, c_ours = [], [], [], []
 
-    await asyncio.gather(*(raw_one(i) for i in range(100)))
-    await asyncio.gather(*(gyro_one(i) for i in range(100)))
-    rps: dict[str, list[float]] = {"raw": [], "gyro": []}
-    cpu: dict[str, list[float]] = {"raw": [], "gyro": []}
-    for _ in range(rounds):              # alternate, so machine noise hits both alike
-        for name, fn in (("raw", raw_one), ("gyro", gyro_one)):
+    def raw(i):
+        raw_client.chat.completions.create(messages=messages(i), **PARAMS)
+
+    def ours(i):
+        gyro.generate(request(i))
+
+    def timed(fn, i, times, cpu):
+        c, t = time.thread_time(), time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t)
+        cpu.append(time.thread_time() - c)
+
+    for i in range(30):
+        raw(i), ours(i)
+    gyro.db.flush()
+    w0 = writer()
+    for i in range(pairs):
+        first, second = ((raw, t_raw, c_raw), (ours, t_ours, c_ours))[::1 if abba(i) else -1]
+        timed(first[0], i, first[1], first[2])
+        timed(second[0], i, second[1], second[2])
+    gyro.db.flush()
+    report(f"sequential, sync, cache off, {pairs} ABBA pairs", "raw openai.OpenAI", "gyroscope generate()",
+           t_raw, t_ours, c_raw, c_ours, (writer() - w0) / pairs)
+    raw_client.close()
+
+
+async def sequential_async(base_url: str, gyro: Gyroscope, pairs: int) -> None:
+    raw_client = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench", max_retries=0)
+    writer = WriterCPU(gyro)
+    t_raw, t_ours, c_raw, c_ours = [], [], [], []
+
+    async def raw(i):
+        await raw_client.chat.completions.create(messages=messages(i), **PARAMS)
+
+    async def ours(i):
+        await gyro.agenerate(request(i))
+
+    async def timed(fn, i, times, cpu):
+        c, t = time.thread_time(), time.perf_counter()
+        await fn(i)
+        times.append(time.perf_counter() - t)
+        cpu.append(time.thread_time() - c)
+
+    for i in range(30):
+        await raw(i)
+        await ours(i)
+    gyro.db.flush()
+    w0 = writer()
+    for i in range(pairs):
+        first, second = ((raw, t_raw, c_raw), (ours, t_ours, c_ours))[::1 if abba(i) else -1]
+        await timed(first[0], i, first[1], first[2])
+        await timed(second[0], i, second[1], second[2])
+    gyro.db.flush()
+    report(f"sequential, async, cache off, {pairs} ABBA pairs", "raw openai.AsyncOpenAI",
+           "gyroscope agenerate()", t_raw, t_ours, c_raw, c_ours, (writer() - w0) / pairs)
+    await raw_client.close()
+
+
+# -- 2. concurrent ------------------------------------------------------------------------------
+async def concurrent(base_url: str, gyro: Gyroscope, n: int, rounds: int) -> None:
+    # With 1000 requests in flight this 2-core VM's client loop is CPU-bound: a connect can
+    # take longer than the SDK's 5 s default to be noticed, so both sides get 60 s.
+    raw_client = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench", max_retries=0,
+                                    timeout=httpx2.Timeout(600, connect=60))
+    gyro.settings.set_many({"timeout.connect_s": 60}, actor="bench")
+
+    async def raw(i):
+        await raw_client.chat.completions.create(messages=messages(i), **PARAMS)
+
+    async def ours(i):
+        await gyro.agenerate(request(i))
+
+    await asyncio.gather(*(raw(i) for i in range(n)))       # open both pools to full size
+    await asyncio.gather(*(ours(i) for i in range(n)))
+    gyro.db.flush()
+    rps: dict[str, list[float]] = {"raw": [], "ours": []}
+    cpu: dict[str, list[float]] = {"raw": [], "ours": []}
+    for r in range(rounds):
+        order = (("raw", raw), ("ours", ours))[::1 if abba(r) else -1]
+        for name, fn in order:
             c, t = time.process_time(), time.perf_counter()
             await asyncio.gather(*(fn(i) for i in range(n)))
+            if name == "ours":
+                gyro.db.flush()           # its rows' commits count against it
             rps[name].append(n / (time.perf_counter() - t))
-            cpu[name].append((time.process_time() - c) / n * 1000)
-    print(f"{n} concurrent requests, simulator latency 200 ms, {rounds} alternating rounds each")
-    for name, label in (("raw", "raw AsyncOpenAI       "), ("gyro", "gyroscope agenerate() ")):
-        print(f"  {label}   best {max(rps[name]):6.1f} req/s  median {statistics.median(rps[name]):6.1f} req/s"
-              f"  client CPU {statistics.median(cpu[name]):.2f} ms/request")
-    print(f"  throughput vs raw        best {max(rps['gyro']) / max(rps['raw']):.1%}"
-          f"  median {statistics.median(rps['gyro']) / statistics.median(rps['raw']):.1%}")
-    await raw.close()
+            cpu[name].append((time.process_time() - c) / n)
+    print(f"{n} concurrent requests, simulator latency 200 ms, {rounds} rounds each (ABBA)")
+    for name, label in (("raw", "raw AsyncOpenAI"), ("ours", "gyroscope agenerate()")):
+        print(f"  {label:24s} median {statistics.median(rps[name]):6.1f} req/s  "
+              f"(min {min(rps[name]):6.1f}, max {max(rps[name]):6.1f})  "
+              f"CPU {statistics.median(cpu[name]) * 1000:.2f} ms/request (process)")
+    ratios = [o / r for r, o in zip(rps["raw"], rps["ours"])]
+    print(f"  throughput vs raw        median {statistics.median(rps['ours']) / statistics.median(rps['raw']):.1%}"
+          f"   (per round: {', '.join(f'{x:.0%}' for x in ratios)})")
+    await raw_client.close()
 
 
-async def ttft(base_url: str, gyro: Gyroscope, n: int) -> None:
-    raw = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench", max_retries=0)
-    raw_t, gyro_t = [], []
-    for i in range(n):
+# -- 3. time to first token ---------------------------------------------------------------------
+async def ttft(base_url: str, gyro: Gyroscope, pairs: int) -> None:
+    raw_client = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench", max_retries=0)
+    t_raw, t_ours = [], []
+
+    async def raw(i):
         t = time.perf_counter()
-        stream = await raw.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": MSG.format(i=i)}], max_tokens=32,
-            stream=True, stream_options={"include_usage": True})
+        stream = await raw_client.chat.completions.create(
+            model="gpt-4o-mini", messages=messages(i), max_tokens=32, stream=True,
+            stream_options={"include_usage": True})
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
-                raw_t.append(time.perf_counter() - t)
+                t_raw.append(time.perf_counter() - t)
                 break
         await stream.close()
+
+    async def ours(i):
         t = time.perf_counter()
-        s = gyro.astream(GenerationRequest(prompt=MSG.format(i=i), max_tokens=32, source="bench"))
+        s = gyro.astream(request(i, max_tokens=32))
         async for _piece in s:
-            gyro_t.append(time.perf_counter() - t)
+            t_ours.append(time.perf_counter() - t)
             break
         await s.aclose()
-    print(f"time to first token, streaming, simulator TTFT 50 ms, n={n}")
-    print(f"  raw AsyncOpenAI          {ms(raw_t)}")
-    print(f"  gyroscope astream()      {ms(gyro_t)}")
-    print(f"  overhead (median)        {(statistics.median(gyro_t) - statistics.median(raw_t)) * 1000:+.3f} ms")
-    await raw.close()
+
+    for i in range(10):
+        await raw(i)
+        await ours(i)
+    t_raw.clear(), t_ours.clear()
+    for i in range(pairs):
+        for fn in ((raw, ours) if abba(i) else (ours, raw)):
+            await fn(i)
+    paired = statistics.median(o - r for r, o in zip(t_raw, t_ours))
+    print(f"time to first token, streaming, simulator TTFT 50 ms, {pairs} ABBA pairs")
+    print(f"  raw AsyncOpenAI          {ms(t_raw)}")
+    print(f"  gyroscope astream()      {ms(t_ours)}")
+    print(f"  overhead (median)        {(statistics.median(t_ours) - statistics.median(t_raw)) * 1000:+.3f} ms"
+          f"   (median of paired differences {paired * 1000:+.3f} ms)")
+    await raw_client.close()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sequential", type=int, default=400)
+    ap.add_argument("--pairs", type=int, default=1000)
     ap.add_argument("--concurrent", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--ttft", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--ttft", type=int, default=300)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        (tmp / "own").mkdir()
+        own_cost(tmp / "own")
         with simulator_process(ttft_ms=0, tokens_per_s=0) as base:
-            gyro = make_gyro(base, Path(d))
-            sequential(base, gyro, args.sequential)
-            asyncio.run(async_sequential(base, gyro, args.sequential))
+            gyro = make_gyro(base, tmp)
+            asyncio.run(sequential_async(base, gyro, args.pairs))
+            sequential_sync(base, gyro, args.pairs)
             gyro.close()
-        with simulator_process(ttft_ms=200, tokens_per_s=0) as base:
-            gyro = make_gyro(base, Path(d) / "c")
-            asyncio.run(concurrent(base, gyro, args.concurrent, args.rounds))
-            gyro.close()
+        if args.concurrent:
+            with simulator_process(ttft_ms=200, tokens_per_s=0) as base:
+                (tmp / "c").mkdir()
+                gyro = make_gyro(base, tmp / "c")
+                asyncio.run(concurrent(base, gyro, args.concurrent, args.rounds))
+                gyro.close()
         with simulator_process(ttft_ms=50, tokens_per_s=200) as base:
-            gyro = make_gyro(base, Path(d) / "t")
+            (tmp / "t").mkdir()
+            gyro = make_gyro(base, tmp / "t")
             asyncio.run(ttft(base, gyro, args.ttft))
             gyro.close()
 

@@ -56,8 +56,9 @@ async def health(request: Request) -> JSONResponse:
         gyro = default_service()
     except GyroscopeError as exc:
         return _error(exc)
-    return JSONResponse({"status": "ok", "provider": gyro.provider.name,
-                         "simulated": gyro.is_simulated})
+    lost = gyro.history.lost_rows       # rows the database refused since start: say so
+    return JSONResponse({"status": "degraded" if lost else "ok", "provider": gyro.provider.name,
+                         "simulated": gyro.is_simulated, "history_rows_lost": lost})
 
 
 async def generate(request: Request):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -45,23 +44,26 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
         self._pending = 0
 
     def snapshot(self) -> dict:
-        """The row (state, counters, opened_at) as this process sees it."""
+        """The row (state, counters, opened_at) as this process sees it (read-only: a change
+        replaces the dict, so the hot path shares it instead of copying)."""
         now = time.monotonic()
-        with self._lock:
-            if self._row is not None and (self._pending or now - self._read_at < self.READ_TTL_S):
-                return dict(self._row)
+        row = self._row
+        if row is not None and (self._pending or now - self._read_at < self.READ_TTL_S):
+            return row
         row = self.db.query_one("SELECT state, fail_counter, success_counter, opened_at FROM breakers "
                                 "WHERE name = ?", (self._name,)) or dict(self._DEFAULT)
         with self._lock:
             if not self._pending:       # never replace a newer local view with an older file
                 self._row, self._read_at = row, now
-            return dict(self._row)
+            return self._row
 
     def _change(self, local, sql: str, *params) -> None:
         if self._row is None:
             self.snapshot()
         with self._lock:
-            local(self._row)
+            row = dict(self._row)
+            local(row)
+            self._row = row
             self._pending += 1
         name = self._name
 
@@ -70,12 +72,12 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
                          "updated_at) VALUES (?, 'closed', 0, 0, ?)", (name, time.time()))
             conn.execute(f"UPDATE breakers SET {sql}, updated_at = ? WHERE name = ?",
                          (*params, time.time(), name))
-        self.db.submit(write).add_done_callback(self._written)
+        self.db.post(write, self._written)
 
-    def _written(self, fut) -> None:
+    def _written(self, exc: BaseException | None) -> None:
         with self._lock:
             self._pending -= 1
-            self._read_at = float("-inf") if fut.exception() else self._read_at
+            self._read_at = float("-inf") if exc is not None else self._read_at
 
     @property
     def state(self) -> str:
@@ -117,13 +119,14 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
         self._change(lambda r: r.update(opened_at=ts), "opened_at = ?", ts)
 
 
-@dataclass
 class Permit:
     """Permission for one attempt; ``probe`` when taken in the half-open state."""
 
-    breaker: "Breaker"
-    probe: bool
-    done: bool = False
+    __slots__ = ("probe", "done")
+
+    def __init__(self, probe: bool) -> None:
+        self.probe = probe
+        self.done = False
 
 
 class Breaker:
@@ -174,10 +177,12 @@ class Breaker:
 
     def acquire(self) -> Permit:
         """Permission for one attempt, or CircuitOpen with the seconds until the next probe."""
+        if (self.storage.snapshot().get("state") or CLOSED) == CLOSED:
+            return Permit(probe=False)          # the hot path: one cached read, no lock
         with self._lock:
             self._conf()
-            snap = self.storage.snapshot()      # one read on the hot path
-            state = snap.get("state", CLOSED)
+            snap = self.storage.snapshot()
+            state = snap.get("state") or CLOSED
             if state == OPEN:
                 opened_at = snap.get("opened_at") or self.clock()
                 wait = max(0.0, opened_at + self.cb.reset_timeout - self.clock())
@@ -189,17 +194,22 @@ class Breaker:
                 if self._probes >= self.half_open_max:
                     raise CircuitOpen(retry_in_s=min(1.0, self.cb.reset_timeout))
                 self._probes += 1
-                return Permit(self, probe=True)
-            return Permit(self, probe=False)
+                return Permit(probe=True)
+            return Permit(probe=False)
 
     def success(self, permit: Permit) -> None:
         """The attempt worked."""
         if permit.done:
             return
+        snap = self.storage.snapshot()
+        if not permit.probe and (snap.get("state") or CLOSED) == CLOSED and not snap.get("fail_counter"):
+            permit.done = True                  # the hot path: nothing to count or reset
+            return
         with self._lock:
             permit.done = True
+            self._conf()
             snap = self.storage.snapshot()
-            state = snap.get("state", CLOSED)
+            state = snap.get("state") or CLOSED
             if permit.probe:
                 self._probes = max(0, self._probes - 1)
             if state == HALF_OPEN:

@@ -61,20 +61,27 @@ class ResponseCache:
         self.db = db
         self.settings = settings
         self.clock = clock
+        # Answers stored with put_soon() whose commit is still queued: this process must
+        # not pay for the same answer twice while the writer gathers its batch.
+        self._pending: dict[str, CachedAnswer] = {}
 
     def get(self, key: str) -> CachedAnswer | None:
         """The live entry for ``key`` or None (counted as a hit or a miss)."""
-        row = self.db.query_one("SELECT * FROM cache WHERE key = ?", (key,))
+        answer = self._pending.get(key)
+        if answer is None:
+            row = self.db.query_one("SELECT * FROM cache WHERE key = ?", (key,))
+            if row is not None:
+                answer = CachedAnswer(key=key, content=row["content"], model=row["model"],
+                                      finish_reason=row["finish_reason"],
+                                      prompt_tokens=row["prompt_tokens"],
+                                      completion_tokens=row["completion_tokens"], cost=row["cost"],
+                                      created_at=row["created_at"])
         now = self.clock()
-        if row is not None and now - row["created_at"] > self.settings.get("cache.ttl_s"):
-            row = None
-        self.db.submit(lambda conn: _count(conn, hit=row is not None, key=key, now=now))
-        if row is None:
-            return None
-        return CachedAnswer(key=key, content=row["content"], model=row["model"],
-                            finish_reason=row["finish_reason"], prompt_tokens=row["prompt_tokens"],
-                            completion_tokens=row["completion_tokens"], cost=row["cost"],
-                            created_at=row["created_at"])
+        if answer is not None and now - answer.created_at > self.settings.get("cache.ttl_s"):
+            answer = None
+        hit = answer is not None
+        self.db.post(lambda conn: _count(conn, hit=hit, key=key, now=now))
+        return answer
 
     def put_fn(self, key: str, *, provider: str, model: str, content: str, finish_reason: str,
                prompt_tokens: int | None, completion_tokens: int | None, cost: float | None):
@@ -96,8 +103,23 @@ class ResponseCache:
         """Store a complete answer and wait for the commit."""
         self.db.write(self.put_fn(key, **answer))
 
+    def put_soon(self, key: str, **answer: Any) -> None:
+        """Store a complete answer without waiting for the commit (this process sees it at once)."""
+        fn = self.put_fn(key, **answer)
+        entry = self._pending[key] = CachedAnswer(
+            key=key, content=answer["content"], model=answer["model"],
+            finish_reason=answer["finish_reason"], prompt_tokens=answer["prompt_tokens"],
+            completion_tokens=answer["completion_tokens"], cost=answer["cost"],
+            created_at=self.clock())
+
+        def committed(_exc) -> None:
+            if self._pending.get(key) is entry:
+                del self._pending[key]
+        self.db.post(fn, committed)
+
     def clear(self, before: float | None = None) -> int:
         """Remove all entries, or those created before ``before`` (unix s); returns how many."""
+        self.db.flush()          # answers still queued are cleared too
         if before is None:
             return self.db.write(lambda conn: conn.execute("DELETE FROM cache").rowcount)
         return self.db.write(
@@ -105,6 +127,7 @@ class ResponseCache:
 
     def stats(self) -> dict:
         """Entries, bytes, hits, misses and hit rate."""
+        self.db.flush()      # counters and entries are written lazily
         row = self.db.query_one(
             "SELECT count(*) AS entries, coalesce(sum(bytes), 0) AS bytes FROM cache") or {}
         counters = {r["key"]: int(r["value"]) for r in self.db.query(

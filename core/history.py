@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import logging
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Iterator
 from zoneinfo import ZoneInfo
@@ -51,11 +53,13 @@ class RequestRecord:
 _COLUMNS = [f.name for f in dataclasses.fields(RequestRecord)]
 _INSERT = (f"INSERT INTO requests ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+_values = operator.attrgetter(*_COLUMNS)
+_log = logging.getLogger(__name__)
 
 
 def insert_fn(record: RequestRecord):
     """A writer function that inserts ``record``."""
-    values = tuple(getattr(record, c) for c in _COLUMNS)
+    values = _values(record)
     return lambda conn: conn.execute(_INSERT, values).lastrowid
 
 
@@ -114,15 +118,24 @@ class History:
 
     def __init__(self, db) -> None:
         self.db = db
+        self.lost_rows = 0                 # rows from add() that failed to commit
+        self.last_loss: str | None = None
 
     # -- writing ---------------------------------------------------------------------
     def submit(self, record: RequestRecord):
         """Queue the row; the returned future resolves once it is committed."""
         return self.db.submit(insert_fn(record))
 
-    def commit_soon(self, record: RequestRecord):
-        """Commit the row now if the file is free (the future is then done), else queue it."""
-        return self.db.write_now_or_submit(insert_fn(record))
+    def add(self, record: RequestRecord) -> None:
+        """Queue the row for the writer's next group commit, without waiting for it (the
+        request path). A row that cannot be committed is logged and counted in ``lost_rows``."""
+        self.db.post(insert_fn(record), self._check_added)
+
+    def _check_added(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            self.lost_rows += 1
+            self.last_loss = getattr(exc, "user_message", None) or str(exc)
+            _log.error("A request's history row was not saved: %s", self.last_loss)
 
     def record(self, record: RequestRecord) -> int:
         """Insert the row and wait for its commit."""
@@ -250,6 +263,7 @@ class History:
         if limit is not None:
             sql += " LIMIT ?"
             params = params + [int(limit)]
+        self.db.flush()
         cursor = self.db.reader().execute(sql, params)
         for row in cursor:
             yield dict(row)
@@ -267,6 +281,7 @@ class History:
         if end is not None:
             parts.append("ts < ?")
             params.append(end)
+        self.db.flush()
         return self.db.query(
             f"SELECT * FROM (SELECT * FROM events WHERE {' AND '.join(parts)} "
             "ORDER BY id DESC LIMIT ?) ORDER BY id", params + [limit])
@@ -275,6 +290,7 @@ class History:
         """Distinct models or sources seen (for filter pickers)."""
         if column not in ("model", "source"):
             raise InvalidParameter("column must be model or source")
+        self.db.flush()
         # Skip from one value to the next along the rollup's index: a few lookups, not a scan.
         return [r["v"] for r in self.db.query(f"""
             WITH RECURSIVE seen(v) AS (
@@ -305,6 +321,7 @@ class History:
         if conn.in_transaction:
             yield conn
             return
+        self.db.flush()      # this process's queued rows count: a caller reads its own writes
         conn.execute("BEGIN")
         try:
             yield conn

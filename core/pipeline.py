@@ -9,9 +9,10 @@
                    cache store (complete answers only) -> record -> answer
 
 It is a single async generator of text pieces. ``generate`` drains it, ``stream`` hands it
-out, and the sync facade in ``core.service`` drives the same generator from a background
-event loop — there is no second implementation. Every run leaves exactly one history row,
-committed before the answer is complete.
+out. Sync callers run the same code: with ``blocking=True`` its only I/O is the provider's
+blocking call (and blocking retry sleeps), so nothing in it ever suspends and
+``core.portal.run_blocking`` drives it to the end with no event loop — there is no second
+implementation. Every run hands exactly one history row to the database writer.
 """
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ class Clock:
     time: Callable[[], float] = _time.time
     monotonic: Callable[[], float] = _time.perf_counter
     sleep: Callable[[float], "asyncio.Future"] = asyncio.sleep
+    sleep_blocking: Callable[[float], None] = _time.sleep     # retry waits of sync callers
+
+
+class _Tuning:
+    """The retry policy, its wait strategy and the timeouts of one settings snapshot."""
+
+    __slots__ = ("policy", "wait", "connect_s", "read_s", "_full")
+
+    def __init__(self, policy: RetryPolicy, wait, connect_s: float, read_s: float) -> None:
+        self.policy, self.wait, self.connect_s, self.read_s = policy, wait, connect_s, read_s
+        self._full = Timeouts(connect=connect_s, read=read_s)
+
+    def timeouts(self, left: float) -> Timeouts:
+        """This attempt's timeouts: the configured ones, cut to the time left before the deadline."""
+        if left >= self.connect_s and left >= self.read_s:
+            return self._full
+        return Timeouts(connect=min(self.connect_s, left), read=min(self.read_s, left))
 
 
 class _Run:
@@ -78,14 +96,18 @@ class Pipeline:
         self.optimizer = optimizer
         self.rng = rng
         self.price_provider = "openai"
-        self._waits: dict[RetryPolicy, wait_backoff_or_retry_after] = {}
+        self._tuned: tuple[object, _Tuning] | None = None
 
     # -- public --------------------------------------------------------------------------
     async def generate(self, req: GenerationRequest,
-                       on_retry: Callable[[RetryNotice], None] | None = None) -> GenerationResult:
-        """Run to completion; raises a GyroscopeError (with ``.result``) on failure."""
+                       on_retry: Callable[[RetryNotice], None] | None = None,
+                       blocking: bool = False) -> GenerationResult:
+        """Run to completion; raises a GyroscopeError (with ``.result``) on failure.
+
+        ``blocking=True`` (providers with ``complete_blocking`` only): the coroutine never
+        suspends, so sync code runs it with ``core.portal.run_blocking``, no event loop."""
         result = GenerationResult()
-        async for _ in self.run(req, result, streaming=False, on_retry=on_retry):
+        async for _ in self.run(req, result, streaming=False, on_retry=on_retry, blocking=blocking):
             pass
         return result
 
@@ -96,7 +118,8 @@ class Pipeline:
 
     # -- the pipeline ----------------------------------------------------------------------
     async def run(self, req: GenerationRequest, result: GenerationResult, *, streaming: bool,
-                  on_retry: Callable[[RetryNotice], None] | None = None) -> AsyncIterator[str]:
+                  on_retry: Callable[[RetryNotice], None] | None = None,
+                  blocking: bool = False) -> AsyncIterator[str]:
         s = self.settings.snapshot()
         run = _Run(req, result, self.clock.monotonic())
         result.model = req.model or s["provider.default_model"]
@@ -107,26 +130,26 @@ class Pipeline:
                 if hit is not None:
                     async for piece in self._serve_hit(run, hit, streaming):
                         yield piece
-                    await self._record(run, "ok")
+                    self._record(run, "ok")
                     return
-            async for piece in self._call_upstream(run, params, s, streaming, on_retry):
+            async for piece in self._call_upstream(run, params, s, streaming, on_retry, blocking):
                 yield piece
             if cache_key is not None and result.finish_reason in ("stop", "length"):
-                self.cache.db.submit(self.cache.put_fn(
+                self.cache.put_soon(
                     cache_key, provider=self.provider.name, model=result.model,
                     content=result.content, finish_reason=result.finish_reason,
                     prompt_tokens=result.usage.prompt_tokens if result.usage else None,
                     completion_tokens=result.usage.completion_tokens if result.usage else None,
-                    cost=result.cost))
-            await self._record(run, "ok")
-        except (GeneratorExit, asyncio.CancelledError):
+                    cost=result.cost)
+            self._record(run, "ok")
+        except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
             result.error = errors.Cancelled()
-            await self._record(run, "cancelled")
+            self._record(run, "cancelled")
             raise
         except errors.GyroscopeError as exc:
             result.error = exc
             exc.result = result
-            await self._record(run, exc.outcome, exc)
+            self._record(run, exc.outcome, exc)
             raise
         except Exception as exc:  # a bug must still leave its row, then surface
             wrapped = errors.UpstreamError(
@@ -134,7 +157,7 @@ class Pipeline:
                 "keeps happening, report it with the time it happened.", detail=repr(exc))
             wrapped.result = result
             result.error = wrapped
-            await self._record(run, "error", wrapped)
+            self._record(run, "error", wrapped)
             raise wrapped from exc
 
     def _prepare(self, run: _Run, s) -> tuple[dict, str | None]:
@@ -205,81 +228,39 @@ class Pipeline:
             yield piece
             await asyncio.sleep(0)  # let the page draw between pieces
 
-    async def _call_upstream(self, run: _Run, params: dict, s, streaming: bool,
-                             on_retry) -> AsyncIterator[str]:
+    def _tuning(self, s) -> "_Tuning":
+        """What a settings snapshot means for attempts, worked out once per snapshot."""
+        tuned = self._tuned
+        if tuned is None or tuned[0] is not s:
+            policy = RetryPolicy.from_settings(s)
+            tuned = self._tuned = (s, _Tuning(policy, wait_backoff_or_retry_after(policy, self.rng),
+                                              s["timeout.connect_s"], s["timeout.read_s"]))
+        return tuned[1]
+
+    async def _call_upstream(self, run: _Run, params: dict, s, streaming: bool, on_retry,
+                             blocking: bool) -> AsyncIterator[str]:
         result = run.result
-        policy = RetryPolicy.from_settings(s)
+        tuning = self._tuning(s)
         breaker = self.breakers.get(self.provider.upstream_id, result.model)
+        deadline_at = run.t0 + tuning.policy.deadline_s
+        try:   # the first attempt runs without tenacity's machinery: most requests need no other
+            permit, got = await self._attempt(run, breaker, params, tuning, deadline_at, streaming, blocking)
+        except errors.RetryableError as first:
+            permit, got = await self._retry(run, breaker, params, tuning, deadline_at, streaming,
+                                            blocking, on_retry, first)
         monotonic = self.clock.monotonic
-        deadline_at = run.t0 + policy.deadline_s
-
-        def breaker_opened(state: tenacity.RetryCallState) -> bool:
-            # Our own failures just opened it: waiting to be refused would only waste time.
-            return breaker.storage.state == OPEN
-
-        def stop(state: tenacity.RetryCallState) -> bool:
-            return (state.attempt_number >= policy.max_attempts
-                    or monotonic() + state.upcoming_sleep > deadline_at   # never sleep past it
-                    or breaker_opened(state))
-
-        def before_sleep(state: tenacity.RetryCallState) -> None:
-            exc = state.outcome.exception()
-            result.retry_wait_s += state.upcoming_sleep
-            if on_retry is not None:
-                on_retry(RetryNotice(kind=exc.kind, attempt=state.attempt_number + 1,
-                                     max_attempts=policy.max_attempts, wait_s=state.upcoming_sleep,
-                                     status=exc.status))
-
-        def give_up(state: tenacity.RetryCallState):
-            exc = state.outcome.exception()
-            if (state.attempt_number < policy.max_attempts and exc.retry_in_s is not None
-                    and not breaker_opened(state)):
-                raise errors.RetryLater(retry_in_s=state.upcoming_sleep, status=exc.status,
-                                        detail=str(exc)) from exc
-            raise exc
-
-        retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception(is_retryable),
-            stop=stop,
-            wait=self._wait_for(policy),
-            sleep=self.clock.sleep, before_sleep=before_sleep, retry_error_callback=give_up)
-
-        upstream_stream = iterator = first = completion = permit = None
-        async for attempt in retrying:
-            with attempt:
-                permit = breaker.acquire()
-                result.attempts += 1
-                left = max(0.01, deadline_at - monotonic())
-                timeout = Timeouts(connect=min(s["timeout.connect_s"], left), read=min(s["timeout.read_s"], left))
-                try:
-                    async with asyncio.timeout(left):   # the overall deadline, whatever trickles in
-                        if streaming:
-                            upstream_stream = await self.provider.stream(params, timeout)
-                            iterator = upstream_stream.__aiter__()
-                            first = await self._first_delta(upstream_stream, iterator)
-                        else:
-                            completion = await self.provider.complete(params, timeout)
-                except TimeoutError as exc:
-                    breaker.failure(permit, "timeout")
-                    raise errors.UpstreamTimeout() from exc
-                except errors.UpstreamError as exc:
-                    self._settle_permit(breaker, permit, exc)
-                    raise
-                except BaseException:
-                    breaker.release(permit)
-                    raise
         if not streaming:
             breaker.success(permit)
             run.first_token_at = monotonic()
-            result.content = completion.content
-            result.finish_reason = completion.finish_reason
-            result.model = completion.model or result.model
-            self._settle_usage(run, completion.usage)
-            yield completion.content
+            result.content = got.content
+            result.finish_reason = got.finish_reason
+            result.model = got.model or result.model
+            self._settle_usage(run, got.usage)
+            yield got.content
             return
         # Streaming: past the first token, a failure ends the stream; no retries.
+        upstream_stream, iterator, delta = got
         try:
-            delta = first
             while delta is not None:
                 if delta.text:
                     if run.first_token_at is None:
@@ -309,12 +290,78 @@ class Pipeline:
         if result.usage is None:
             self._settle_usage(run, None)
 
-    def _wait_for(self, policy: RetryPolicy) -> wait_backoff_or_retry_after:
-        """The wait strategy of a policy (stateless, so built once per distinct policy)."""
-        wait = self._waits.get(policy)
-        if wait is None:
-            wait = self._waits[policy] = wait_backoff_or_retry_after(policy, self.rng)
-        return wait
+    async def _attempt(self, run: _Run, breaker, params: dict, tuning: "_Tuning", deadline_at: float,
+                       streaming: bool, blocking: bool):
+        """One attempt under the breaker: (permit, completion) or (permit, (stream, iterator,
+        first delta)). The permit is settled here on failure, by the caller on success."""
+        permit = breaker.acquire()
+        run.result.attempts += 1
+        left = max(0.01, deadline_at - self.clock.monotonic())
+        timeout = tuning.timeouts(left)
+        try:
+            if blocking:        # sync callers: the provider's blocking call, bounded by `left`
+                return permit, self.provider.complete_blocking(params, timeout)
+            async with asyncio.timeout(left):   # the overall deadline, whatever trickles in
+                if not streaming:
+                    return permit, await self.provider.complete(params, timeout)
+                upstream_stream = await self.provider.stream(params, timeout)
+                iterator = upstream_stream.__aiter__()
+                return permit, (upstream_stream, iterator, await self._first_delta(upstream_stream, iterator))
+        except TimeoutError as exc:
+            breaker.failure(permit, "timeout")
+            raise errors.UpstreamTimeout() from exc
+        except errors.UpstreamError as exc:
+            self._settle_permit(breaker, permit, exc)
+            raise
+        except BaseException:
+            breaker.release(permit)
+            raise
+
+    async def _retry(self, run: _Run, breaker, params: dict, tuning: "_Tuning", deadline_at: float,
+                     streaming: bool, blocking: bool, on_retry, first: errors.RetryableError):
+        """Tenacity's retry loop, entered after a first attempt failed in a retryable way
+        (that failure is its attempt 1)."""
+        result, policy, monotonic = run.result, tuning.policy, self.clock.monotonic
+
+        def breaker_opened(state: tenacity.RetryCallState) -> bool:
+            # Our own failures just opened it: waiting to be refused would only waste time.
+            return breaker.storage.state == OPEN
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            return (state.attempt_number >= policy.max_attempts
+                    or monotonic() + state.upcoming_sleep > deadline_at   # never sleep past it
+                    or breaker_opened(state))
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception()
+            result.retry_wait_s += state.upcoming_sleep
+            if on_retry is not None:
+                on_retry(RetryNotice(kind=exc.kind, attempt=state.attempt_number + 1,
+                                     max_attempts=policy.max_attempts, wait_s=state.upcoming_sleep,
+                                     status=exc.status))
+
+        def give_up(state: tenacity.RetryCallState):
+            exc = state.outcome.exception()
+            if (state.attempt_number < policy.max_attempts and exc.retry_in_s is not None
+                    and not breaker_opened(state)):
+                raise errors.RetryLater(retry_in_s=state.upcoming_sleep, status=exc.status,
+                                        detail=str(exc)) from exc
+            raise exc
+
+        async def sleep_blocking(seconds: float) -> None:
+            self.clock.sleep_blocking(seconds)
+
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception(is_retryable), stop=stop, wait=tuning.wait,
+            sleep=sleep_blocking if blocking else self.clock.sleep,
+            before_sleep=before_sleep, retry_error_callback=give_up)
+        replay: list[BaseException] = [first]
+        async for attempt in retrying:
+            with attempt:
+                if replay:
+                    raise replay.pop()
+                return await self._attempt(run, breaker, params, tuning, deadline_at, streaming, blocking)
+        raise AssertionError("unreachable: tenacity returns or raises")
 
     @staticmethod
     def _settle_permit(breaker, permit, exc: errors.UpstreamError) -> None:
@@ -348,7 +395,9 @@ class Pipeline:
         result.cost = prices.cost(result.model, result.usage.prompt_tokens,
                                   result.usage.completion_tokens, self.price_provider)
 
-    async def _record(self, run: _Run, outcome: str, exc: errors.GyroscopeError | None = None) -> None:
+    def _record(self, run: _Run, outcome: str, exc: errors.GyroscopeError | None = None) -> None:
+        """Hand the run's one history row to the database writer (the answer does not wait
+        for its commit; ``Gyroscope.close()`` and process exit commit what is queued)."""
         if run.recorded:
             return
         run.recorded = True
@@ -384,7 +433,4 @@ class Pipeline:
             cost=result.cost, cost_unknown=usage is not None and result.cost is None and not result.from_cache,
             from_cache=result.from_cache, cost_saved=result.cost_saved,
             optimizer_tokens_saved=run.optimizer_saved, optimizer_cost_saved=optimizer_cost_saved)
-        fut = self.history.commit_soon(record)
-        if not fut.done():   # queued behind another writer: wait for its group commit
-            await asyncio.shield(asyncio.wrap_future(fut))
-        fut.result()         # surface a storage error
+        self.history.add(record)

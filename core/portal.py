@@ -1,5 +1,6 @@
-"""How sync callers drive the async pipeline: on an event loop of their own thread when
-they can (no thread hop), else on a shared background loop."""
+"""How sync callers drive the async pipeline: with no event loop at all when its I/O is
+blocking (``run_blocking``), else on an event loop of their own thread (no thread hop),
+else on a shared background loop."""
 
 from __future__ import annotations
 
@@ -39,6 +40,17 @@ def submit(coro: Coroutine) -> Future:
 def run(coro: Coroutine, timeout: float | None = None) -> Any:
     """Run a coroutine on the portal loop and wait for its result."""
     return submit(coro).result(timeout)
+
+
+def run_blocking(coro: Coroutine) -> Any:
+    """Run a coroutine whose awaits never suspend (its I/O is blocking) on this thread,
+    without an event loop: one ``send`` takes it to the end."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("run_blocking: the coroutine waited for an event loop; use run_here")
 
 
 _local = threading.local()

@@ -164,7 +164,10 @@ class Gyroscope:
     # -- sync (the same pipeline, driven from sync code) ------------------------------------
     def generate(self, req: GenerationRequest,
                  on_retry: Callable[[RetryNotice], None] | None = None) -> GenerationResult:
-        """Generate from sync code (on this thread's own loop: no hand-off to another thread)."""
+        """Generate from sync code: the same pipeline on the provider's blocking client with
+        no event loop, or (for a provider without one) on this thread's own loop."""
+        if self.provider.blocking:
+            return portal.run_blocking(self.pipeline.generate(req, on_retry, blocking=True))
         return portal.run_here(self.pipeline.generate(req, on_retry))
 
     def stream(self, req: GenerationRequest, events: bool = False) -> GenerationStream:

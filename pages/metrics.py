@@ -27,6 +27,10 @@ except GyroscopeError as exc:
     show_error(exc)
     st.stop()
 provider_badge(gyro)
+if gyro.history.lost_rows:
+    st.warning(f"{gyro.history.lost_rows:,} request(s) since the app started could not be saved to "
+               f"the history, so these figures leave them out. Last problem: {gyro.history.last_loss}",
+               icon=":material/warning:")
 
 
 def browser_zone() -> str:

@@ -24,9 +24,13 @@ class FakeClock:
         self.now += seconds
 
     async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
+        self.sleep_blocking(seconds)
         await asyncio.sleep(0)
 
+    def sleep_blocking(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
     def as_clock(self) -> Clock:
-        return Clock(time=self.time, monotonic=self.monotonic, sleep=self.sleep)
+        return Clock(time=self.time, monotonic=self.monotonic, sleep=self.sleep,
+                     sleep_blocking=self.sleep_blocking)

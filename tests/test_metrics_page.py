@@ -166,3 +166,13 @@ def test_breaker_states_and_transitions_with_their_cause(page):
     assert "open → half-open" in marks["hovertext"][1]
     at.toggle(key="metrics_live").set_value(True).run()     # the auto-refreshing fragment renders too
     assert len(at.exception) == 0 and "simulator · gpt-4o" in shown(at)
+
+
+def test_rows_the_database_refused_are_announced(page):
+    at, gyro = page
+    gyro.history.add(RequestRecord(ts=END - 3600, request_id="twice", model="gpt-4o-mini"))
+    gyro.history.add(RequestRecord(ts=END - 3600, request_id="twice", model="gpt-4o-mini"))
+    gyro.db.flush()
+    at.run()
+    assert "1 request(s) since the app started could not be saved" in texts(at)
+    assert "UNIQUE constraint failed" in texts(at)

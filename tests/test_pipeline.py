@@ -15,7 +15,10 @@ import pytest
 
 from core import errors
 from core.config import Config
+from core.db import Database
 from core.models import GenerationRequest
+from core.providers.base import Provider
+from core.providers.openai_provider import OpenAIProvider
 from core.providers.simulator_provider import SimulatorProvider
 from core.service import Gyroscope
 from core.simulator import Simulator, start_in_background
@@ -483,3 +486,59 @@ def test_a_breaker_write_never_waits_for_a_locked_file(gyro, simulator):
         blocker.close()
     gyro.db.flush()
     assert gyro.db.query_one("SELECT fail_counter FROM breakers")["fail_counter"] == 1
+
+
+# -- sync callers: the same pipeline on the provider's blocking client ------------------------
+class _CompleteOnly(SimulatorProvider):
+    async def complete(self, params, timeout):
+        return await super().complete(params, timeout)
+
+
+class _NoBlocking(Provider):
+    async def complete(self, params, timeout): ...
+    async def stream(self, params, timeout): ...
+    async def models(self): return []
+
+
+def test_sync_callers_get_the_blocking_client_only_where_complete_is_its_twin(simulator):
+    assert OpenAIProvider("k", "http://x/v1").blocking and SimulatorProvider(simulator).blocking
+    assert not _NoBlocking().blocking                    # driven on an event loop instead
+    assert not _CompleteOnly(simulator).blocking         # its own complete() must not be bypassed
+
+
+def test_sync_generate_runs_without_an_event_loop(gyro, simulator):
+    simulator.sim.set_faults(fail_next=2, fail_status=503)
+    result = gyro.generate(req(cache=False))
+    assert result.outcome == "ok" and result.attempts == 3
+    assert len(gyro.provider._clients) == 0              # no AsyncOpenAI: no loop was needed
+    assert simulator.sim.stats()["chat_requests"] == 3
+
+
+class _CtrlC(SimulatorProvider):
+    def complete_blocking(self, params, timeout):
+        super().complete_blocking(params, timeout)       # the server answers, but the user
+        raise KeyboardInterrupt                          # pressed Ctrl-C before it arrived
+
+
+def test_ctrl_c_in_a_sync_call_is_recorded_as_cancelled_and_spares_the_breaker(tmp_path, simulator, clock):
+    cfg = Config(provider="simulator", base_url=None, db_path=tmp_path / "c.db")
+    gyro = Gyroscope(cfg, provider=_CtrlC(simulator), clock=clock.as_clock())
+    with pytest.raises(KeyboardInterrupt):
+        gyro.generate(req())
+    [row] = rows(gyro)
+    assert row["outcome"] == "cancelled" and row["attempts"] == 1
+    assert gyro.breakers.get("simulator", "gpt-4o-mini").info()["fail_counter"] == 0
+    gyro.close()
+
+
+def test_an_answer_is_served_from_cache_before_its_commit(tmp_path, simulator, clock):
+    cfg = Config(provider="simulator", base_url=None, db_path=tmp_path / "p.db")
+    gyro = Gyroscope(cfg, provider=SimulatorProvider(simulator), clock=clock.as_clock(),
+                     db=Database(tmp_path / "p.db", linger_s=60))   # rows stay queued
+    first = gyro.generate(req())
+    second = gyro.generate(req())
+    assert second.from_cache and second.content == first.content
+    assert simulator.sim.stats()["chat_requests"] == 1
+    assert gyro.db.query_one("SELECT count(*) AS n FROM cache")["n"] == 0     # not committed yet
+    assert gyro.stats()["total_requests"] == 2 and gyro.stats()["cache"]["entries"] == 1
+    gyro.close()

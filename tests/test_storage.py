@@ -373,3 +373,43 @@ def test_concurrent_edits_of_one_setting_last_write_wins_and_all_are_audited(tmp
     assert stores[0].get("retry.max_retries") == stores[1].get("retry.max_retries") == final
     for s in stores:
         s.db.close()
+
+
+# -- lazy writes: the request path's rows share commits and never wait for one ----------------
+def test_lazy_rows_gather_until_somebody_waits_or_reads_history(tmp_path):
+    db = Database(tmp_path / "lazy.db", linger_s=60)     # no test waits that long
+    history = History(db)
+    for i in range(20):
+        history.add(_record(i))
+    assert db.query_one("SELECT count(*) AS n FROM requests")["n"] == 0   # gathered, not yet committed
+    assert history.totals()["total_requests"] == 20       # reading history commits this process's rows first
+    history.add(_record(20))
+    db.write(lambda conn: conn.execute("INSERT INTO meta (key, value) VALUES ('w', '1')"))
+    assert db.query_one("SELECT count(*) AS n FROM requests")["n"] == 21  # a waited-for write ends the wait
+    db.close()
+
+
+def test_a_bad_lazy_row_is_counted_and_logged_and_its_batch_is_kept(tmp_path, caplog):
+    db = Database(tmp_path / "bad.db", linger_s=60)
+    history = History(db)
+    history.add(_record(1))
+    history.add(_record(1))                               # same request_id: the unique index refuses it
+    history.add(_record(2))
+    db.flush()
+    assert sorted(r["request_id"] for r in db.query("SELECT request_id FROM requests")) == ["r1", "r2"]
+    assert history.lost_rows == 1 and "UNIQUE constraint failed" in history.last_loss
+    assert "history row was not saved" in caplog.text
+    db.close()
+
+
+def test_rows_still_queued_when_the_process_exits_are_committed(tmp_path):
+    path = tmp_path / "exit.db"
+    script = textwrap.dedent(f"""
+        from core.db import Database
+        from core.history import History, RequestRecord
+        History(Database({str(path)!r}, linger_s=60)).add(RequestRecord(ts=1.0, request_id="at-exit"))
+    """)                                                  # no close(): the exit hook commits it
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT request_id FROM requests").fetchall() == [("at-exit",)]
+    conn.close()

@@ -3,7 +3,8 @@
 A provider turns chat parameters into an answer from one upstream. Subclass
 ``Provider``, implement ``complete``, ``stream`` and ``models``, and register a factory
 ``factory(config) -> Provider`` (built-ins in ``core.providers``; third parties through
-the ``gyroscope.providers`` entry-point group)::
+the ``gyroscope.providers`` entry-point group). ``complete_blocking`` is optional: with it,
+sync callers skip the event loop (``Gyroscope.generate`` calls it on their thread)::
 
     class EchoProvider(Provider):
         name = "echo"
@@ -94,6 +95,18 @@ class Provider(ABC):
     @abstractmethod
     async def models(self) -> list[str]:
         """Models this upstream offers."""
+
+    def complete_blocking(self, params: dict, timeout: Timeouts) -> Completion:
+        """Optional: ``complete`` for sync callers, blocking the calling thread (no event loop)."""
+        raise NotImplementedError
+
+    @property
+    def blocking(self) -> bool:
+        """True when ``complete_blocking`` is implemented where ``complete`` is (a subclass
+        that overrides only ``complete`` must not have sync callers bypass it)."""
+        mro = type(self).__mro__
+        owner = next(k for k in mro if "complete_blocking" in vars(k))
+        return owner is not Provider and issubclass(owner, next(k for k in mro if "complete" in vars(k)))
 
     def context_window(self, model: str) -> int | None:
         """Tokens the model accepts, when known."""

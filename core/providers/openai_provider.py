@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
 import weakref
 from typing import AsyncIterator
 
@@ -15,6 +17,7 @@ from ..retry import parse_retry_after
 from .base import Completion, Delta, Provider, Stream, Timeouts, Usage
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_sync_lock = threading.Lock()
 
 
 def classify(exc: BaseException, base_url: str, model: str | None = None) -> errors.GyroscopeError:
@@ -72,6 +75,18 @@ def _message(exc: openai.APIStatusError) -> str:
     return str(msg or exc.message)
 
 
+def _completion(resp) -> Completion:
+    """A Completion from the SDK's answer; an answer with no message is a plain error."""
+    if not resp.choices or resp.choices[0].message is None:
+        raise errors.ServerError("The AI service sent an answer with no text. Try again.")
+    choice = resp.choices[0]
+    usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens) if resp.usage else None
+    # finish_reason stays None when the server did not say the answer is complete, so
+    # such an answer is never cached.
+    return Completion(content=choice.message.content or "", model=resp.model,
+                      finish_reason=choice.finish_reason, usage=usage)
+
+
 class _OpenAIStream(Stream):
     def __init__(self, sdk_stream, base_url: str, model: str) -> None:
         self._sdk = sdk_stream
@@ -99,7 +114,8 @@ class _OpenAIStream(Stream):
 
 
 class OpenAIProvider(Provider):
-    """Chat completions through ``openai.AsyncOpenAI`` with the SDK's own retries off."""
+    """Chat completions through the official SDK with its own retries off: ``AsyncOpenAI``
+    for async callers and streams, ``OpenAI`` for sync callers' plain answers."""
 
     name = "openai"
 
@@ -111,6 +127,18 @@ class OpenAIProvider(Provider):
         # httpx connection pools belong to one event loop: one client per loop.
         self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]" = (
             weakref.WeakKeyDictionary())
+        self._sync_client: openai.OpenAI | None = None
+
+    def sync_client(self) -> openai.OpenAI:
+        """The blocking client, shared by every thread (its connection pool is thread-safe)."""
+        client = self._sync_client
+        if client is None:
+            with _sync_lock:
+                client = self._sync_client
+                if client is None:
+                    client = self._sync_client = openai.OpenAI(
+                        api_key=self._api_key, base_url=self._url, max_retries=0)
+        return client
 
     def client(self) -> openai.AsyncOpenAI:
         loop = asyncio.get_running_loop()
@@ -121,6 +149,7 @@ class OpenAIProvider(Provider):
         return client
 
     @staticmethod
+    @functools.lru_cache(maxsize=64)
     def _timeout(t: Timeouts) -> httpx2.Timeout:
         return httpx2.Timeout(t.read, connect=t.connect)
 
@@ -129,14 +158,14 @@ class OpenAIProvider(Provider):
             resp = await self.client().chat.completions.create(**params, timeout=self._timeout(timeout))
         except Exception as exc:  # noqa: BLE001 - every failure is classified
             raise classify(exc, self.base_url, params.get("model")) from exc
-        if not resp.choices or resp.choices[0].message is None:
-            raise errors.ServerError("The AI service sent an answer with no text. Try again.")
-        choice = resp.choices[0]
-        usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens) if resp.usage else None
-        # finish_reason stays None when the server did not say the answer is complete, so
-        # such an answer is never cached.
-        return Completion(content=choice.message.content or "", model=resp.model,
-                          finish_reason=choice.finish_reason, usage=usage)
+        return _completion(resp)
+
+    def complete_blocking(self, params: dict, timeout: Timeouts) -> Completion:
+        try:
+            resp = self.sync_client().chat.completions.create(**params, timeout=self._timeout(timeout))
+        except Exception as exc:  # noqa: BLE001 - every failure is classified
+            raise classify(exc, self.base_url, params.get("model")) from exc
+        return _completion(resp)
 
     async def stream(self, params: dict, timeout: Timeouts) -> Stream:
         try:
@@ -158,3 +187,6 @@ class OpenAIProvider(Provider):
         for client in list(self._clients.values()):
             await client.close()
         self._clients.clear()
+        if self._sync_client is not None:
+            self._sync_client.close()
+            self._sync_client = None

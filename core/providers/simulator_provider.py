@@ -36,6 +36,7 @@ class SimulatorProvider(OpenAIProvider):
         self._running = running
         self._api_key = "sk-simulator"
         self._clients = weakref.WeakKeyDictionary()
+        self._sync_client = None
 
     @property
     def running(self):
