@@ -18,6 +18,7 @@ cache and history are the pipeline's job, never the provider's.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -104,9 +105,14 @@ class Provider(ABC):
     def blocking(self) -> bool:
         """True when ``complete_blocking`` is implemented where ``complete`` is (a subclass
         that overrides only ``complete`` must not have sync callers bypass it)."""
-        mro = type(self).__mro__
-        owner = next(k for k in mro if "complete_blocking" in vars(k))
-        return owner is not Provider and issubclass(owner, next(k for k in mro if "complete" in vars(k)))
+        return _has_blocking(type(self))
+
+
+@functools.cache
+def _has_blocking(cls: type) -> bool:
+    def owner(name: str) -> type:
+        return next(k for k in cls.__mro__ if name in vars(k))
+    return owner("complete_blocking") is not Provider and issubclass(owner("complete_blocking"), owner("complete"))
 
     def context_window(self, model: str) -> int | None:
         """Tokens the model accepts, when known."""
