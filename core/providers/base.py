@@ -107,16 +107,16 @@ class Provider(ABC):
         that overrides only ``complete`` must not have sync callers bypass it)."""
         return _has_blocking(type(self))
 
-
-@functools.cache
-def _has_blocking(cls: type) -> bool:
-    def owner(name: str) -> type:
-        return next(k for k in cls.__mro__ if name in vars(k))
-    return owner("complete_blocking") is not Provider and issubclass(owner("complete_blocking"), owner("complete"))
-
     def context_window(self, model: str) -> int | None:
         """Tokens the model accepts, when known."""
         return None
 
     async def aclose(self) -> None:
         """Release connections."""
+
+
+@functools.cache
+def _has_blocking(cls: type) -> bool:
+    def owner(name: str) -> type:
+        return next(k for k in cls.__mro__ if name in vars(k))
+    return owner("complete_blocking") is not Provider and issubclass(owner("complete_blocking"), owner("complete"))
