@@ -506,6 +506,35 @@ def test_sync_callers_get_the_blocking_client_only_where_complete_is_its_twin(si
     assert not _CompleteOnly(simulator).blocking         # its own complete() must not be bypassed
 
 
+class _AsyncOnly(Provider):
+    """A third-party style provider: only the three required methods (here over the
+    simulator's real HTTP), no complete_blocking, no context_window."""
+
+    name = "async-only"
+
+    def __init__(self, running):
+        self.inner = SimulatorProvider(running)
+
+    async def complete(self, params, timeout):
+        return await self.inner.complete(params, timeout)
+
+    async def stream(self, params, timeout):
+        return await self.inner.stream(params, timeout)
+
+    async def models(self):
+        return await self.inner.models()
+
+
+def test_a_provider_with_only_the_required_methods_serves_sync_and_async_callers(tmp_path, simulator, clock):
+    cfg = Config(provider="simulator", base_url=None, db_path=tmp_path / "a.db")
+    gyro = Gyroscope(cfg, provider=_AsyncOnly(simulator), clock=clock.as_clock())
+    assert gyro.generate(req(cache=False)).outcome == "ok"            # on this thread's own loop
+    assert asyncio.run(gyro.agenerate(req(cache=False))).outcome == "ok"
+    assert "".join(gyro.stream(req(cache=False)))
+    assert [r["outcome"] for r in rows(gyro)] == ["ok"] * 3
+    gyro.close()
+
+
 def test_sync_generate_runs_without_an_event_loop(gyro, simulator):
     simulator.sim.set_faults(fail_next=2, fail_status=503)
     result = gyro.generate(req(cache=False))

@@ -25,6 +25,10 @@ from core.simulator.protocol import (_BAD_JSON, MODELS, ChatRequest, Completion,
                                      parse_chat_request)
 
 _MODEL_CREATED = 1_715_367_049  # model objects carry a fixed creation time, as OpenAI's do
+# Idle connections are kept longer than clients keep them (httpx: 5 s), as real servers do
+# (nginx: 75 s). With uvicorn's 5 s both ends expire an idle connection at the same moment,
+# and a request sent on it in that instant fails with a reset the upstream never caused.
+KEEP_ALIVE_S = 75
 
 
 # ----- the chat route
@@ -365,7 +369,7 @@ def start_in_background(sim: Simulator | None = None, host: str = "127.0.0.1", p
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None, lifespan="off",
-                            timeout_graceful_shutdown=1)
+                            timeout_graceful_shutdown=1, timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     loops: list[asyncio.AbstractEventLoop] = []
 
@@ -392,4 +396,4 @@ def serve(host: str = "127.0.0.1", port: int = 9100, ttft_ms: float = 250, token
     sim = sim if sim is not None else Simulator(ttft_ms=ttft_ms, tokens_per_s=tokens_per_s)
     print(f"OpenAI simulator on http://{host}:{port}/v1 (ttft {ttft_ms} ms, {tokens_per_s} tokens/s)", flush=True)
     uvicorn.run(sim.asgi_app(), host=host, port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=1)
+                timeout_graceful_shutdown=1, timeout_keep_alive=KEEP_ALIVE_S)
