@@ -1,6 +1,7 @@
 """Pipeline overhead against the raw openai SDK, side by side in one run.
 
-    python bench/pipeline.py [--pairs 1000] [--concurrent 1000] [--rounds 8] [--ttft 300]
+    python bench/pipeline.py [--pairs 1000] [--concurrent 1000] [--rounds 12] [--ttft 300]
+                             [--only own|sequential|concurrent|ttft]
 
 0. The pipeline's own cost with a provider that answers at once (no network): what every
    request pays for validation, breaker, retry set-up, pricing and its history row.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
 import tempfile
@@ -221,6 +223,7 @@ async def concurrent(base_url: str, gyro: Gyroscope, n: int, rounds: int) -> Non
     for r in range(rounds):
         order = (("raw", raw), ("ours", ours))[::1 if abba(r) else -1]
         for name, fn in order:
+            gc.collect()                  # each round starts from the same collector state
             c, t = time.process_time(), time.perf_counter()
             await asyncio.gather(*(fn(i) for i in range(n)))
             if name == "ours":
@@ -234,7 +237,8 @@ async def concurrent(base_url: str, gyro: Gyroscope, n: int, rounds: int) -> Non
               f"CPU {statistics.median(cpu[name]) * 1000:.2f} ms/request (process)")
     ratios = [o / r for r, o in zip(rps["raw"], rps["ours"])]
     print(f"  throughput vs raw        median {statistics.median(rps['ours']) / statistics.median(rps['raw']):.1%}"
-          f"   (per round: {', '.join(f'{x:.0%}' for x in ratios)})")
+          f"   (median of paired ratios {statistics.median(ratios):.1%}; per round: "
+          f"{', '.join(f'{x:.0%}' for x in ratios)})")
     await raw_client.close()
 
 
@@ -282,24 +286,30 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=1000)
     ap.add_argument("--concurrent", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--ttft", type=int, default=300)
+    ap.add_argument("--only", choices=("own", "sequential", "concurrent", "ttft"))
     args = ap.parse_args()
+    run = (lambda part: args.only in (None, part))
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        (tmp / "own").mkdir()
-        own_cost(tmp / "own")
-        with simulator_process(ttft_ms=0, tokens_per_s=0) as base:
-            gyro = make_gyro(base, tmp)
-            asyncio.run(sequential_async(base, gyro, args.pairs))
-            sequential_sync(base, gyro, args.pairs)
-            gyro.close()
-        if args.concurrent:
+        if run("own"):
+            (tmp / "own").mkdir()
+            own_cost(tmp / "own")
+        if run("sequential"):
+            with simulator_process(ttft_ms=0, tokens_per_s=0) as base:
+                gyro = make_gyro(base, tmp)
+                asyncio.run(sequential_async(base, gyro, args.pairs))
+                sequential_sync(base, gyro, args.pairs)
+                gyro.close()
+        if run("concurrent") and args.concurrent:
             with simulator_process(ttft_ms=200, tokens_per_s=0) as base:
                 (tmp / "c").mkdir()
                 gyro = make_gyro(base, tmp / "c")
                 asyncio.run(concurrent(base, gyro, args.concurrent, args.rounds))
                 gyro.close()
+        if not run("ttft"):
+            return
         with simulator_process(ttft_ms=50, tokens_per_s=200) as base:
             (tmp / "t").mkdir()
             gyro = make_gyro(base, tmp / "t")

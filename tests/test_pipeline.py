@@ -431,6 +431,19 @@ def test_odd_answers_are_plain_errors_or_uncached(tmp_path, simulator, clock, mo
     gyro.close()
 
 
+def test_request_ids_are_uuid7_unique_and_sort_by_time(monkeypatch):
+    import uuid
+    from core import models
+    ids = [models.new_request_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids[:100])
+    now = 1_800_000_000_000_000_000
+    monkeypatch.setattr(models.time, "time_ns", lambda: now)
+    earlier = models.new_request_id()
+    monkeypatch.setattr(models.time, "time_ns", lambda: now + 1_000_000)    # a millisecond later
+    assert models.new_request_id() > earlier and earlier[:12] == f"{now // 1_000_000:012x}"
+
+
 def test_the_same_request_object_twice_leaves_two_rows(gyro):
     r = req(cache=False)
     first, second = gyro.generate(r), gyro.generate(r)
