@@ -7,6 +7,10 @@ each under a short lock, while the I/O runs outside. Time comes from an injected
 
     acquire() -> Permit | raises CircuitOpen(retry_in_s)
     success(permit) / failure(permit, cause) / release(permit)   # release = neither
+
+Half-open probes are counted across processes: with ``SQLiteBreakerStorage`` each probe
+holds a lease in the ``breaker_probes`` table (taken and given back with a direct write;
+it expires after the request deadline, so a crashed process cannot hold the breaker shut).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Callable
 
 import pybreaker
 
-from .errors import CircuitOpen
+from .errors import CircuitOpen, StorageError
 
 CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
 
@@ -74,6 +78,27 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
                          (*params, time.time(), name))
         self.db.post(write, self._written)
 
+    # Half-open probe slots, shared by every process on the file (rare: no hot path).
+    def lease_probe(self, limit: int, ttl_s: float, now: float) -> int | None:
+        """One of ``limit`` probe slots: its lease id, or None when all are taken."""
+        name = self._name
+
+        def take(conn) -> int | None:
+            conn.execute("DELETE FROM breaker_probes WHERE name = ? AND expires_at <= ?", (name, now))
+            held = conn.execute("SELECT count(*) FROM breaker_probes WHERE name = ?", (name,)).fetchone()[0]
+            if held >= limit:
+                return None
+            return conn.execute("INSERT INTO breaker_probes (name, expires_at) VALUES (?, ?)",
+                                (name, now + ttl_s)).lastrowid
+        return self.db.write_now(take)
+
+    def return_probe(self, lease: int) -> None:
+        self.db.write_now(lambda conn: conn.execute("DELETE FROM breaker_probes WHERE id = ?", (lease,)))
+
+    def clear_probes(self) -> None:
+        name = self._name
+        self.db.write_now(lambda conn: conn.execute("DELETE FROM breaker_probes WHERE name = ?", (name,)))
+
     def _written(self, exc: BaseException | None) -> None:
         with self._lock:
             self._pending -= 1
@@ -122,10 +147,11 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
 class Permit:
     """Permission for one attempt; ``probe`` when taken in the half-open state."""
 
-    __slots__ = ("probe", "done")
+    __slots__ = ("probe", "lease", "done")
 
-    def __init__(self, probe: bool) -> None:
+    def __init__(self, probe: bool, lease: int | None = None) -> None:
         self.probe = probe
+        self.lease = lease          # the shared probe slot it holds (storage with leases)
         self.done = False
 
 
@@ -151,6 +177,7 @@ class Breaker:
         self.cb.reset_timeout = s["breaker.reset_timeout_s"]
         self.cb.success_threshold = s["breaker.success_threshold"]
         self.half_open_max = s["breaker.half_open_max_calls"]
+        self.probe_ttl_s = s["retry.deadline_s"] + 1.0    # no attempt outlives its deadline
 
     def _opened_at(self) -> float:
         at = self.storage.opened_at
@@ -172,6 +199,11 @@ class Breaker:
         else:
             self.cb.close()
         self._probes = 0
+        if old == HALF_OPEN and new != HALF_OPEN and hasattr(self.storage, "clear_probes"):
+            try:
+                self.storage.clear_probes()
+            except StorageError:
+                pass                            # leases expire by themselves
         if self.on_transition and old != new:
             self.on_transition(self.name, old, new, cause if not actor else f"{cause} by {actor}")
 
@@ -193,9 +225,32 @@ class Breaker:
             if state == HALF_OPEN:
                 if self._probes >= self.half_open_max:
                     raise CircuitOpen(retry_in_s=min(1.0, self.cb.reset_timeout))
+                lease = self._lease()
                 self._probes += 1
-                return Permit(probe=True)
+                return Permit(probe=True, lease=lease)
             return Permit(probe=False)
+
+    def _lease(self) -> int | None:
+        """A probe slot shared with other processes (when the storage has them), or CircuitOpen."""
+        take = getattr(self.storage, "lease_probe", None)
+        if take is None:
+            return None                         # this process's count is all there is
+        try:
+            lease = take(self.half_open_max, self.probe_ttl_s, self.clock())
+        except StorageError:
+            lease = None                        # the file is locked: do not probe blind
+        if lease is None:
+            raise CircuitOpen(retry_in_s=min(1.0, self.cb.reset_timeout))
+        return lease
+
+    def _end_probe(self, permit: Permit) -> None:
+        """Give a probe's slot back (under the lock)."""
+        self._probes = max(0, self._probes - 1)
+        if permit.lease is not None:
+            try:
+                self.storage.return_probe(permit.lease)
+            except StorageError:
+                pass                            # the lease expires by itself
 
     def success(self, permit: Permit) -> None:
         """The attempt worked."""
@@ -211,7 +266,7 @@ class Breaker:
             snap = self.storage.snapshot()
             state = snap.get("state") or CLOSED
             if permit.probe:
-                self._probes = max(0, self._probes - 1)
+                self._end_probe(permit)
             if state == HALF_OPEN:
                 self.storage.increment_success_counter()
                 if self.storage.success_counter >= self.cb.success_threshold:
@@ -228,7 +283,7 @@ class Breaker:
             self._conf()
             state = self.storage.state
             if permit.probe:
-                self._probes = max(0, self._probes - 1)
+                self._end_probe(permit)
             if state == HALF_OPEN:
                 self._move(OPEN, f"probe failed: {cause}")
             elif state == CLOSED:
@@ -241,10 +296,10 @@ class Breaker:
         """The attempt ended in a way that says nothing about the upstream (4xx, a Stop)."""
         if permit.done:
             return
-        with self._lock:
-            permit.done = True
-            if permit.probe:
-                self._probes = max(0, self._probes - 1)
+        permit.done = True
+        if permit.probe:
+            with self._lock:
+                self._end_probe(permit)
 
     def reset(self, actor: str | None = None) -> None:
         """Close the breaker by hand."""

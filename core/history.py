@@ -8,11 +8,14 @@ import datetime as dt
 import logging
 import math
 import operator
+import sqlite3
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 from zoneinfo import ZoneInfo
 
 from .buckets import _AnsweredStats, _Buckets, _floats, _ranges_sql, bucket_label
+from .db import storage_error
 from .errors import InvalidParameter
 from .schema import ROLLUP_ERROR_KIND, ROLLUP_IS_ERROR, ROLLUP_SUMS
 
@@ -120,6 +123,12 @@ class History:
         self.db = db
         self.lost_rows = 0                 # rows from add() that failed to commit
         self.last_loss: str | None = None
+        # Rows from add() wait here; one writer function inserts all that gathered with
+        # one executemany (measured under 1000 concurrent requests: a writer call per row
+        # cost the request path several percent of its throughput).
+        self._queued: list[tuple] = []
+        self._in_flight: list[tuple] = []
+        self._lock = threading.Lock()
 
     # -- writing ---------------------------------------------------------------------
     def submit(self, record: RequestRecord):
@@ -129,13 +138,39 @@ class History:
     def add(self, record: RequestRecord) -> None:
         """Queue the row for the writer's next group commit, without waiting for it (the
         request path). A row that cannot be committed is logged and counted in ``lost_rows``."""
-        self.db.post(insert_fn(record), self._check_added)
+        values = _values(record)
+        with self._lock:
+            self._queued.append(values)
+            first = len(self._queued) == 1
+        if first:
+            self.db.post(self._insert_queued, self._inserted)
 
-    def _check_added(self, exc: BaseException | None) -> None:
+    def _insert_queued(self, conn) -> None:
+        """Writer function: insert every queued row; a refused row fails alone."""
+        if not self._in_flight:      # a rerun after another write failed keeps its rows
+            with self._lock:
+                self._in_flight, self._queued = self._queued, []
+        conn.execute("SAVEPOINT rows")
+        try:
+            conn.executemany(_INSERT, self._in_flight)
+        except sqlite3.IntegrityError:
+            conn.execute("ROLLBACK TO rows")
+            for values in self._in_flight:
+                try:
+                    conn.execute(_INSERT, values)
+                except sqlite3.IntegrityError as exc:
+                    self._lose(1, storage_error(exc, self.db.path))
+        conn.execute("RELEASE rows")
+
+    def _inserted(self, exc: BaseException | None) -> None:
+        rows, self._in_flight = self._in_flight, []
         if exc is not None:
-            self.lost_rows += 1
-            self.last_loss = getattr(exc, "user_message", None) or str(exc)
-            _log.error("A request's history row was not saved: %s", self.last_loss)
+            self._lose(len(rows), exc)
+
+    def _lose(self, rows: int, exc: BaseException) -> None:
+        self.lost_rows += rows
+        self.last_loss = getattr(exc, "user_message", None) or str(exc)
+        _log.error("%d request history row(s) were not saved: %s", rows, self.last_loss)
 
     def record(self, record: RequestRecord) -> int:
         """Insert the row and wait for its commit."""

@@ -132,8 +132,14 @@ class Pipeline:
                         yield piece
                     self._record(run, "ok")
                     return
-            async for piece in self._call_upstream(run, params, s, streaming, on_retry, blocking):
-                yield piece
+            upstream = self._call_upstream(run, params, s, streaming, on_retry, blocking)
+            try:
+                async for piece in upstream:
+                    yield piece
+            finally:
+                # A Stop lands at our yield: close the inner generator now (permit settled,
+                # upstream connection closed), not whenever the collector finds it.
+                await upstream.aclose()
             if cache_key is not None and result.finish_reason in ("stop", "length"):
                 self.cache.put_soon(
                     cache_key, provider=self.provider.name, model=result.model,

@@ -141,3 +141,12 @@ def m002_hourly_rollup(db) -> None:
     # Per-bucket percentiles: answered requests in time order, covering what they read.
     db.execute("CREATE INDEX idx_requests_ok_ts ON requests (ts, outcome, from_cache, model, source, "
                "latency_ms, ttft_ms) WHERE outcome = 'ok' AND from_cache = 0")
+
+
+@migrations()
+def m003_probe_leases(db) -> None:
+    """Half-open probe slots shared by every process on the file. A slot is a lease that
+    expires, so a process that dies holding one cannot keep the breaker shut."""
+    db.execute("CREATE TABLE breaker_probes (id INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+               "expires_at REAL NOT NULL)")
+    db.execute("CREATE INDEX idx_breaker_probes_name ON breaker_probes (name, expires_at)")

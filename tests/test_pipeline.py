@@ -293,6 +293,32 @@ def test_half_open_admits_exactly_the_configured_probes_under_concurrency(tmp_pa
     gyro.close()
 
 
+def test_half_open_probes_are_limited_across_processes(tmp_path, simulator, clock):
+    # Two services on one file stand for two processes: separate writers, caches and views.
+    a = make_gyro(tmp_path, simulator, clock, **{"breaker.half_open_max_calls": 1,
+                                                 "breaker.success_threshold": 1, "retry.max_retries": 0})
+    b = Gyroscope(Config(provider="simulator", base_url=None, db_path=tmp_path / "g.db"),
+                  provider=SimulatorProvider(simulator), clock=clock.as_clock(),
+                  db=Database(tmp_path / "g.db"))
+    a.breakers.get("simulator", "gpt-4o-mini").force_open(actor="test")
+    a.db.flush()
+    clock.advance(31)
+    simulator.sim.set_latency(ttft_ms=300, tokens_per_s=0)
+
+    async def one(gyro, i):
+        try:
+            return (await gyro.agenerate(req(f"probe {i}", cache=False))).outcome
+        except errors.CircuitOpen:
+            return "circuit_open"
+
+    async def main():
+        return await asyncio.gather(*(one(g, i) for i, g in enumerate([a, b, a, b, b, a])))
+    outcomes = asyncio.run(main())
+    assert outcomes.count("ok") == 1 and outcomes.count("circuit_open") == 5
+    assert simulator.sim.stats()["chat_requests"] == 1
+    a.close(), b.close()
+
+
 def test_client_errors_and_cancellations_do_not_move_the_breaker(tmp_path, simulator, clock):
     gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.fail_max": 2, "retry.max_retries": 0})
     breaker = gyro.breakers.get("simulator", "gpt-4o-mini")

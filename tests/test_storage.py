@@ -398,7 +398,7 @@ def test_a_bad_lazy_row_is_counted_and_logged_and_its_batch_is_kept(tmp_path, ca
     db.flush()
     assert sorted(r["request_id"] for r in db.query("SELECT request_id FROM requests")) == ["r1", "r2"]
     assert history.lost_rows == 1 and "UNIQUE constraint failed" in history.last_loss
-    assert "history row was not saved" in caplog.text
+    assert "history row(s) were not saved" in caplog.text
     db.close()
 
 
