@@ -610,3 +610,15 @@ def test_an_answer_is_served_from_cache_before_its_commit(tmp_path, simulator, c
     assert gyro.db.query_one("SELECT count(*) AS n FROM cache")["n"] == 0     # not committed yet
     assert gyro.stats()["total_requests"] == 2 and gyro.stats()["cache"]["entries"] == 1
     gyro.close()
+
+
+def test_a_probe_slot_held_by_a_crashed_process_expires(tmp_path):
+    from core.breaker import SQLiteBreakerStorage
+    db = Database(tmp_path / "lease.db")
+    storage = SQLiteBreakerStorage(db, "upstream|model")
+    held = storage.lease_probe(1, ttl_s=10, now=100.0)        # then its process dies
+    assert held is not None and storage.lease_probe(1, ttl_s=10, now=105.0) is None
+    assert storage.lease_probe(1, ttl_s=10, now=111.0) is not None   # expired: free again
+    storage.clear_probes()
+    assert storage.lease_probe(1, ttl_s=10, now=111.0) is not None
+    db.close()
