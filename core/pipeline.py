@@ -28,7 +28,7 @@ from . import errors, prices, tokens
 from .history import RequestRecord
 from .cache import cache_key
 from .models import GenerationRequest, GenerationResult, RetryNotice, chat_messages
-from .providers.base import Delta, Timeouts, Usage
+from .providers.base import Completion, Delta, Timeouts, Usage
 from .breaker import OPEN
 from .retry import RetryPolicy, is_retryable, wait_backoff_or_retry_after
 
@@ -132,14 +132,19 @@ class Pipeline:
                         yield piece
                     self._record(run, "ok")
                     return
-            upstream = self._call_upstream(run, params, s, streaming, on_retry, blocking)
-            try:
-                async for piece in upstream:
-                    yield piece
-            finally:
-                # A Stop lands at our yield: close the inner generator now (permit settled,
-                # upstream connection closed), not whenever the collector finds it.
-                await upstream.aclose()
+            breaker, permit, got = await self._call_upstream(run, params, s, streaming, on_retry, blocking)
+            if not streaming:
+                self._settle_answer(run, breaker, permit, got)
+                yield got.content
+            else:
+                relay = self._relay(run, breaker, permit, got)
+                try:
+                    async for piece in relay:
+                        yield piece
+                finally:
+                    # A Stop lands at our yield: close the inner generator now (permit
+                    # settled, upstream connection closed), not whenever the collector finds it.
+                    await relay.aclose()
             if cache_key is not None and result.finish_reason in ("stop", "length"):
                 self.cache.put_soon(
                     cache_key, provider=self.provider.name, model=result.model,
@@ -244,28 +249,33 @@ class Pipeline:
         return tuned[1]
 
     async def _call_upstream(self, run: _Run, params: dict, s, streaming: bool, on_retry,
-                             blocking: bool) -> AsyncIterator[str]:
-        result = run.result
+                             blocking: bool):
+        """Attempts and retries under the breaker, up to an answer (or a stream's first
+        delta): (breaker, permit, what ``_attempt`` got). The caller settles the permit."""
         tuning = self._tuning(s)
-        breaker = self.breakers.get(self.provider.upstream_id, result.model)
+        breaker = self.breakers.get(self.provider.upstream_id, run.result.model)
         deadline_at = run.t0 + tuning.policy.deadline_s
         try:   # the first attempt runs without tenacity's machinery: most requests need no other
             permit, got = await self._attempt(run, breaker, params, tuning, deadline_at, streaming, blocking)
         except errors.RetryableError as first:
             permit, got = await self._retry(run, breaker, params, tuning, deadline_at, streaming,
                                             blocking, on_retry, first)
-        monotonic = self.clock.monotonic
-        if not streaming:
-            breaker.success(permit)
-            run.first_token_at = monotonic()
-            result.content = got.content
-            result.finish_reason = got.finish_reason
-            result.model = got.model or result.model
-            self._settle_usage(run, got.usage)
-            yield got.content
-            return
-        # Streaming: past the first token, a failure ends the stream; no retries.
+        return breaker, permit, got
+
+    def _settle_answer(self, run: _Run, breaker, permit, got: Completion) -> None:
+        """A plain (not streamed) answer arrived: the upstream is well, fill in the result."""
+        breaker.success(permit)
+        run.first_token_at = self.clock.monotonic()
+        result = run.result
+        result.content = got.content
+        result.finish_reason = got.finish_reason
+        result.model = got.model or result.model
+        self._settle_usage(run, got.usage)
+
+    async def _relay(self, run: _Run, breaker, permit, got) -> AsyncIterator[str]:
+        """Streaming past the first delta: a failure ends the stream; no retries."""
         upstream_stream, iterator, delta = got
+        result, monotonic = run.result, self.clock.monotonic
         try:
             while delta is not None:
                 if delta.text:
