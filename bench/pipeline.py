@@ -16,7 +16,9 @@ are interleaved in ABBA order (raw, ours, ours, raw, ...), so drift of this shar
 any work one side leaves behind (our history rows are committed by a writer thread, in
 batches) fall on both alike. Overhead is the median of ours minus the median of raw; the
 median of the paired differences is printed beside it as a check. CPU is per request:
-the calling thread's, plus (for ours) the database writer thread's share.
+the calling thread's, plus (for ours) the database writer thread's share. Throughput rounds
+run back to back (no forced collection between them); each side's full collections and
+time in the collector are printed, since under this load they are where the sides differ.
 """
 
 from __future__ import annotations
