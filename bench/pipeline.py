@@ -220,11 +220,12 @@ async def concurrent(base_url: str, gyro: Gyroscope, n: int, rounds: int) -> Non
     await asyncio.gather(*(raw(i) for i in range(n)))       # open both pools to full size
     await asyncio.gather(*(ours(i) for i in range(n)))
     gyro.db.flush()
-    # No gc.collect() between rounds: it resets the collector's counters, so each round's
-    # number of full collections (~0.15 s each here, with 2000 pooled connections alive)
-    # would be rounded to whole numbers: an 8 % difference in allocations showed up as 2
-    # against 3 full collections per round. A long-running process collects in proportion
-    # to what it allocates; the rounds run back to back, as such a process would.
+    # One collection before the rounds, none between them: gc.collect() resets the
+    # collector's counters, so each round's number of full collections (~0.15 s each here,
+    # with 2000 pooled connections alive) would be rounded to whole numbers: an 8 %
+    # difference in allocations showed up as 2 against 3 full collections per round. A
+    # long-running process collects in proportion to what it allocates; the rounds run
+    # back to back, as such a process would.
     gc.collect()
     gc_time = GCTime()
     runs: list[tuple[str, float, float]] = []          # (side, req/s, CPU s per request), in time order
