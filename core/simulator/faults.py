@@ -9,6 +9,9 @@ import time
 from typing import Any, Callable
 
 SERVER_ERROR_STATUSES = (500, 502, 503, 504)
+# vLLM and Ollama stream a reasoning model's thinking as delta.reasoning_content; some
+# servers call the field "reasoning".
+REASONING_FIELDS = ("reasoning_content", "reasoning")
 _UNCHANGED = object()
 
 _SERVER_ERROR_MESSAGES = {
@@ -49,7 +52,7 @@ class ApiError(Exception):
         *,
         type: str = "invalid_request_error",
         param: str | None = None,
-        code: str | None = None,
+        code: str | int | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -89,6 +92,23 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
+def _header_value(name: str, value: Any) -> str:
+    # Sent verbatim, so it must be one header line of latin-1 text.
+    if not isinstance(value, str) or not value.strip() or any(c in value for c in "\r\n"):
+        raise FaultError(name, f"{name} must be one line of text, got {value!r}")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise FaultError(name, f"{name} must be latin-1 text, got {value!r}") from None
+    return value
+
+
+def _reasoning_field(name: str, value: Any) -> str:
+    if value not in REASONING_FIELDS:
+        raise FaultError(name, f"{name} must be one of {list(REASONING_FIELDS)}, got {value!r}")
+    return value
+
+
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     return lambda name, value: None if value is None else check(name, value)
 
@@ -119,6 +139,14 @@ _FAULTS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "auth_error": (False, _flag),
     "drop_after_chunks": (None, _optional(_count)),
     "slow_s": (0.0, _number),
+    # Oddities of real upstreams and proxies (LiteLLM, llama.cpp, vLLM, Ollama):
+    "retry_after_raw": (None, _optional(_header_value)),   # a Retry-After value sent verbatim
+    "retry_after_forwarded": (False, _flag),    # Retry-After only as LiteLLM forwards it
+    "malformed_next": (0, _count),              # the next answers are not valid JSON
+    "malformed_after_chunks": (0, _count),      # ...for streams: after this many text chunks
+    "reasoning_chunks": (0, _count),            # a reasoning model: thinking pieces first
+    "reasoning_field": ("reasoning_content", _reasoning_field),
+    "reasoning_pause_s": (0.0, _number),        # thinking time before each thinking piece
 }
 
 
@@ -141,6 +169,7 @@ class Simulator:
         self._rng = random.Random(fault_seed)
         self._faults = {name: default for name, (default, _) in _FAULTS.items()}
         self._outage_until: float | None = None
+        self._loading_until: float | None = None
         self._latency = {"ttft_ms": 0.0, "tokens_per_s": None}
         self._stats = dict.fromkeys(_STAT_NAMES, 0)
         self.set_latency(ttft_ms=ttft_ms, tokens_per_s=tokens_per_s)
@@ -148,13 +177,16 @@ class Simulator:
     # ----- faults
     def set_faults(self, **patch: Any) -> dict[str, Any]:
         """Change some fault fields (others keep their value); raises ValueError on bad input."""
-        unknown = sorted(set(patch) - set(_FAULTS) - {"outage_s"})
+        unknown = sorted(set(patch) - set(_FAULTS) - {"outage_s", "loading_model_s"})
         if unknown:
-            known = sorted([*_FAULTS, "outage_s"])
+            known = sorted([*_FAULTS, "outage_s", "loading_model_s"])
             raise FaultError(unknown[0], f"unknown fault field(s) {unknown}; expected some of {known}")
         outage_s = patch.pop("outage_s", None)
         if outage_s is not None:
             outage_s = _number("outage_s", outage_s)
+        loading_s = patch.pop("loading_model_s", None)
+        if loading_s is not None:
+            loading_s = _number("loading_model_s", loading_s)
         checked = {name: _FAULTS[name][1](name, value) for name, value in patch.items()}
         with self._lock:
             merged = {**self._faults, **checked}
@@ -164,6 +196,8 @@ class Simulator:
             self._faults = merged
             if outage_s is not None:
                 self._outage_until = self.clock() + outage_s
+            if loading_s is not None:
+                self._loading_until = self.clock() + loading_s
         return self.faults()
 
     def outage_for(self, seconds: float) -> None:
@@ -174,13 +208,28 @@ class Simulator:
         """Remove every fault, including a running outage."""
         with self._lock:
             self._faults = {name: default for name, (default, _) in _FAULTS.items()}
-            self._outage_until = None
+            self._outage_until = self._loading_until = None
 
     def faults(self) -> dict[str, Any]:
-        """Current fault settings plus the seconds of outage left."""
+        """Current fault settings plus the seconds of outage and of model loading left."""
         with self._lock:
-            remaining = 0.0 if self._outage_until is None else max(0.0, self._outage_until - self.clock())
-            return {**self._faults, "outage_remaining_s": remaining}
+            now = self.clock()
+            remaining = 0.0 if self._outage_until is None else max(0.0, self._outage_until - now)
+            loading = 0.0 if self._loading_until is None else max(0.0, self._loading_until - now)
+            return {**self._faults, "outage_remaining_s": remaining, "loading_remaining_s": loading}
+
+    def loading_model_for(self, seconds: float) -> None:
+        """Answer every chat request as llama.cpp does while it loads a model (503 "Loading
+        model") for this many seconds of the simulator's clock."""
+        self.set_faults(loading_model_s=seconds)
+
+    def draw_malformed(self) -> bool:
+        """Whether this (otherwise good) answer is sent garbled, consuming one `malformed_next`."""
+        with self._lock:
+            if self._faults["malformed_next"] > 0:
+                self._faults["malformed_next"] -= 1
+                return True
+            return False
 
     def draw_fault(self, api_key: str | None = None) -> ApiError | None:
         """Decide whether this chat request fails, consuming one `fail_next` if set."""
@@ -189,6 +238,9 @@ class Simulator:
             if self._outage_until is not None and self.clock() < self._outage_until:
                 message = "The service is temporarily unavailable (simulated outage)."
                 return ApiError(503, message, type="server_error")
+            if self._loading_until is not None and self.clock() < self._loading_until:
+                # llama.cpp's server, word for word (its error "code" is the status).
+                return ApiError(503, "Loading model", type="unavailable_error", code=503)
             if f["auth_error"]:
                 return self._error_for(401, api_key)
             if f["quota_exhausted"]:
@@ -230,7 +282,8 @@ class Simulator:
                 headers=self._retry_headers(),
             )
         if status >= 500:
-            return ApiError(status, _SERVER_ERROR_MESSAGES.get(status, "Server error."), type="server_error")
+            return ApiError(status, _SERVER_ERROR_MESSAGES.get(status, "Server error."), type="server_error",
+                            headers=self._retry_headers() if status == 503 else None)
         if status == 404:
             return ApiError(404, "The requested resource was not found (simulated).", code="not_found")
         if status == 403:
@@ -238,6 +291,7 @@ class Simulator:
         return ApiError(status, f"Simulated error with status {status}.")
 
     def _retry_headers(self) -> dict[str, str]:
+        """Retry-After headers of a 429 or 503; caller holds the lock."""
         f, headers = self._faults, {}
         if f["retry_after_ms"] is not None:
             headers["retry-after-ms"] = _header_number(f["retry_after_ms"])
@@ -247,6 +301,11 @@ class Simulator:
                 headers["retry-after"] = email.utils.formatdate(time.time() + f["retry_after_s"], usegmt=True)
             else:
                 headers["retry-after"] = _header_number(f["retry_after_s"])
+        if f["retry_after_raw"] is not None:
+            headers["retry-after"] = f["retry_after_raw"]
+        if f["retry_after_forwarded"]:
+            # LiteLLM's proxy passes its upstream's headers on under this prefix.
+            headers = {f"llm_provider-{name}": value for name, value in headers.items()}
         return headers
 
     # ----- latency

@@ -213,8 +213,10 @@ class Completion:
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
         }
 
-    def as_json(self) -> dict[str, Any]:
-        message = {"role": "assistant", "content": self.content, "refusal": None, "annotations": []}
+    def as_json(self, reasoning: dict[str, str] | None = None) -> dict[str, Any]:
+        """The plain answer; ``reasoning`` ({field: text}) adds a reasoning model's thinking."""
+        message = {"role": "assistant", "content": self.content, "refusal": None, "annotations": [],
+                   **(reasoning or {})}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
         return {**self._envelope("chat.completion"), "choices": [choice], "usage": self.usage()}
 

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from core import tokens
+from core.simulator import textgen
 from core.simulator.faults import ApiError, FaultError, Simulator
 from core.simulator.protocol import (_BAD_JSON, MODELS, ChatRequest, Completion, _bad_type, complete,
                                      parse_chat_request)
@@ -179,32 +180,49 @@ class _ChatEndpoint:
         if error is not None:
             sim.count(errors=1)
             return await link.send_json(error.status, error.body(), error.headers)
+        malformed = sim.draw_malformed()
+        thinking = textgen.thinking(faults["reasoning_chunks"])
         if request.stream:
-            return await self._stream(request, completion, latency, faults["drop_after_chunks"], link)
+            return await self._stream(request, completion, latency, faults, link, thinking, malformed)
         speed = latency["tokens_per_s"]
         delay = latency["ttft_ms"] / 1000 + (completion.completion_tokens / speed if speed else 0)
+        delay += faults["reasoning_pause_s"] * len(thinking)
         if not await link.pause(delay):
             return self._gone(link)
         sim.count(completions=1)
-        await link.send_json(200, completion.as_json())
+        if malformed:   # a proxy or server that cut its own JSON short, status 200 all the same
+            body = json.dumps(completion.as_json()).encode()
+            await link.start(200, {"content-type": "application/json", "content-length": str(len(body) // 2)})
+            return await link.finish(body[:len(body) // 2])
+        reasoning = {faults["reasoning_field"]: "".join(thinking)} if thinking else None
+        await link.send_json(200, completion.as_json(reasoning))
 
     def _gone(self, link: _Link, streaming: bool = False) -> None:
         if link.shutting_down:
             raise _CutConnection()
         self.sim.count(disconnected=1, streams_disconnected=int(streaming))
 
-    async def _stream(self, request: ChatRequest, c: Completion, latency: dict, drop_after: int | None,
-                      link: _Link) -> None:
-        sim, usage = self.sim, request.include_usage
+    async def _stream(self, request: ChatRequest, c: Completion, latency: dict, faults: dict, link: _Link,
+                      thinking: list[str], malformed: bool) -> None:
+        sim, usage, drop_after = self.sim, request.include_usage, faults["drop_after_chunks"]
+        garble_at = faults["malformed_after_chunks"] if malformed else None
         sim.count(streams_started=1)
         await link.start(200, {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"})
         try:
             if not await link.pause(latency["ttft_ms"] / 1000):
                 return self._gone(link, streaming=True)
             await link.write(_sse(c.chunk({"role": "assistant", "content": "", "refusal": None}, with_usage=usage)))
+            for thought in thinking:   # a reasoning model thinks aloud before it answers
+                if not await link.pause(faults["reasoning_pause_s"]):
+                    return self._gone(link, streaming=True)
+                await link.write(_sse(c.chunk({faults["reasoning_field"]: thought}, with_usage=usage)))
             speed, sent_tokens = latency["tokens_per_s"], 0
             started = asyncio.get_running_loop().time()
             for i, piece in enumerate(c.pieces):
+                if i == garble_at:
+                    # One event cut in the middle of its JSON, as a broken proxy sends it.
+                    line = _sse(c.chunk({"content": piece}, with_usage=usage))
+                    await link.write(line[:len(line) // 2] + b"\n\n")
                 if drop_after is not None and i >= drop_after:
                     break
                 # Pace by tokens sent so far rather than per chunk, so sleep overhead does not add up.

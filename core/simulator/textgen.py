@@ -177,3 +177,13 @@ def truncate(text: str, max_tokens: int | None, model: str) -> tuple[str, bool]:
         if tokens.count_text(kept, model) > max_tokens:
             kept = ""
     return kept, True
+
+
+_THOUGHTS = ("Let me work out what is being asked. ", "The reader wants something short and clear. ",
+             "I should keep the tone friendly. ", "A concrete detail will make it land. ",
+             "Check the length against the request. ")
+
+
+def thinking(count: int) -> list[str]:
+    """``count`` pieces of a reasoning model's thinking, streamed before its answer."""
+    return [_THOUGHTS[i % len(_THOUGHTS)] for i in range(count)]
