@@ -12,6 +12,8 @@
         ├── RetryableError              (worth another attempt)
         │   ├── RateLimited             rate_limited    (429, may carry retry_in_s)
         │   ├── ServerError             server_error    (5xx)
+        │   │   └── ModelLoading        model_loading   (503 "Loading model"; not a breaker failure)
+        │   ├── MalformedResponse       malformed_response (a body or SSE line that is not JSON)
         │   ├── Conflict                conflict        (409; not a breaker failure)
         │   ├── UpstreamTimeout         timeout         (and 408)
         │   └── ConnectionFailed        connection
@@ -27,6 +29,7 @@ Pages, the API and the CLI show ``user_message``; nobody writes their own wordin
 
 from __future__ import annotations
 
+import math
 import time
 
 
@@ -44,8 +47,10 @@ class GyroscopeError(Exception):
         super().__init__(message or self.default_message())
         if status is not None:
             self.status = status
-        if retry_in_s is not None:
-            self.retry_in_s = retry_in_s
+        # A wait must be a finite number of seconds: Infinity or NaN would make every JSON
+        # answer that carries it invalid (and Retry-After headers impossible to write).
+        if retry_in_s is not None and math.isfinite(retry_in_s):
+            self.retry_in_s = max(0.0, float(retry_in_s))
         self.detail = detail
 
     def default_message(self) -> str:
@@ -129,6 +134,29 @@ class ServerError(RetryableError):
 
     def default_message(self) -> str:
         return "The AI service had an internal error. Try again in a moment."
+
+
+class ModelLoading(ServerError):
+    """503 "Loading model" from a local server starting up (llama.cpp, Ollama): retried with
+    backoff, but not counted by the breaker — the upstream is coming up, not failing."""
+
+    kind = "model_loading"
+    breaker_failure = False
+
+    def default_message(self) -> str:
+        return ("The AI server is still loading the model. Try again in a minute; large models "
+                "can take several minutes to load.")
+
+
+class MalformedResponse(RetryableError):
+    """The upstream answered with something that is not the JSON it promised."""
+
+    kind = "malformed_response"
+    breaker_failure = True
+
+    def default_message(self) -> str:
+        return ("The AI service sent a garbled answer (not valid JSON). Try again; if it keeps "
+                "happening, check the server or proxy at OPENAI_BASE_URL.")
 
 
 class UpstreamTimeout(RetryableError):

@@ -1,7 +1,8 @@
 """Retry policy on tenacity: what is retried, how long to wait, and the server's say.
 
 The wait is exponential backoff with jitter (base * multiplier**n, capped), unless the
-server sent ``retry-after-ms`` / ``retry-after`` (seconds or an HTTP date), which wins.
+server sent ``retry-after-ms`` / ``retry-after`` (seconds or an HTTP date), or a LiteLLM
+proxy forwarded them as ``llm_provider-retry-after[-ms]``, which wins (cut to an hour).
 A wait that would pass the request's deadline is not slept: the caller is told at once
 when to try again.
 """
@@ -21,32 +22,56 @@ from tenacity import wait_exponential
 from .errors import RetryableError
 
 
+# A server (or a proxy in front of it) can send any text: waits longer than this are cut to
+# it, so one odd header cannot pause a request — or, through the breaker, an upstream — for
+# days. An hour is longer than any rate-limit window or model load we have seen.
+MAX_RETRY_AFTER_S = 3600.0
+
+# Where the wait may be said, first match wins: the server we talk to speaks for itself; a
+# LiteLLM proxy forwards its upstream's headers under an ``llm_provider-`` prefix.
+_RETRY_AFTER_HEADERS = (("retry-after-ms", 0.001), ("retry-after", 1.0),
+                        ("llm_provider-retry-after-ms", 0.001), ("llm_provider-retry-after", 1.0))
+
+
 def parse_retry_after(headers: Mapping[str, str] | None, now: Callable[[], float] = time.time) -> float | None:
-    """Seconds the server asks us to wait, from retry-after-ms or retry-after, or None."""
+    """Seconds the server asks us to wait (retry-after-ms, retry-after, or LiteLLM's
+    llm_provider-retry-after[-ms]), cut to MAX_RETRY_AFTER_S, or None.
+
+    Values that say nothing usable (garbage, NaN, negative numbers) are skipped, so the next
+    header or our own backoff decides; numbers too large (``inf``, ``1e400``) are cut."""
     if not headers:
         return None
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return max(0.0, float(value) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
+    for name, unit in _RETRY_AFTER_HEADERS:
+        value = headers.get(name)
+        if not value:
+            continue
+        wait = _seconds(value.strip(), unit, now, dates=unit == 1.0)
+        if wait is not None:
+            return min(wait, MAX_RETRY_AFTER_S)
+    return None
+
+
+def _seconds(value: str, unit: float, now: Callable[[], float], dates: bool) -> float | None:
+    """A header value in seconds (>= 0, possibly infinite), or None when it is not one."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is not None:
+        if number != number or number < 0:        # NaN or negative: not a wait
+            return None
+        return number * unit
+    if not dates:
         return None
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None:
         return None
     if when.tzinfo is None:           # "-0000" parses as naive; HTTP dates are always GMT
         when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, when.timestamp() - now())
+    return max(0.0, when.timestamp() - now())   # a date already past: go now
 
 
 @dataclass(frozen=True)

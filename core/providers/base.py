@@ -52,16 +52,19 @@ class Completion:
     model: str
     finish_reason: str
     usage: Usage | None
+    reasoning: str = ""          # a reasoning model's thinking, kept apart from the answer
 
 
 @dataclass
 class Delta:
-    """One streamed event: text, and on the last events finish_reason and/or usage."""
+    """One streamed event: text (or a reasoning model's thinking), and on the last events
+    finish_reason and/or usage."""
 
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
     model: str | None = None
+    reasoning: str = ""
 
 
 class Stream(ABC):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import re
 import threading
 import weakref
 from typing import AsyncIterator
@@ -18,12 +20,18 @@ from .base import Completion, Delta, Provider, Stream, Timeouts, Usage
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _sync_lock = threading.Lock()
+# llama.cpp's server and Ollama answer 503 "Loading model" while a model loads; Hugging
+# Face's servers say "Model ... is currently loading".
+_LOADING = re.compile(r"loading model|model\b.{0,200}\bis (currently )?loading", re.IGNORECASE)
 
 
 def classify(exc: BaseException, base_url: str, model: str | None = None) -> errors.GyroscopeError:
     """The Gyroscope error for an SDK or transport exception."""
     if isinstance(exc, errors.GyroscopeError):
         return exc
+    if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+        # The SDK parses bodies and SSE lines with json.loads and lets its error through.
+        return errors.MalformedResponse(detail=f"{exc.__class__.__name__}: {exc}")
     if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException, asyncio.TimeoutError)):
         return errors.UpstreamTimeout()
     if isinstance(exc, openai.APIConnectionError) or isinstance(exc, httpx2.TransportError):
@@ -53,6 +61,8 @@ def classify(exc: BaseException, base_url: str, model: str | None = None) -> err
             return errors.UpstreamTimeout(status=status, retry_in_s=wait, detail=detail)
         if status == 409:
             return errors.Conflict(status=status, retry_in_s=wait, detail=detail)
+        if status == 503 and _LOADING.search(detail):
+            return errors.ModelLoading(status=status, retry_in_s=wait, detail=detail)
         if status >= 500:
             return errors.ServerError(status=status, retry_in_s=wait, detail=detail)
         if code == "context_length_exceeded":
@@ -75,8 +85,17 @@ def _message(exc: openai.APIStatusError) -> str:
     return str(msg or exc.message)
 
 
+def _reasoning(part) -> str:
+    """The thinking of a reasoning model: vLLM and Ollama say ``reasoning_content``, some
+    servers ``reasoning`` (both arrive as extra fields the SDK keeps)."""
+    text = getattr(part, "reasoning_content", None) or getattr(part, "reasoning", None)
+    return text if isinstance(text, str) else ""
+
+
 def _completion(resp) -> Completion:
     """A Completion from the SDK's answer; an answer with no message is a plain error."""
+    if isinstance(resp, (str, bytes)):    # the SDK hands back a body that was not JSON as text
+        raise errors.MalformedResponse(detail=f"not JSON: {resp[:200]!r}")
     if not resp.choices or resp.choices[0].message is None:
         raise errors.ServerError("The AI service sent an answer with no text. Try again.")
     choice = resp.choices[0]
@@ -84,7 +103,8 @@ def _completion(resp) -> Completion:
     # finish_reason stays None when the server did not say the answer is complete, so
     # such an answer is never cached.
     return Completion(content=choice.message.content or "", model=resp.model,
-                      finish_reason=choice.finish_reason, usage=usage)
+                      finish_reason=choice.finish_reason, usage=usage,
+                      reasoning=_reasoning(choice.message))
 
 
 class _OpenAIStream(Stream):
@@ -101,12 +121,15 @@ class _OpenAIStream(Stream):
                     usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 if chunk.choices:
                     choice = chunk.choices[0]
-                    text = (choice.delta.content or "") if choice.delta is not None else ""
+                    delta = choice.delta
+                    text = (delta.content or "") if delta is not None else ""
                     yield Delta(text=text, finish_reason=choice.finish_reason, usage=usage,
-                                model=chunk.model)
+                                model=chunk.model,
+                                reasoning=_reasoning(delta) if delta is not None else "")
                 elif usage is not None:
                     yield Delta(usage=usage, model=chunk.model)
-        except (openai.APIError, httpx2.HTTPError, OSError) as exc:
+        except (openai.APIError, httpx2.HTTPError, OSError, json.JSONDecodeError,
+                UnicodeDecodeError) as exc:
             raise classify(exc, self._base_url, self._model) from exc
 
     async def aclose(self) -> None:
