@@ -2,6 +2,7 @@
 
     GET  /api/health              liveness and the active provider
     POST /api/generate            JSON in, JSON out; {"stream": true} answers with SSE
+                                  (events: retry, reasoning, delta, then done or error)
     GET  /api/stats               the totals `python -m core stats --json` prints
 
 When GYROSCOPE_API_TOKEN is set, every route but /api/health needs
@@ -95,7 +96,8 @@ def _event(name: str, data) -> str:
 async def _sse(gyro, req: GenerationRequest):
     """Text, retry notices (as they happen, even before the first token) and the end."""
     events: asyncio.Queue = asyncio.Queue()
-    stream = gyro.astream(req, on_retry=lambda n: events.put_nowait(("retry", n)))
+    stream = gyro.astream(req, on_retry=lambda n: events.put_nowait(("retry", n)),
+                          on_reasoning=lambda text: events.put_nowait(("reasoning", text)))
 
     async def pump() -> None:
         try:
@@ -111,6 +113,8 @@ async def _sse(gyro, req: GenerationRequest):
             kind, value = await events.get()
             if kind == "delta":
                 yield _event("delta", {"text": value})
+            elif kind == "reasoning":       # a reasoning model's thinking, apart from the text
+                yield _event("reasoning", {"text": value})
             elif kind == "retry":
                 yield _event("retry", {"kind": value.kind, "attempt": value.attempt,
                                        "max_attempts": value.max_attempts, "wait_s": value.wait_s,

@@ -81,11 +81,19 @@ class RetryNotice:
 
 
 @dataclass
+class Thinking:
+    """A piece of a reasoning model's thinking, streamed apart from the answer text."""
+
+    text: str
+
+
+@dataclass
 class GenerationResult:
     """What came back, and what it took (``request_id`` is new for every run)."""
 
     request_id: str = field(default_factory=new_request_id)
     content: str = ""
+    reasoning: str = ""       # a reasoning model's thinking: shown apart, never cached
     model: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None

@@ -72,6 +72,7 @@ class _Run:
         self.messages: list[dict] = []
         self.optimizer_saved = 0
         self.recorded = False
+        self.on_reasoning: Callable[[str], None] | None = None
         self._prompt_tokens: int | None = None
 
     @property
@@ -112,16 +113,20 @@ class Pipeline:
         return result
 
     def stream(self, req: GenerationRequest, result: GenerationResult,
-               on_retry: Callable[[RetryNotice], None] | None = None) -> AsyncIterator[str]:
-        """Text pieces as they arrive; ``result`` is filled in as it goes."""
-        return self.run(req, result, streaming=True, on_retry=on_retry)
+               on_retry: Callable[[RetryNotice], None] | None = None,
+               on_reasoning: Callable[[str], None] | None = None) -> AsyncIterator[str]:
+        """Text pieces as they arrive; ``result`` is filled in as it goes. A reasoning
+        model's thinking goes to ``on_reasoning`` (and ``result.reasoning``), never the text."""
+        return self.run(req, result, streaming=True, on_retry=on_retry, on_reasoning=on_reasoning)
 
     # -- the pipeline ----------------------------------------------------------------------
     async def run(self, req: GenerationRequest, result: GenerationResult, *, streaming: bool,
                   on_retry: Callable[[RetryNotice], None] | None = None,
-                  blocking: bool = False) -> AsyncIterator[str]:
+                  blocking: bool = False,
+                  on_reasoning: Callable[[str], None] | None = None) -> AsyncIterator[str]:
         s = self.settings.snapshot()
         run = _Run(req, result, self.clock.monotonic())
+        run.on_reasoning = on_reasoning
         result.model = req.model or s["provider.default_model"]
         try:
             params, cache_key = self._prepare(run, s)
@@ -268,16 +273,25 @@ class Pipeline:
         run.first_token_at = self.clock.monotonic()
         result = run.result
         result.content = got.content
+        result.reasoning = got.reasoning
         result.finish_reason = got.finish_reason
         result.model = got.model or result.model
         self._settle_usage(run, got.usage)
 
     async def _relay(self, run: _Run, breaker, permit, got) -> AsyncIterator[str]:
-        """Streaming past the first delta: a failure ends the stream; no retries."""
+        """Streaming past the first delta: a failure ends the stream; no retries.
+
+        However it ends, the upstream connection is closed before any token is counted (the
+        tokenizer's first load takes up to a second, and a paid API bills the tokens it
+        keeps sending meanwhile)."""
         upstream_stream, iterator, delta = got
         result, monotonic = run.result, self.clock.monotonic
         try:
             while delta is not None:
+                if delta.reasoning:             # thinking: kept apart from the answer text
+                    result.reasoning += delta.reasoning
+                    if run.on_reasoning is not None:
+                        run.on_reasoning(delta.reasoning)
                 if delta.text:
                     if run.first_token_at is None:
                         run.first_token_at = monotonic()
@@ -293,16 +307,19 @@ class Pipeline:
             breaker.success(permit)
         except errors.UpstreamError as exc:
             self._settle_permit(breaker, permit, exc)
+            await upstream_stream.aclose()
             self._settle_usage(run, None)
             if isinstance(exc, errors.StreamInterrupted):
                 raise
             raise errors.StreamInterrupted(status=exc.status, detail=str(exc)) from exc
-        except BaseException:
+        except BaseException:                   # a Stop or a bug: neither success nor failure
+            breaker.release(permit)
+            await upstream_stream.aclose()
             self._settle_usage(run, None)
             raise
         finally:
-            breaker.release(permit)             # a Stop or a bug: neither success nor failure
-            await upstream_stream.aclose()
+            breaker.release(permit)             # no-op once settled
+            await upstream_stream.aclose()      # idempotent: a no-op when already closed
         if result.usage is None:
             self._settle_usage(run, None)
 
@@ -389,11 +406,13 @@ class Pipeline:
 
     @staticmethod
     async def _first_delta(upstream_stream, iterator) -> Delta | None:
-        """Read up to the first text (or the end), so retries cover 'nothing came back'."""
+        """Read up to the first text or thinking (or the end), so retries cover 'nothing came back'."""
         try:
             while True:
                 delta = await anext(iterator, None)
-                if delta is None or delta.text or delta.finish_reason or delta.usage:
+                # Thinking is progress too: a reasoning model's first thought ends the
+                # "nothing came back" phase, so no deadline cuts it while it thinks.
+                if delta is None or delta.text or delta.reasoning or delta.finish_reason or delta.usage:
                     return delta
         except BaseException:
             await upstream_stream.aclose()
@@ -406,7 +425,9 @@ class Pipeline:
             result.usage = usage
             result.tokens_estimated = False
         elif result.usage is None:
-            result.usage = Usage(run.prompt_tokens_est, tokens.count_text(result.content, result.model))
+            # Thinking is billed as completion tokens, so it is counted with the answer.
+            result.usage = Usage(run.prompt_tokens_est,
+                                 tokens.count_text(result.reasoning + result.content, result.model))
             result.tokens_estimated = True
         result.cost = prices.cost(result.model, result.usage.prompt_tokens,
                                   result.usage.completion_tokens, self.price_provider)

@@ -16,7 +16,7 @@ from .config import Config, load_config
 from .db import Database
 from .errors import GyroscopeError
 from .history import Filters, History
-from .models import GenerationRequest, GenerationResult, RetryNotice, chat_messages
+from .models import GenerationRequest, GenerationResult, RetryNotice, Thinking, chat_messages
 from .pipeline import Clock, Pipeline
 from .settings import SettingsStore
 
@@ -44,8 +44,9 @@ class AsyncGenerationStream:
 class GenerationStream:
     """Sync iterator over the same pipeline, driven on the portal loop.
 
-    With ``events=True`` it also yields ``RetryNotice`` objects as retries happen, and
-    ``None`` about every ``HEARTBEAT_S`` while nothing arrives, so a page gets a chance to
+    With ``events=True`` it also yields ``RetryNotice`` objects as retries happen,
+    ``Thinking`` pieces as a reasoning model thinks, and ``None`` about every
+    ``HEARTBEAT_S`` while nothing arrives, so a page gets a chance to
     notice a Stop during a long wait. ``close()`` is a Stop: it closes the upstream
     connection and records the request as cancelled.
     """
@@ -56,15 +57,17 @@ class GenerationStream:
         self.result = GenerationResult()
         self._notices: queue.SimpleQueue = queue.SimpleQueue()
         self._events = events
-        self._agen = pipeline.stream(req, self.result, on_retry=self._notices.put)
+        self._agen = pipeline.stream(
+            req, self.result, on_retry=self._notices.put,
+            on_reasoning=(lambda text: self._notices.put(Thinking(text))) if events else None)
         self._done = False
         self._pending: concurrent.futures.Future | None = None
         self._task: asyncio.Task | None = None
 
-    def __iter__(self) -> Iterator[str | RetryNotice | None]:
+    def __iter__(self) -> Iterator[str | RetryNotice | Thinking | None]:
         return self
 
-    def __next__(self) -> str | RetryNotice | None:
+    def __next__(self) -> str | RetryNotice | Thinking | None:
         if self._done:
             raise StopIteration
         if self._pending is None:
@@ -156,10 +159,11 @@ class Gyroscope:
         return await self.pipeline.generate(req, on_retry)
 
     def astream(self, req: GenerationRequest,
-                on_retry: Callable[[RetryNotice], None] | None = None) -> AsyncGenerationStream:
-        """Stream text pieces from async code."""
+                on_retry: Callable[[RetryNotice], None] | None = None,
+                on_reasoning: Callable[[str], None] | None = None) -> AsyncGenerationStream:
+        """Stream text pieces from async code (a reasoning model's thinking to ``on_reasoning``)."""
         result = GenerationResult()
-        return AsyncGenerationStream(self.pipeline.stream(req, result, on_retry), result)
+        return AsyncGenerationStream(self.pipeline.stream(req, result, on_retry, on_reasoning), result)
 
     # -- sync (the same pipeline, driven from sync code) ------------------------------------
     def generate(self, req: GenerationRequest,

@@ -42,6 +42,15 @@ def show_error(exc: GyroscopeError) -> None:
         st.error(exc.user_message, icon=":material/error:")
 
 
+def show_thinking(where, reasoning: str, live: bool = False) -> None:
+    """A reasoning model's thinking in its own expander (open while it thinks), never mixed
+    into the answer. ``where`` is ``st`` or a container; nothing is drawn without thinking."""
+    if not reasoning:
+        return
+    label = "Thinking…" if live else "Thinking"
+    where.expander(label, expanded=live, icon=":material/psychology:").markdown(reasoning)
+
+
 def check_password(given: str, expected: str) -> bool:
     """Constant-time comparison of a password attempt."""
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))

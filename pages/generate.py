@@ -8,8 +8,8 @@ import streamlit as st
 
 from core import prices
 from core.errors import CircuitOpen, GyroscopeError
-from core.models import GenerationRequest, RetryNotice
-from core.ui import get_gyro, provider_badge, show_error
+from core.models import GenerationRequest, RetryNotice, Thinking
+from core.ui import get_gyro, provider_badge, show_error, show_thinking
 
 gyro = get_gyro()
 s = gyro.settings.snapshot()
@@ -91,10 +91,11 @@ def run(refresh: bool) -> None:
     req = GenerationRequest(prompt=prompt, system=system or None, model=model,
                             temperature=float(temperature), max_tokens=int(max_tokens), seed=seed,
                             cache=use_cache, refresh=refresh, optimize=optimize, source="page")
-    entry = {"prompt": prompt, "model": model, "content": "", "result": None, "error": None,
-             "at": time.strftime("%H:%M:%S")}
+    entry = {"prompt": prompt, "model": model, "content": "", "reasoning": "", "result": None,
+             "error": None, "at": time.strftime("%H:%M:%S")}
     state.generations.append(entry)
     notice_box = st.empty()
+    thinking_box = st.empty()      # a reasoning model's thinking, above (and apart from) the answer
     heartbeat = st.empty()
     stream = gyro.stream(req, events=True)
 
@@ -106,6 +107,12 @@ def run(refresh: bool) -> None:
             if isinstance(piece, RetryNotice):
                 notice_box.info(piece.message, icon=":material/autorenew:")
                 continue
+            if isinstance(piece, Thinking):
+                entry["reasoning"] += piece.text
+                show_thinking(thinking_box.container(), entry["reasoning"], live=not entry["content"])
+                continue
+            if not entry["content"] and entry["reasoning"]:   # the answer starts: fold the thinking
+                show_thinking(thinking_box.container(), entry["reasoning"])
             entry["content"] += piece
             yield piece
         notice_box.empty()
@@ -132,6 +139,7 @@ if latest is not None and not (go or regenerate):
     # A rerun while a generation runs (Stop, or any widget) interrupts it; Streamlit may start
     # this run before the interrupted one has finished closing, so show what arrived so far.
     r = latest["result"]
+    show_thinking(st, latest.get("reasoning", ""))
     st.markdown(latest["content"] or "_(nothing arrived)_")
     if r is None or r.outcome == "cancelled":
         st.caption("Stopped — the text above is what arrived.")
@@ -164,4 +172,6 @@ if len(state.generations) > 1:
         if r is not None and r.outcome != "ok":
             label += f" · {r.outcome}"
         with st.expander(label):
+            if g.get("reasoning"):      # expanders do not nest: the thinking as a caption
+                st.caption(f"Thinking: {g['reasoning']}")
             st.markdown(g["content"] or "_(nothing arrived)_")
