@@ -225,11 +225,14 @@ def _fault_defaults() -> dict[str, Any]:
 
 
 def active_faults(gyro) -> dict[str, Any]:
-    """Faults that differ from a healthy simulator, plus the seconds of outage left."""
+    """Faults that differ from a healthy simulator, plus the seconds of outage (and of model
+    loading) left."""
     current, defaults = simulator(gyro).faults(), _fault_defaults()
-    active = {k: v for k, v in current.items() if k != "outage_remaining_s" and v != defaults[k]}
-    if current["outage_remaining_s"] > 0:
-        active["outage_remaining_s"] = round(current["outage_remaining_s"], 1)
+    timers = ("outage_remaining_s", "loading_remaining_s")
+    active = {k: v for k, v in current.items() if k not in timers and v != defaults[k]}
+    for name in timers:
+        if current[name] > 0:
+            active[name] = round(current[name], 1)
     return active
 
 
@@ -239,7 +242,8 @@ def _record(gyro, subject: str, old: Any, new: Any, actor: str, cause: str) -> N
 
 
 def apply_faults(gyro, actor: str, cause: str, **patch: Any) -> dict[str, Any]:
-    """Change some simulator faults (``outage_s`` starts an outage); one event per change."""
+    """Change some simulator faults (``outage_s`` starts an outage, ``loading_model_s`` a
+    model load); one event per change."""
     sim = simulator(gyro)
     before = sim.faults()
     try:
@@ -247,8 +251,9 @@ def apply_faults(gyro, actor: str, cause: str, **patch: Any) -> dict[str, Any]:
     except ValueError as exc:  # FaultError names the field and what is allowed
         raise InvalidParameter(f"{exc}.") from None
     for name, value in patch.items():
-        if name == "outage_s":
-            _record(gyro, "outage", None, show(float(value), " s"), actor, cause)
+        if name in ("outage_s", "loading_model_s"):
+            subject = "outage" if name == "outage_s" else "loading_model"
+            _record(gyro, subject, None, show(float(value), " s"), actor, cause)
         elif before[name] != after[name]:
             _record(gyro, name, before[name], after[name], actor, cause)
     gyro.db.flush()

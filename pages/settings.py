@@ -244,6 +244,18 @@ def _outage(gyro, who):
     return f"Every request gets 503 for {_get('outage_s'):g} s."
 
 
+def _loading(gyro, who):
+    admin.apply_faults(gyro, who, "model loading", loading_model_s=_get("loading_model_s"))
+    return f"Every request gets 503 \"Loading model\" for {_get('loading_model_s'):g} s."
+
+
+def _thinking(gyro, who):
+    admin.apply_faults(gyro, who, "reasoning model", reasoning_chunks=_get("reasoning_chunks"),
+                       reasoning_pause_s=_get("reasoning_pause_s"))
+    n = _get("reasoning_chunks")
+    return f"Answers now start with {n} piece(s) of thinking." if n else "Answers no longer think first."
+
+
 def _drops(gyro, who):
     admin.apply_faults(gyro, who, "mid-stream drops", drop_after_chunks=_get("drop_after_chunks"))
     k = _get("drop_after_chunks")
@@ -318,6 +330,18 @@ def rehearsal_panel(gyro, editable: bool) -> None:
         _num("tokens_per_s", "Streaming speed (tokens/s, 0 = instant)", min_value=0.0,
              max_value=100_000.0, value=float(latency["tokens_per_s"] or 0), step=10.0)
         _apply("Apply", _slow)
+    with right.form("fault_loading"):
+        st.markdown("**Model loading**")
+        _num("loading_model_s", "Every request gets 503 \"Loading model\" for (s)", min_value=1.0,
+             max_value=3600.0, value=30.0, step=10.0)
+        _apply("Start loading", _loading)
+    with left.form("fault_thinking"):
+        st.markdown("**Reasoning model**")
+        _num("reasoning_chunks", "Pieces of thinking before each answer (0 = none)", min_value=0,
+             max_value=1000, value=5, step=1)
+        _num("reasoning_pause_s", "Thinking time per piece (s)", min_value=0.0, max_value=60.0,
+             value=0.5, step=0.1)
+        _apply("Think first", _thinking)
     st.button("Clear all faults", key="fault_clear", type="primary", icon=":material/healing:",
               on_click=_act, args=("outcome:faults", _clear_faults))
     show_outcome("outcome:faults")

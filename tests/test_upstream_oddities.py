@@ -231,6 +231,24 @@ def test_the_generate_page_shows_the_thinking_apart(app_env):
     assert thinking(3)[0] not in entry["content"]
 
 
+def test_the_settings_page_rehearses_a_loading_model_and_a_reasoning_model(app_env):
+    from tests.test_settings_page import page, run, messages
+    gyro = core.service.default_service()
+    gyro.settings.set_many({"retry.max_retries": 0}, actor="test")    # no real backoff waits
+    at = page()
+    at.number_input(key="fault:loading_model_s").set_value(30.0)
+    at = run(at.button(key="fault_apply:Start loading").click())
+    assert any("loading_remaining_s=" in m for m in messages(at, "markdown"))
+    with pytest.raises(errors.ModelLoading):
+        gyro.generate(req(cache=False))
+    gyro.provider.sim.clear_faults()
+    at.number_input(key="fault:reasoning_chunks").set_value(2)
+    at.number_input(key="fault:reasoning_pause_s").set_value(0.0)
+    at = run(at.button(key="fault_apply:Think first").click())
+    assert any("`reasoning_chunks=2`" in m for m in messages(at, "markdown"))
+    assert gyro.generate(req(cache=False)).reasoning == "".join(thinking(2))
+
+
 # -- 503 "Loading model" ------------------------------------------------------------------------
 @pytest.fixture
 def loading(tmp_path, clock):
