@@ -74,7 +74,9 @@ class RetryNotice:
     @property
     def message(self) -> str:
         what = {"rate_limited": "Rate limited", "server_error": "Service error",
-                "timeout": "Timed out", "connection": "Connection failed"}.get(self.kind, self.kind)
+                "timeout": "Timed out", "connection": "Connection failed",
+                "model_loading": "The model is still loading",
+                "malformed_response": "Garbled answer"}.get(self.kind, self.kind)
         if self.status and self.kind == "server_error":
             what += f" ({self.status})"
         return f"{what} — retrying in {self.wait_s:.1f} s (attempt {self.attempt} of {self.max_attempts})"

@@ -267,6 +267,26 @@ def test_a_loading_model_is_waited_for_with_backoff(loading, clock):
     assert breaker_info(gyro)["state"] == "closed"
 
 
+def test_retry_notices_name_the_oddity(loading, clock):
+    sim, gyro = loading
+    sim.loading_model_for(1)
+    sim.set_faults(malformed_next=1)          # drawn only once the model has loaded
+    notices = []
+    assert gyro.generate(req(cache=False), on_retry=notices.append).attempts == 3
+    assert [n.message.split(" — ")[0] for n in notices] == ["The model is still loading", "Garbled answer"]
+
+
+def test_odd_fault_settings_are_refused_with_the_field_named(simulator):
+    for patch, field in (({"retry_after_raw": "3\r\nX-Evil: 1"}, "retry_after_raw"),
+                         ({"reasoning_field": "thoughts"}, "reasoning_field"),
+                         ({"malformed_next": -1}, "malformed_next"),
+                         ({"loading_model_s": "soon"}, "loading_model_s")):
+        with pytest.raises(ValueError, match=field) as info:
+            simulator.sim.set_faults(**patch)
+        assert info.value.field == field
+    assert simulator.sim.faults()["retry_after_raw"] is None
+
+
 def test_a_long_model_load_does_not_open_the_breaker(loading, clock):
     sim, gyro = loading
     gyro.settings.set_many({"retry.max_retries": 1}, actor="test")
