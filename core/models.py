@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import InvalidParameter
 from .providers.base import Usage
 
 # Request ids must be unique, not secret: a generator seeded from os.urandom (and again in
@@ -49,8 +52,8 @@ class GenerationRequest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "api") -> "GenerationRequest":
-        """Build from JSON; unknown fields are refused so typos do not pass silently."""
-        from .errors import InvalidParameter
+        """Build from JSON; unknown fields and wrong types are refused, so typos and
+        ``"cache": "no"`` do not pass silently."""
         if not isinstance(data, dict):
             raise InvalidParameter("The request body must be a JSON object with a \"prompt\".")
         allowed = set(cls.__dataclass_fields__) - {"source"}
@@ -58,7 +61,79 @@ class GenerationRequest:
         if unknown:
             raise InvalidParameter(f"Unknown field(s): {', '.join(unknown)}. Allowed: "
                                    f"{', '.join(sorted(allowed))}.")
-        return cls(**data, source=source)
+        for name, value in data.items():
+            check_json_type(name, value, _FIELD_TYPES[name])
+        req = cls(**data, source=source)
+        req.check_text()
+        return req
+
+    def check_text(self) -> None:
+        """Refuse text that cannot be stored or sent (lone surrogates) and model names past
+        MAX_MODEL_CHARS, naming the field; raises InvalidParameter."""
+        for name in ("prompt", "system", "model"):
+            check_unicode(name, getattr(self, name))
+        for text in self.stop or ():
+            check_unicode("stop", text)
+        if self.model is not None:
+            check_model_name(self.model)
+
+
+# The longest model name taken: each name gets a breaker in memory and rows in the
+# database, so an unbounded one is a way to fill both. Real names are under 100 characters.
+MAX_MODEL_CHARS = 256
+
+# JSON types of the request fields: "bool" takes only true/false, "number" any finite
+# number but not a boolean, "int" a whole number (not 5.0, not a boolean).
+_FIELD_TYPES = {"prompt": "str", "system": "str?", "model": "str?", "temperature": "number?",
+                "max_tokens": "int?", "top_p": "number?", "seed": "int?", "stop": "strlist?",
+                "cache": "bool", "refresh": "bool", "optimize": "bool?"}
+_TYPE_WORDS = {"str": "a string", "number": "a number", "int": "a whole number",
+               "strlist": "a list of strings", "bool": "true or false"}
+
+
+def check_json_type(name: str, value: Any, kind: str) -> None:
+    """Raise InvalidParameter unless ``value`` is of JSON type ``kind`` ('bool', 'int',
+    'number', 'str', 'strlist'; a trailing '?' also takes null), naming the field."""
+    base = kind.rstrip("?")
+    if value is None and kind.endswith("?"):
+        return
+    if base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "number":
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value))
+    elif base == "str":
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        # Scalars are shown as sent (shortened); containers by their kind only.
+        shown = ("a list" if isinstance(value, list) else "an object" if isinstance(value, dict)
+                 else json.dumps(value)[:40])
+        raise InvalidParameter(f"{name} must be {_TYPE_WORDS[base]}"
+                               f"{' or null' if kind.endswith('?') else ''} (got {shown}).")
+
+
+def check_unicode(name: str, text: str | None) -> None:
+    """Refuse text with lone surrogates (a JSON "\\ud800" escape, or bytes that are not
+    UTF-8 in a command-line argument): it can be neither stored nor sent."""
+    if text is None or text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameter(
+            f"{name} contains a character that is not valid Unicode (a lone surrogate at "
+            f"position {exc.start}). Send it as UTF-8 text.") from None
+
+
+def check_model_name(model: str, name: str = "model") -> None:
+    """Refuse a model name longer than MAX_MODEL_CHARS."""
+    if len(model) > MAX_MODEL_CHARS:
+        raise InvalidParameter(f"{name} is {len(model):,} characters long; model names are at "
+                               f"most {MAX_MODEL_CHARS}. Check the name.")
 
 
 @dataclass

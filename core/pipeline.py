@@ -30,9 +30,23 @@ from .cache import cache_key
 from .models import GenerationRequest, GenerationResult, RetryNotice, chat_messages
 from .providers.base import Completion, Delta, Timeouts, Usage
 from .breaker import OPEN
+from .settings import BY_NAME
 from .retry import RetryPolicy, is_retryable, wait_backoff_or_retry_after
 
 CACHE_CHUNK_CHARS = 24
+# The most tokens a request may ask for, whatever the model: the bound of the
+# generate.max_tokens setting (and the page's input). Without it a model with no known
+# context window would be sent max_tokens=10**30.
+MAX_TOKENS = int(BY_NAME["generate.max_tokens"].max)
+
+
+def _short(value) -> str:
+    """A value for an error message, shortened (a 4,000-digit number is not read)."""
+    try:
+        text = repr(value)
+    except ValueError:   # an integer past Python's 4,300-digit limit for str()
+        return "a number too long to show"
+    return text if len(text) <= 40 else text[:20] + "…"
 
 
 @dataclass
@@ -120,6 +134,7 @@ class Pipeline:
     async def run(self, req: GenerationRequest, result: GenerationResult, *, streaming: bool,
                   on_retry: Callable[[RetryNotice], None] | None = None,
                   blocking: bool = False) -> AsyncIterator[str]:
+        req.check_text()   # text that can be neither stored nor sent gets no row either
         s = self.settings.snapshot()
         run = _Run(req, result, self.clock.monotonic())
         result.model = req.model or s["provider.default_model"]
@@ -177,15 +192,20 @@ class Pipeline:
         if not isinstance(req.prompt, str) or not req.prompt.strip():
             raise errors.InvalidParameter("The prompt is empty. Type what you want written.")
         max_tokens = s["generate.max_tokens"] if req.max_tokens is None else req.max_tokens
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise errors.InvalidParameter(f"max_tokens must be a whole number above 0 (got {max_tokens!r}).")
+        if (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                or not 0 < max_tokens <= MAX_TOKENS):
+            raise errors.InvalidParameter(f"max_tokens must be a whole number from 1 to {MAX_TOKENS:,} "
+                                          f"(got {_short(max_tokens)}).")
         temperature = s["generate.temperature"] if req.temperature is None else req.temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise errors.InvalidParameter(f"temperature must be between 0 and 2 (got {temperature!r}).")
-        if req.top_p is not None and (not isinstance(req.top_p, (int, float)) or not 0 < req.top_p <= 1):
-            raise errors.InvalidParameter(f"top_p must be above 0 and at most 1 (got {req.top_p!r}).")
-        if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, int)):
-            raise errors.InvalidParameter(f"seed must be a whole number (got {req.seed!r}).")
+            raise errors.InvalidParameter(f"temperature must be between 0 and 2 (got {_short(temperature)}).")
+        if req.top_p is not None and (isinstance(req.top_p, bool) or not isinstance(req.top_p, (int, float))
+                                      or not 0 < req.top_p <= 1):
+            raise errors.InvalidParameter(f"top_p must be above 0 and at most 1 (got {_short(req.top_p)}).")
+        if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, int)
+                                     or not -2**63 <= req.seed < 2**63):
+            raise errors.InvalidParameter(f"seed must be a whole number that fits in 64 bits "
+                                          f"(got {_short(req.seed)}).")
         if not isinstance(result.model, str) or not result.model.strip():
             raise errors.InvalidParameter("Pick a model.")
         prompt = req.prompt
