@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
-
 import streamlit as st
 
 from .errors import CircuitOpen, GyroscopeError
@@ -40,8 +38,3 @@ def show_error(exc: GyroscopeError) -> None:
         st.warning(exc.user_message, icon=":material/edit:")
     else:
         st.error(exc.user_message, icon=":material/error:")
-
-
-def check_password(given: str, expected: str) -> bool:
-    """Constant-time comparison of a password attempt."""
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
