@@ -183,9 +183,11 @@ def _settings(gyro, args) -> int:
 def _cli_actor() -> str:
     """'cli:<os user>', how the audit trail names a change made here."""
     try:
-        return f"cli:{getpass.getuser()}"
+        user = getpass.getuser()
     except Exception:   # no user name in a bare container (KeyError, OSError)
         return "cli"
+    # $USER may hold bytes that are not UTF-8 (surrogate-escaped); the audit row must store.
+    return f"cli:{user.encode('utf-8', 'replace').decode()}"
 
 
 def _sign_in(expected: str, from_stdin: bool) -> None:
