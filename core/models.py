@@ -63,6 +63,8 @@ class GenerationRequest:
         if unknown:
             raise InvalidParameter(f"Unknown field(s): {', '.join(unknown)}. Allowed: "
                                    f"{', '.join(sorted(allowed))}.")
+        if "prompt" not in data:
+            raise InvalidParameter("The request needs a \"prompt\", e.g. {\"prompt\": \"Hello\"}.")
         for name, value in data.items():
             check_json_type(name, value, _FIELD_TYPES[name])
         req = cls(**data, source=source)

@@ -114,11 +114,18 @@ def test_lone_surrogates_in_cli_arguments_are_named(tmp_path, capsys):
     ("seed", False, "seed must be a whole number"),
     ("prompt", ["Hi"], "prompt must be a string (got a list)"),
     ("stop", "END", "stop must be a list of strings"),
+    ("prompt", None, "prompt must be a string (got null)"),
 ])
 def test_types_are_strict_not_truthy(api, field, value, words):
     url, gyro = api
     body = {"prompt": "Hello", "max_tokens": 5, field: value}
     refused(url, body, words)
+    nothing_happened(gyro)
+
+
+def test_a_body_without_a_prompt_is_a_400(api):
+    url, gyro = api
+    refused(url, {"max_tokens": 5}, 'needs a "prompt"')
     nothing_happened(gyro)
 
 
