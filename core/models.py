@@ -133,6 +133,15 @@ def check_unicode(name: str, text: str | None) -> None:
             f"position {exc.start}). Send it as UTF-8 text.") from None
 
 
+def short_repr(value: Any) -> str:
+    """A value for an error message, shortened (a 4,000-digit number is not read)."""
+    try:
+        text = repr(value)
+    except ValueError:   # an integer past Python's 4,300-digit limit for str()
+        return "a number too long to show"
+    return text if len(text) <= 40 else text[:30] + "…"
+
+
 def check_model_name(model: str, name: str = "model") -> None:
     """Refuse a model name longer than MAX_MODEL_CHARS."""
     if len(model) > MAX_MODEL_CHARS:

@@ -27,7 +27,7 @@ import tenacity
 from . import errors, prices, tokens
 from .history import RequestRecord
 from .cache import cache_key
-from .models import GenerationRequest, GenerationResult, RetryNotice, chat_messages
+from .models import GenerationRequest, GenerationResult, RetryNotice, chat_messages, short_repr
 from .providers.base import Completion, Delta, Timeouts, Usage
 from .breaker import OPEN
 from .settings import BY_NAME
@@ -38,15 +38,6 @@ CACHE_CHUNK_CHARS = 24
 # generate.max_tokens setting (and the page's input). Without it a model with no known
 # context window would be sent max_tokens=10**30.
 MAX_TOKENS = int(BY_NAME["generate.max_tokens"].max)
-
-
-def _short(value) -> str:
-    """A value for an error message, shortened (a 4,000-digit number is not read)."""
-    try:
-        text = repr(value)
-    except ValueError:   # an integer past Python's 4,300-digit limit for str()
-        return "a number too long to show"
-    return text if len(text) <= 40 else text[:20] + "…"
 
 
 @dataclass
@@ -195,17 +186,17 @@ class Pipeline:
         if (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                 or not 0 < max_tokens <= MAX_TOKENS):
             raise errors.InvalidParameter(f"max_tokens must be a whole number from 1 to {MAX_TOKENS:,} "
-                                          f"(got {_short(max_tokens)}).")
+                                          f"(got {short_repr(max_tokens)}).")
         temperature = s["generate.temperature"] if req.temperature is None else req.temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise errors.InvalidParameter(f"temperature must be between 0 and 2 (got {_short(temperature)}).")
+            raise errors.InvalidParameter(f"temperature must be between 0 and 2 (got {short_repr(temperature)}).")
         if req.top_p is not None and (isinstance(req.top_p, bool) or not isinstance(req.top_p, (int, float))
                                       or not 0 < req.top_p <= 1):
-            raise errors.InvalidParameter(f"top_p must be above 0 and at most 1 (got {_short(req.top_p)}).")
+            raise errors.InvalidParameter(f"top_p must be above 0 and at most 1 (got {short_repr(req.top_p)}).")
         if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, int)
                                      or not -2**63 <= req.seed < 2**63):
             raise errors.InvalidParameter(f"seed must be a whole number that fits in 64 bits "
-                                          f"(got {_short(req.seed)}).")
+                                          f"(got {short_repr(req.seed)}).")
         if not isinstance(result.model, str) or not result.model.strip():
             raise errors.InvalidParameter("Pick a model.")
         prompt = req.prompt

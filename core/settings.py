@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from .errors import InvalidParameter
-from .models import check_model_name, check_unicode
+from .models import check_model_name, check_unicode, short_repr
 
 OPTIMIZER_RULES = ("whitespace", "trailing_spaces", "filler", "duplicates", "separators")
 
@@ -70,22 +70,14 @@ class Setting:
                 check_unicode(self.name, v)
         except (TypeError, ValueError, OverflowError):
             raise InvalidParameter(
-                f"{self.name} must be {_type_words(self.type)} (got {_shown(value)}).") from None
+                f"{self.name} must be {_type_words(self.type)} (got {short_repr(value)}).") from None
         if self.check is not None:
             self.check(v)
         if self.min is not None and v < self.min:
-            raise InvalidParameter(f"{self.name} must be at least {self.min:g}{self.unit} (got {_shown(v)}).")
+            raise InvalidParameter(f"{self.name} must be at least {self.min:g}{self.unit} (got {short_repr(v)}).")
         if self.max is not None and v > self.max:
-            raise InvalidParameter(f"{self.name} must be at most {self.max:g}{self.unit} (got {_shown(v)}).")
+            raise InvalidParameter(f"{self.name} must be at most {self.max:g}{self.unit} (got {short_repr(v)}).")
         return v
-
-
-def _shown(value: Any) -> str:
-    try:
-        text = repr(value)
-    except ValueError:   # an integer past Python's 4,300-digit limit for str()
-        return "a number too long to show"
-    return text if len(text) <= 60 else text[:40] + "…"
 
 
 def _model_name(value: str) -> None:
