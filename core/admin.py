@@ -7,6 +7,7 @@ Importable without Streamlit, so the page stays thin and the CLI or API can reus
     breaker_rows(gyro) / reset_breaker / force_open_breaker
     clear_cache(gyro, actor, before=None)   event kind='cache' with the entries removed
     apply_faults / clear_faults / set_latency / active_faults   (simulator only; kind='fault')
+    sign_in(client, given, expected)        the admin password, paused per client (core.signin)
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ from typing import Any, Mapping
 from .config import redact_url as safe_url  # noqa: F401 - the page's name for it
 from .errors import ConfigError, InvalidParameter
 from .settings import SETTINGS, Setting, SettingsStore, spec
+from .signin import PasswordGate, Verdict
 
-# A wrong admin password costs this long, to slow guessing (tests set it to 0).
-WRONG_PASSWORD_DELAY_S = 1.0
+# A wrong admin password pauses its client about 1 s, to slow guessing. One gate per
+# process, so every session of a client (and the CLI) shares the pause; tests swap in a
+# gate with a fake clock.
+PASSWORD_GATE = PasswordGate(delay_s=1.0)
 
 
-def wrong_password_pause() -> None:
-    """Wait before answering a wrong password."""
-    if WRONG_PASSWORD_DELAY_S > 0:
-        time.sleep(WRONG_PASSWORD_DELAY_S)
+def sign_in(client: str | None, given: str, expected: str) -> Verdict:
+    """Check an admin password attempt from ``client`` (an IP address; None = local)."""
+    # Anything but an address (None for localhost, a stand-in under AppTest) is 'local'.
+    return PASSWORD_GATE.attempt(client if isinstance(client, str) and client else "local",
+                                 given, expected)
 
 
 # -- settings ------------------------------------------------------------------------------

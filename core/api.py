@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from .errors import GyroscopeError, InvalidParameter
 from .history import Filters, parse_when
-from .models import GenerationRequest
+from .models import GenerationRequest, check_json_type
 from .service import default_service
 
 _STATUS = {"rejected": 400, "invalid_parameter": 400, "prompt_too_long": 400, "config": 400,
@@ -70,16 +70,12 @@ async def generate(request: Request):
     if not _authorised(request, gyro):
         return _unauthorised()
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(InvalidParameter("The body must be JSON, e.g. {\"prompt\": \"Hello\"}."))
-    try:
-        wants_stream = bool(body.pop("stream", False)) if isinstance(body, dict) else False
+        body = await _json_body(request)
+        wants_stream = body.pop("stream", False) if isinstance(body, dict) else False
+        check_json_type("stream", wants_stream, "bool")
         req = GenerationRequest.from_dict(body, source="api")
     except GyroscopeError as exc:
         return _error(exc)
-    except TypeError as exc:
-        return _error(InvalidParameter(f"Bad request body: {exc}"))
     if not wants_stream:
         try:
             return JSONResponse((await gyro.agenerate(req)).as_dict())
@@ -87,6 +83,22 @@ async def generate(request: Request):
             return _error(exc)
     return StreamingResponse(_sse(gyro, req), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _json_body(request: Request):
+    """The parsed body, or InvalidParameter saying what is wrong with it."""
+    try:
+        return await request.json()
+    except RecursionError:
+        raise InvalidParameter("The JSON body is nested too deeply. Send a flat object, e.g. "
+                               "{\"prompt\": \"Hello\"}.") from None
+    except UnicodeDecodeError:
+        raise InvalidParameter("The body must be UTF-8 JSON, e.g. {\"prompt\": \"Hello\"}.") from None
+    except json.JSONDecodeError:
+        raise InvalidParameter("The body must be JSON, e.g. {\"prompt\": \"Hello\"}.") from None
+    except ValueError:   # Python refuses to read integers of more than 4,300 digits
+        raise InvalidParameter("A number in the JSON body has too many digits. Send numbers "
+                               "in their usual range, e.g. \"max_tokens\": 256.") from None
 
 
 def _event(name: str, data) -> str:

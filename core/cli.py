@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import sqlite3
 import sys
 
 from .errors import GyroscopeError
@@ -36,13 +38,17 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--json", action="store_true")
     sg = ses.add_parser("get")
     sg.add_argument("name")
-    ss = ses.add_parser("set")
+    ss = ses.add_parser("set", description="Change one setting. When GYROSCOPE_ADMIN_PASSWORD "
+                        "is set, the admin password is asked for (or read from stdin with "
+                        "--password-stdin); the change is audited as cli:<user>.")
     ss.add_argument("name")
     ss.add_argument("value")
+    ss.add_argument("--password-stdin", action="store_true",
+                    help="read the admin password from the first line of stdin (for scripts)")
 
     si = sub.add_parser("simulator", help="run the OpenAI-compatible simulator")
     si.add_argument("--host", default="127.0.0.1")
-    si.add_argument("--port", type=int, default=9100)
+    si.add_argument("--port", type=_port, default=9100, help="0-65535 (0: any free port)")
     si.add_argument("--ttft-ms", type=float, default=250)
     si.add_argument("--tokens-per-s", type=float, default=40)
 
@@ -53,13 +59,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; pick one from 1024 to "
+                                         "65535 (0 takes any free port)")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "simulator":
-        from .simulator import serve
-        print(f"Simulator on http://{args.host}:{args.port}/v1 (Ctrl+C to stop)", file=sys.stderr)
-        serve(host=args.host, port=args.port, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s)
-        return 0
+        return _simulator(args)
     as_json = getattr(args, "json", False)
     try:
         return _run(args)
@@ -70,30 +84,54 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _simulator(args) -> int:
+    from .simulator import serve
+    print(f"Simulator on http://{args.host}:{args.port}/v1 (Ctrl+C to stop)", file=sys.stderr)
+    try:
+        serve(host=args.host, port=args.port, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s)
+    except ValueError as exc:   # a negative --ttft-ms or --tokens-per-s, named by the simulator
+        print(f"error: {exc}.", file=sys.stderr)
+        return 1
+    except (OSError, OverflowError) as exc:   # a port taken or out of reach, an unknown host
+        print(f"error: cannot listen on {args.host}:{args.port} ({exc}). Pick another --host "
+              "or --port.", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _run(args) -> int:
+    from .db import storage_error
     from .service import Gyroscope
     gyro = Gyroscope()
     try:
-        if args.command == "generate":
-            return _generate(gyro, args)
-        if args.command == "stats":
-            from .history import Filters, parse_when
-            stats = gyro.stats(Filters(start=parse_when(args.since), end=parse_when(args.until)))
-            if args.json:
-                print(json.dumps(stats, default=str))
-            else:
-                for key, value in stats.items():
-                    print(f"{key:28} {value}")
-            return 0
-        if args.command == "settings":
-            return _settings(gyro, args)
-        if args.command == "demo-history":
-            from .demo import fill_history
-            n = fill_history(gyro.db, rows=args.rows, days=args.days, seed=args.seed)
-            print(f"wrote {n} synthetic history rows to {gyro.db.path}")
-            return 0
+        return _command(gyro, args)
+    except sqlite3.Error as exc:   # a read straight on a reader connection (stats on a damaged file)
+        raise storage_error(exc, gyro.db.path) from None
     finally:
         gyro.close()
+
+
+def _command(gyro, args) -> int:
+    """Run one command other than the simulator; returns the exit code."""
+    if args.command == "generate":
+        return _generate(gyro, args)
+    if args.command == "stats":
+        from .history import Filters, parse_when
+        stats = gyro.stats(Filters(start=parse_when(args.since), end=parse_when(args.until)))
+        if args.json:
+            print(json.dumps(stats, default=str))
+        else:
+            for key, value in stats.items():
+                print(f"{key:28} {value}")
+        return 0
+    if args.command == "settings":
+        return _settings(gyro, args)
+    if args.command == "demo-history":
+        from .demo import fill_history
+        n = fill_history(gyro.db, rows=args.rows, days=args.days, seed=args.seed)
+        skipped = f" ({args.rows - n} identical rows were already there)" if n < args.rows else ""
+        print(f"wrote {n} synthetic history rows to {gyro.db.path}{skipped}")
+        return 0
     return 2
 
 
@@ -134,6 +172,36 @@ def _settings(gyro, args) -> int:
     if args.action == "get":
         print(json.dumps(gyro.settings.get(spec(args.name).name)))
         return 0
-    version = gyro.settings.set(args.name, args.value, actor="cli")
+    actor = _cli_actor()
+    if gyro.config.admin_password:
+        _sign_in(gyro.config.admin_password, args.password_stdin)
+    version = gyro.settings.set(args.name, args.value, actor=actor)
     print(f"{args.name} = {gyro.settings.get(args.name)!r} (settings version {version})")
     return 0
+
+
+def _cli_actor() -> str:
+    """'cli:<os user>', how the audit trail names a change made here."""
+    try:
+        user = getpass.getuser()
+    except Exception:   # no user name in a bare container (KeyError, OSError)
+        return "cli"
+    # $USER may hold bytes that are not UTF-8 (surrogate-escaped); the audit row must store.
+    return f"cli:{user.encode('utf-8', 'replace').decode()}"
+
+
+def _sign_in(expected: str, from_stdin: bool) -> None:
+    """Ask for the admin password (tty) or read it (--password-stdin); RequestRejected if wrong."""
+    from .admin import sign_in
+    from .errors import RequestRejected
+    if from_stdin:
+        given = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        given = getpass.getpass("Admin password (GYROSCOPE_ADMIN_PASSWORD is set): ")
+    else:
+        raise RequestRejected("Changing settings needs the admin password (GYROSCOPE_ADMIN_PASSWORD "
+                              "is set). Run this in a terminal to be asked for it, or pipe it in "
+                              "with --password-stdin. Nothing was changed.")
+    verdict = sign_in(None, given, expected)
+    if not verdict.ok:
+        raise RequestRejected(f"{verdict.message} Nothing was changed.")

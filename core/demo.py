@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 
 from . import prices
 from .history import RequestRecord, _COLUMNS, _INSERT
+from .models import new_request_id
+
+# The very same rows again (same seed, same end) are skipped, not an error.
+_INSERT_NEW = _INSERT.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
 
 MODELS = (("gpt-4o-mini", 0.6), ("gpt-4o", 0.15), ("gpt-4.1-mini", 0.2), ("gpt-4.1-nano", 0.05))
 SOURCES = (("page", 0.5), ("api", 0.3), ("cli", 0.1), ("batch", 0.1))
@@ -28,7 +31,9 @@ def synthetic_records(rows: int, days: int, seed: int = 1, end: float | None = N
         model = _pick(rng, MODELS)
         source = _pick(rng, SOURCES)
         roll = rng.random()
-        rec = RequestRecord(ts=ts, request_id=uuid.UUID(int=rng.getrandbits(128)).hex, source=source,
+        # The id carries the row's time: a second run with the same seed (its rows end at
+        # another time) adds rows instead of colliding with the first run's ids.
+        rec = RequestRecord(ts=ts, request_id=new_request_id(ts, rng), source=source,
                             provider="simulator", base_url="", upstream="simulator", model=model)
         p, c = rng.randint(20, 900), rng.randint(30, 700)
         attempts = 1 + (rng.random() < 0.08) + (rng.random() < 0.02)
@@ -70,16 +75,16 @@ def synthetic_records(rows: int, days: int, seed: int = 1, end: float | None = N
 
 def fill_history(db, rows: int, days: int = 30, seed: int = 1, end: float | None = None,
                  chunk: int = 20_000) -> int:
-    """Write synthetic history in large transactions; returns the number of rows."""
+    """Write synthetic history in large transactions; returns the number of rows added."""
     written = 0
     batch: list[tuple] = []
     for rec in synthetic_records(rows, days, seed, end):
         batch.append(tuple(getattr(rec, c) for c in _COLUMNS))
         if len(batch) >= chunk:
-            db.write(lambda conn, b=batch: conn.executemany(_INSERT, b), timeout=None)
-            written += len(batch)
+            written += db.write(lambda conn, b=batch: conn.executemany(_INSERT_NEW, b).rowcount,
+                                timeout=None)
             batch = []
     if batch:
-        db.write(lambda conn, b=batch: conn.executemany(_INSERT, b), timeout=None)
-        written += len(batch)
+        written += db.write(lambda conn, b=batch: conn.executemany(_INSERT_NEW, b).rowcount,
+                            timeout=None)
     return written

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import InvalidParameter
 from .providers.base import Usage
 
 # Request ids must be unique, not secret: a generator seeded from os.urandom (and again in
@@ -16,12 +19,14 @@ _ids = random.Random()
 os.register_at_fork(after_in_child=_ids.seed)
 
 
-def new_request_id() -> str:
-    """A UUIDv7 as 32 hex digits: milliseconds since 1970, then 74 random bits. Ids made
-    later sort later, so the history's unique index grows at its end (measured: a third
-    less work per row than random ids, which land on a random page each)."""
-    value = (time.time_ns() // 1_000_000) << 80 | 0x7 << 76 | _ids.getrandbits(12) << 64
-    return f"{value | 0b10 << 62 | _ids.getrandbits(62):032x}"
+def new_request_id(ts: float | None = None, rng: random.Random = _ids) -> str:
+    """A UUIDv7 as 32 hex digits: milliseconds since 1970 (now, or ``ts``), then 74 random
+    bits (from ``rng``). Ids made later sort later, so the history's unique index grows at
+    its end (measured: a third less work per row than random ids, which land on a random
+    page each)."""
+    ms = time.time_ns() // 1_000_000 if ts is None else int(ts * 1000)
+    value = ms << 80 | 0x7 << 76 | rng.getrandbits(12) << 64
+    return f"{value | 0b10 << 62 | rng.getrandbits(62):032x}"
 
 
 def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
@@ -49,8 +54,8 @@ class GenerationRequest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "api") -> "GenerationRequest":
-        """Build from JSON; unknown fields are refused so typos do not pass silently."""
-        from .errors import InvalidParameter
+        """Build from JSON; unknown fields and wrong types are refused, so typos and
+        ``"cache": "no"`` do not pass silently."""
         if not isinstance(data, dict):
             raise InvalidParameter("The request body must be a JSON object with a \"prompt\".")
         allowed = set(cls.__dataclass_fields__) - {"source"}
@@ -58,7 +63,90 @@ class GenerationRequest:
         if unknown:
             raise InvalidParameter(f"Unknown field(s): {', '.join(unknown)}. Allowed: "
                                    f"{', '.join(sorted(allowed))}.")
-        return cls(**data, source=source)
+        if "prompt" not in data:
+            raise InvalidParameter("The request needs a \"prompt\", e.g. {\"prompt\": \"Hello\"}.")
+        for name, value in data.items():
+            check_json_type(name, value, _FIELD_TYPES[name])
+        req = cls(**data, source=source)
+        req.check_text()
+        return req
+
+    def check_text(self) -> None:
+        """Refuse text that cannot be stored or sent (lone surrogates) and model names past
+        MAX_MODEL_CHARS, naming the field; raises InvalidParameter."""
+        for name in ("prompt", "system", "model"):
+            check_unicode(name, getattr(self, name))
+        for text in self.stop or ():
+            check_unicode("stop", text)
+        if self.model is not None:
+            check_model_name(self.model)
+
+
+# The longest model name taken: each name gets a breaker in memory and rows in the
+# database, so an unbounded one is a way to fill both. Real names are under 100 characters.
+MAX_MODEL_CHARS = 256
+
+# JSON types of the request fields: "bool" takes only true/false, "number" any finite
+# number but not a boolean, "int" a whole number (not 5.0, not a boolean).
+_FIELD_TYPES = {"prompt": "str", "system": "str?", "model": "str?", "temperature": "number?",
+                "max_tokens": "int?", "top_p": "number?", "seed": "int?", "stop": "strlist?",
+                "cache": "bool", "refresh": "bool", "optimize": "bool?"}
+_TYPE_WORDS = {"str": "a string", "number": "a number", "int": "a whole number",
+               "strlist": "a list of strings", "bool": "true or false"}
+
+
+def check_json_type(name: str, value: Any, kind: str) -> None:
+    """Raise InvalidParameter unless ``value`` is of JSON type ``kind`` ('bool', 'int',
+    'number', 'str', 'strlist'; a trailing '?' also takes null), naming the field."""
+    base = kind.rstrip("?")
+    if value is None and kind.endswith("?"):
+        return
+    if base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "number":
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value))
+    elif base == "str":
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        # Scalars are shown as sent (shortened); containers by their kind only.
+        shown = ("a list" if isinstance(value, list) else "an object" if isinstance(value, dict)
+                 else json.dumps(value)[:40])
+        raise InvalidParameter(f"{name} must be {_TYPE_WORDS[base]}"
+                               f"{' or null' if kind.endswith('?') else ''} (got {shown}).")
+
+
+def check_unicode(name: str, text: str | None) -> None:
+    """Refuse text with lone surrogates (a JSON "\\ud800" escape, or bytes that are not
+    UTF-8 in a command-line argument): it can be neither stored nor sent."""
+    if text is None or text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameter(
+            f"{name} contains a character that is not valid Unicode (a lone surrogate at "
+            f"position {exc.start}). Send it as UTF-8 text.") from None
+
+
+def short_repr(value: Any) -> str:
+    """A value for an error message, shortened (a 4,000-digit number is not read)."""
+    try:
+        text = repr(value)
+    except ValueError:   # an integer past Python's 4,300-digit limit for str()
+        return "a number too long to show"
+    return text if len(text) <= 40 else text[:30] + "…"
+
+
+def check_model_name(model: str, name: str = "model") -> None:
+    """Refuse a model name longer than MAX_MODEL_CHARS."""
+    if len(model) > MAX_MODEL_CHARS:
+        raise InvalidParameter(f"{name} is {len(model):,} characters long; model names are at "
+                               f"most {MAX_MODEL_CHARS}. Check the name.")
 
 
 @dataclass

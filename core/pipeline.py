@@ -27,12 +27,17 @@ import tenacity
 from . import errors, prices, tokens
 from .history import RequestRecord
 from .cache import cache_key
-from .models import GenerationRequest, GenerationResult, RetryNotice, chat_messages
+from .models import GenerationRequest, GenerationResult, RetryNotice, chat_messages, short_repr
 from .providers.base import Completion, Delta, Timeouts, Usage
 from .breaker import OPEN
+from .settings import BY_NAME
 from .retry import RetryPolicy, is_retryable, wait_backoff_or_retry_after
 
 CACHE_CHUNK_CHARS = 24
+# The most tokens a request may ask for, whatever the model: the bound of the
+# generate.max_tokens setting (and the page's input). Without it a model with no known
+# context window would be sent max_tokens=10**30.
+MAX_TOKENS = int(BY_NAME["generate.max_tokens"].max)
 
 
 @dataclass
@@ -124,6 +129,7 @@ class Pipeline:
                   on_retry: Callable[[RetryNotice], None] | None = None,
                   blocking: bool = False,
                   on_reasoning: Callable[[str], None] | None = None) -> AsyncIterator[str]:
+        req.check_text()   # text that can be neither stored nor sent gets no row either
         s = self.settings.snapshot()
         run = _Run(req, result, self.clock.monotonic())
         run.on_reasoning = on_reasoning
@@ -182,15 +188,20 @@ class Pipeline:
         if not isinstance(req.prompt, str) or not req.prompt.strip():
             raise errors.InvalidParameter("The prompt is empty. Type what you want written.")
         max_tokens = s["generate.max_tokens"] if req.max_tokens is None else req.max_tokens
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise errors.InvalidParameter(f"max_tokens must be a whole number above 0 (got {max_tokens!r}).")
+        if (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                or not 0 < max_tokens <= MAX_TOKENS):
+            raise errors.InvalidParameter(f"max_tokens must be a whole number from 1 to {MAX_TOKENS:,} "
+                                          f"(got {short_repr(max_tokens)}).")
         temperature = s["generate.temperature"] if req.temperature is None else req.temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise errors.InvalidParameter(f"temperature must be between 0 and 2 (got {temperature!r}).")
-        if req.top_p is not None and (not isinstance(req.top_p, (int, float)) or not 0 < req.top_p <= 1):
-            raise errors.InvalidParameter(f"top_p must be above 0 and at most 1 (got {req.top_p!r}).")
-        if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, int)):
-            raise errors.InvalidParameter(f"seed must be a whole number (got {req.seed!r}).")
+            raise errors.InvalidParameter(f"temperature must be between 0 and 2 (got {short_repr(temperature)}).")
+        if req.top_p is not None and (isinstance(req.top_p, bool) or not isinstance(req.top_p, (int, float))
+                                      or not 0 < req.top_p <= 1):
+            raise errors.InvalidParameter(f"top_p must be above 0 and at most 1 (got {short_repr(req.top_p)}).")
+        if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, int)
+                                     or not -2**63 <= req.seed < 2**63):
+            raise errors.InvalidParameter(f"seed must be a whole number that fits in 64 bits "
+                                          f"(got {short_repr(req.seed)}).")
         if not isinstance(result.model, str) or not result.model.strip():
             raise errors.InvalidParameter("Pick a model.")
         prompt = req.prompt

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from .errors import InvalidParameter
+from .models import check_model_name, check_unicode, short_repr
 
 OPTIMIZER_RULES = ("whitespace", "trailing_spaces", "filler", "duplicates", "separators")
 
@@ -27,6 +28,7 @@ class Setting:
     min: float | None = None
     max: float | None = None
     unit: str = ""
+    check: Callable[[Any], None] | None = None   # more rules for the parsed value
 
     def parse(self, value: Any) -> Any:
         """The typed, validated value, or InvalidParameter naming what is allowed."""
@@ -57,21 +59,37 @@ class Setting:
             elif self.type is float:
                 if isinstance(v, bool):
                     raise ValueError
-                v = float(v.strip() if isinstance(v, str) else v)
+                # + 0.0 stores -0 as 0.0: "-0.0" would show as a negative bound nobody set.
+                v = float(v.strip() if isinstance(v, str) else v) + 0.0
                 if v != v or v in (float("inf"), float("-inf")):
                     raise ValueError
             elif self.type is str:
                 if not isinstance(v, str):
                     raise ValueError
                 v = v.strip()
-        except (TypeError, ValueError):
+                check_unicode(self.name, v)
+        except (TypeError, ValueError, OverflowError):
             raise InvalidParameter(
-                f"{self.name} must be {_type_words(self.type)} (got {value!r}).") from None
+                f"{self.name} must be {_type_words(self.type)} (got {short_repr(value)}).") from None
+        if self.check is not None:
+            self.check(v)
         if self.min is not None and v < self.min:
-            raise InvalidParameter(f"{self.name} must be at least {self.min:g}{self.unit} (got {v!r}).")
+            raise InvalidParameter(f"{self.name} must be at least {self.min:g}{self.unit} (got {short_repr(v)}).")
         if self.max is not None and v > self.max:
-            raise InvalidParameter(f"{self.name} must be at most {self.max:g}{self.unit} (got {v!r}).")
+            raise InvalidParameter(f"{self.name} must be at most {self.max:g}{self.unit} (got {short_repr(v)}).")
         return v
+
+
+def _model_name(value: str) -> None:
+    if not value:
+        raise InvalidParameter("provider.default_model must name a model, e.g. gpt-4o-mini "
+                               "(an empty name would fail every request that names none).")
+    check_model_name(value, "provider.default_model")
+
+
+def _model_list(value: str) -> None:
+    for model in value.split(","):
+        check_model_name(model.strip(), "Each of provider.extra_models")
 
 
 def _type_words(t: type) -> str:
@@ -80,8 +98,10 @@ def _type_words(t: type) -> str:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("provider.default_model", str, "gpt-4o-mini", "Model used when a request names none.", "Provider"),
-    Setting("provider.extra_models", str, "", "Comma-separated models to offer besides the provider's list.", "Provider"),
+    Setting("provider.default_model", str, "gpt-4o-mini", "Model used when a request names none.", "Provider",
+            check=_model_name),
+    Setting("provider.extra_models", str, "", "Comma-separated models to offer besides the provider's list.", "Provider",
+            check=_model_list),
     Setting("retry.max_retries", int, 3, "Retries after the first attempt (0 = never retry).", "Retry", 0, 10),
     Setting("retry.base_delay_s", float, 0.5, "Wait before the first retry.", "Retry", 0, 60, " s"),
     Setting("retry.max_delay_s", float, 20.0, "Longest wait between two attempts.", "Retry", 0, 600, " s"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
-
 import streamlit as st
 
 from .errors import CircuitOpen, GyroscopeError
@@ -49,8 +47,3 @@ def show_thinking(where, reasoning: str, live: bool = False) -> None:
         return
     label = "Thinking…" if live else "Thinking"
     where.expander(label, expanded=live, icon=":material/psychology:").markdown(reasoning)
-
-
-def check_password(given: str, expected: str) -> bool:
-    """Constant-time comparison of a password attempt."""
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))

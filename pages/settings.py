@@ -15,7 +15,7 @@ import streamlit as st
 from core import admin
 from core.errors import GyroscopeError
 from core.settings import GROUPS, Setting
-from core.ui import check_password, get_gyro, provider_badge, show_error
+from core.ui import get_gyro, provider_badge, show_error
 
 OPEN_TO_ALL = ("**Who can edit:** anyone who can reach this app; it listens on 127.0.0.1 only — "
                "set `GYROSCOPE_ADMIN_PASSWORD` before exposing it.")
@@ -34,11 +34,12 @@ def _sign_in() -> None:
     given = st.session_state.get("admin_password_input") or ""
     st.session_state["admin_password_input"] = ""  # never kept after the attempt
     expected = get_gyro().config.admin_password or ""
-    if expected and check_password(given, expected):
+    # Paused per client address, not per session: ten tabs do not buy ten guesses.
+    verdict = admin.sign_in(st.context.ip_address, given, expected)
+    if verdict.ok:
         st.session_state["admin_signed_in"] = True
     else:
-        admin.wrong_password_pause()
-        st.session_state["sign_in_failed"] = True
+        st.session_state["sign_in_failed"] = verdict.message
 
 
 def _sign_out() -> None:
@@ -60,8 +61,9 @@ def admin_gate(password: str | None) -> None:
                         "is read-only.")
             st.text_input("Admin password", type="password", key="admin_password_input")
             st.form_submit_button("Sign in", key="sign_in_button", on_click=_sign_in)
-        if st.session_state.pop("sign_in_failed", False):
-            st.error("Wrong password.", icon=":material/lock:")
+        failed = st.session_state.pop("sign_in_failed", None)
+        if failed:
+            st.error(failed, icon=":material/lock:")
 
 
 # -- running a change ------------------------------------------------------------------------

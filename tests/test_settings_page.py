@@ -14,6 +14,8 @@ from core.errors import CircuitOpen, InvalidParameter, ServerError
 from core.models import GenerationRequest
 from tests.conftest import drop_service
 from core.settings import BY_NAME, SETTINGS
+from core.signin import PasswordGate
+from tests.support import FakeClock
 
 ROOT = Path(__file__).resolve().parents[1]
 # AppTest resolves a relative path against the calling file (tests/), so give it the root's.
@@ -25,7 +27,7 @@ PASSWORD = "correct horse battery staple"
 @pytest.fixture(autouse=True)
 def env(app_env, monkeypatch):
     """A fresh database and service per test, the simulator as provider, no real waits."""
-    monkeypatch.setattr(admin, "WRONG_PASSWORD_DELAY_S", 0)
+    monkeypatch.setattr(admin, "PASSWORD_GATE", PasswordGate(delay_s=0))
     yield app_env
 
 
@@ -262,7 +264,9 @@ def test_outage_rehearsal_injects_shows_and_clears_faults_each_audited():
 def test_with_a_password_only_a_signed_in_session_can_change_anything(monkeypatch):
     monkeypatch.setenv("GYROSCOPE_ADMIN_PASSWORD", PASSWORD)
     pauses = []
-    monkeypatch.setattr(admin, "wrong_password_pause", lambda: pauses.append(1))
+    clock = FakeClock()
+    monkeypatch.setattr(admin, "PASSWORD_GATE", PasswordGate(
+        delay_s=1.0, clock=clock.monotonic, sleep=lambda s: (pauses.append(1), clock.advance(s))))
     at = page()
 
     def locked(at: AppTest) -> bool:
