@@ -251,7 +251,8 @@ class Database:
         return batch
 
     def _write_loop(self) -> None:
-        _lower_priority()
+        # Normal priority: requests wait for this thread's commits (it ran at nice 10 when
+        # they did not, and on a busy machine fell behind by 0.1-0.3 s).
         conn = None
         while True:
             batch = self._gather()
@@ -329,23 +330,6 @@ class Database:
                 if "locked" not in str(exc).lower() or attempt == 4 or time.monotonic() >= until:
                     raise
                 time.sleep(min(0.05 * (attempt + 1), max(0.0, until - time.monotonic())))
-
-
-WRITER_NICE = 10
-
-
-def _lower_priority() -> None:
-    """Make this (the writer) thread yield the CPU to request handling when both want it.
-
-    Measured with 1000 concurrent requests on 2 cores, where the client's event loop is
-    CPU-bound: a writer at normal priority cost the requests 5-10 % of their throughput,
-    though it used ~2 % of the CPU itself. Rows wait in memory meanwhile; on an idle core
-    the writer runs as before. (Linux sets niceness per thread; elsewhere this does nothing.)
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
-    except (AttributeError, OSError):
-        pass
 
 
 def _runnable(item: tuple) -> bool:

@@ -77,7 +77,7 @@ class SpillJournal:
         with self._lock:
             try:
                 data = self.path.read_bytes()
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):     # nothing was ever spooled
                 return [], 0
         end = data.rfind(b"\n") + 1          # a torn last line (a crash mid-write) is no row
         rows = []
@@ -106,7 +106,7 @@ class SpillJournal:
                 else:
                     os.truncate(self.path, 0)
                 self.pending = 0
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 self.pending = 0
             except OSError as exc:
                 _log.warning("Could not empty the spill journal %s: %s (its rows are in the "
