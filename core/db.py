@@ -21,7 +21,6 @@ import atexit
 import collections
 import logging
 import math
-import os
 import sqlite3
 import threading
 import time

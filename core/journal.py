@@ -9,11 +9,15 @@ A line reaches the kernel with one ``write`` before the request that made it is 
 like a WAL commit at ``synchronous=NORMAL``, it survives the process being killed (not a
 power cut). A write the disk cuts short is cut back off, so a torn line never glues itself
 to the next one; a torn last line left by a crash is skipped when replaying (its request was
-never answered: the answer waits for the write).
+never answered: the answer waits for the write). Processes sharing a database share its
+journal: appends and the emptying after a replay take an advisory lock (``flock``), so a
+row appended by one process is never cut off by another's truncation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -47,29 +51,40 @@ class SpillJournal:
         except OSError:
             return 0
 
+    def _open(self) -> int:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        return self._fd
+
     def append(self, rows: list[dict]) -> None:
         """Write the rows with one write call; StorageError (the file unchanged) if it fails."""
         data = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows).encode()
         with self._lock:
-            size = None
+            fd = size = None
             try:
-                if self._fd is None:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                size = os.fstat(self._fd).st_size
-                written = os.write(self._fd, data)
+                fd = self._open()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    data = b"\n" + data     # a crash cut the last line: start a fresh one
+                written = os.write(fd, data)
                 if written != len(data):
                     raise OSError(28, "short write (disk full?)")
             except OSError as exc:
                 if size is not None:
                     try:
-                        os.ftruncate(self._fd, size)     # no torn line for the next append to extend
+                        os.ftruncate(fd, size)     # no torn line for the next append to extend
                     except OSError:
                         pass
                 raise StorageError(
                     f"The spill journal {self.path} cannot be written either ({exc.strerror or exc}). "
                     "Free space on its disk or give this user write access to it (GYROSCOPE_SPILL "
                     "puts it on another disk).", detail=str(exc)) from exc
+            finally:
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        fcntl.flock(fd, fcntl.LOCK_UN)
             self.pending += len(rows)
 
     def read(self) -> tuple[list[dict], int]:
@@ -95,17 +110,22 @@ class SpillJournal:
         """The first ``upto`` bytes are in the database: empty the file if nothing came after."""
         with self._lock:
             try:
-                size = self.path.stat().st_size
-                if size > upto:          # rows spilled meanwhile: the next replay takes all again
-                    with self.path.open("rb") as fh:
-                        fh.seek(upto)
-                        self.pending = fh.read().count(b"\n")
+                if not self.path.exists():
+                    self.pending = 0
                     return
-                if self._fd is not None:
-                    os.ftruncate(self._fd, 0)
-                else:
-                    os.truncate(self.path, 0)
-                self.pending = 0
+                fd = self._open()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    size = os.fstat(fd).st_size
+                    if size > upto:      # rows spilled meanwhile: the next replay takes all again
+                        with self.path.open("rb") as fh:
+                            fh.seek(upto)
+                            self.pending = fh.read().count(b"\n")
+                        return
+                    os.ftruncate(fd, 0)
+                    self.pending = 0
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             except (FileNotFoundError, NotADirectoryError):
                 self.pending = 0
             except OSError as exc:

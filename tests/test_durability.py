@@ -144,6 +144,19 @@ def test_replaying_twice_inserts_each_row_once(tmp_path, simulator):
     again.close()
 
 
+def test_a_line_torn_by_a_crash_does_not_swallow_the_next_row(tmp_path):
+    path = tmp_path / "spill.jsonl"
+    SpillJournal(path).append([{"request_id": "a"}])
+    with path.open("ab") as fh:
+        fh.write(b'{"request_id": "to')                 # the process died mid-write
+    after_restart = SpillJournal(path)
+    after_restart.append([{"request_id": "b"}])
+    rows, end = after_restart.read()
+    assert [r["request_id"] for r in rows] == ["a", "b"] and end == path.stat().st_size
+    after_restart.consume(end)
+    assert path.stat().st_size == 0 and after_restart.pending == 0
+
+
 def test_when_the_journal_fails_too_requests_are_refused_with_what_to_do(tmp_path, simulator):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the journal's folder should be")
