@@ -172,10 +172,10 @@ class Database:
 
     def _enqueue(self, item: tuple) -> None:
         self._pending.append(item)
+        if not item[2]:     # before waking the writer: it must not start lingering for this one
+            self._urgent.set()
         if not self._queued.is_set():   # set() takes a lock; while the writer lingers it is set
             self._queued.set()
-        if not item[2]:
-            self._urgent.set()
 
     def write_now(self, fn: WriteFn, busy_timeout_s: float = 1.0) -> Any:
         """Run a short write on this thread, in its own transaction, at once: for the rare
