@@ -57,9 +57,11 @@ async def health(request: Request) -> JSONResponse:
         gyro = default_service()
     except GyroscopeError as exc:
         return _error(exc)
-    lost = gyro.history.lost_rows       # rows the database refused since start: say so
-    return JSONResponse({"status": "degraded" if lost else "ok", "provider": gyro.provider.name,
-                         "simulated": gyro.is_simulated, "history_rows_lost": lost})
+    # Rows waiting in the spill journal, refused requests or lost rows: say so.
+    recording = gyro.history.status()
+    degraded = recording["history"] != "ok" or recording["history_rows_lost"]
+    return JSONResponse({"status": "degraded" if degraded else "ok", "provider": gyro.provider.name,
+                         "simulated": gyro.is_simulated, **recording})
 
 
 async def generate(request: Request):

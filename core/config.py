@@ -29,6 +29,7 @@ class Config:
     api_key: str | None = field(default=None, repr=False)
     admin_password: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
+    spill_path: Path | None = None     # the spill journal (GYROSCOPE_SPILL; None: beside db_path)
 
     @property
     def has_api_key(self) -> bool:
@@ -93,6 +94,8 @@ def load_config(env: Mapping[str, str] | None = None,
         base_url = check_base_url(base_url)
     provider = get("GYROSCOPE_PROVIDER") or ("openai" if api_key or base_url else "simulator")
     db_path = Path(get("GYROSCOPE_DB") or DEFAULT_DB)
+    spill = get("GYROSCOPE_SPILL")
     return Config(provider=provider, base_url=base_url, db_path=db_path, api_key=api_key,
+                  spill_path=Path(spill) if spill else None,
                   admin_password=get("GYROSCOPE_ADMIN_PASSWORD"),
                   api_token=get("GYROSCOPE_API_TOKEN"))

@@ -2,14 +2,16 @@
 
 Every write is a function handed to the writer thread, which runs a batch of them in one
 transaction and commits once (one bad write cannot take the others down: see
-``_run_batch``). Callers get a ``Future`` that resolves after the commit.
+``_run_batch``). Callers get a ``Future`` (or a ``done`` callback) that resolves after the
+commit.
 
-The request path does not wait for its writes (history row, cache entry, counters): a
-commit costs more than the rest of the pipeline together. Such writes are *lazy*: the
-writer lets them gather for up to ``linger_s`` so that one commit carries many rows
-(measured: one commit per row cost ~0.5 ms of CPU with a cold page cache). A write that
-somebody waits for (``write``, ``awrite``, ``flush``, ``close``, also run at exit) ends
-the wait at once.
+Group commit: an *urgent* write (somebody waits for it: a request's history row, ``write``,
+``flush``) starts a commit at once when the writer is idle; writes that arrive while it
+commits share the next one, so batches grow with the load by themselves. *Lazy* writes
+(cache entries, counters, breaker changes: nobody waits) gather for up to ``linger_s`` or
+ride along with the next urgent commit. The writer waits at most ``write_timeout_s`` for a
+lock another connection holds, so a locked file fails a batch quickly (history then spools
+its rows, see core/journal.py) instead of holding requests for seconds.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import atexit
 import collections
 import logging
 import math
-import os
 import sqlite3
 import threading
 import time
@@ -37,12 +38,16 @@ _log = logging.getLogger(__name__)
 _STOP = object()
 MAX_BATCH = 512
 LINGER_S = 0.05
+WRITE_TIMEOUT_S = 0.5    # longest wait for another connection's write lock before a batch fails
 
 
 def storage_error(exc: BaseException, path: Path | str) -> StorageError:
     """Translate a sqlite3 error into a message that names the file and what to do."""
     text = str(exc).lower()
-    if "locked" in text or "busy" in text:
+    if "full" in text:
+        msg = (f"The disk holding the database file {path} is full. Free space on it; "
+               "Gyroscope writes to it again by itself.")
+    elif "locked" in text or "busy" in text:
         msg = (f"The database file {path} is locked by another program. Close that program "
                "(or the other Gyroscope process holding it) and try again.")
     elif "readonly" in text or "read-only" in text or "unable to open" in text:
@@ -92,10 +97,11 @@ class Database:
     """One SQLite file (WAL) with migrations applied, a writer thread and readers."""
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0,
-                 linger_s: float = LINGER_S) -> None:
+                 linger_s: float = LINGER_S, write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
         self.linger_s = linger_s
+        self.write_timeout_s = write_timeout_s
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             setup = _connect(self.path, busy_timeout_s=busy_timeout_s)
@@ -153,21 +159,23 @@ class Database:
         self._enqueue((fn, fut, lazy))
         return fut
 
-    def post(self, fn: WriteFn, done: Callable[[BaseException | None], None] | None = None) -> None:
-        """Queue a lazy write that nobody waits for (cheaper than ``submit``: no future).
-        ``done(error)`` runs on the writer thread once it is committed (error None) or failed."""
+    def post(self, fn: WriteFn, done: Callable[[BaseException | None], None] | None = None,
+             lazy: bool = True) -> None:
+        """Queue a write without a future (cheaper than ``submit``). ``done(error)`` runs on
+        the writer thread once it is committed (error None) or failed; ``lazy=False`` starts
+        the commit at once when the writer is idle (somebody waits for ``done``)."""
         if self._closed:
             if done is not None:
                 done(StorageError(f"The database {self.path} is closed."))
             return
-        self._enqueue((fn, done, True))
+        self._enqueue((fn, done, lazy))
 
     def _enqueue(self, item: tuple) -> None:
         self._pending.append(item)
+        if not item[2]:     # before waking the writer: it must not start lingering for this one
+            self._urgent.set()
         if not self._queued.is_set():   # set() takes a lock; while the writer lingers it is set
             self._queued.set()
-        if not item[2]:
-            self._urgent.set()
 
     def write_now(self, fn: WriteFn, busy_timeout_s: float = 1.0) -> Any:
         """Run a short write on this thread, in its own transaction, at once: for the rare
@@ -242,7 +250,8 @@ class Database:
         return batch
 
     def _write_loop(self) -> None:
-        _lower_priority()
+        # Normal priority: requests wait for this thread's commits (it ran at nice 10 when
+        # they did not, and on a busy machine fell behind by 0.1-0.3 s).
         conn = None
         while True:
             batch = self._gather()
@@ -252,7 +261,7 @@ class Database:
             if batch:
                 try:
                     if conn is None:
-                        conn = _connect(self.path, busy_timeout_s=self.busy_timeout_s)
+                        conn = _connect(self.path, busy_timeout_s=self.write_timeout_s)
                     self._run_batch(conn, batch)
                 except BaseException as exc:  # noqa: BLE001 - the writer thread must survive
                     err = storage_error(exc, self.path) if isinstance(exc, sqlite3.Error) else exc
@@ -274,13 +283,13 @@ class Database:
         """One transaction for the whole batch. The writes run back to back; if one raises,
         the transaction is rolled back and run again with a savepoint around each write, so
         only that write fails (write functions are plain database work: safe to rerun)."""
-        self._begin(conn)
+        self._begin(conn, self.write_timeout_s)
         try:
             try:
                 results = [(target, fn(conn), None) for fn, target, _ in batch]
             except Exception:  # noqa: BLE001 - redone one by one below
                 conn.execute("ROLLBACK")
-                self._begin(conn)
+                self._begin(conn, self.write_timeout_s)
                 results = self._run_isolated(conn, batch)
             conn.execute("COMMIT")
         except BaseException:
@@ -308,32 +317,18 @@ class Database:
         return results
 
     @staticmethod
-    def _begin(conn: sqlite3.Connection) -> None:
+    def _begin(conn: sqlite3.Connection, timeout_s: float) -> None:
+        # The busy handler waits up to the connection's timeout; a "locked" that comes back
+        # sooner (it can, under contention) is retried until that timeout has passed.
+        until = time.monotonic() + timeout_s
         for attempt in range(5):
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc).lower() or attempt == 4:
+                if "locked" not in str(exc).lower() or attempt == 4 or time.monotonic() >= until:
                     raise
-                time.sleep(0.05 * (attempt + 1))
-
-
-WRITER_NICE = 10
-
-
-def _lower_priority() -> None:
-    """Make this (the writer) thread yield the CPU to request handling when both want it.
-
-    Measured with 1000 concurrent requests on 2 cores, where the client's event loop is
-    CPU-bound: a writer at normal priority cost the requests 5-10 % of their throughput,
-    though it used ~2 % of the CPU itself. Rows wait in memory meanwhile; on an idle core
-    the writer runs as before. (Linux sets niceness per thread; elsewhere this does nothing.)
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
-    except (AttributeError, OSError):
-        pass
+                time.sleep(min(0.05 * (attempt + 1), max(0.0, until - time.monotonic())))
 
 
 def _runnable(item: tuple) -> bool:

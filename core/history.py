@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -10,13 +11,16 @@ import math
 import operator
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 from zoneinfo import ZoneInfo
 
 from .buckets import _AnsweredStats, _Buckets, _floats, _ranges_sql, bucket_label
 from .db import storage_error
-from .errors import InvalidParameter
+from .errors import InvalidParameter, StorageError
+from .journal import SpillJournal, default_path
 from .schema import ROLLUP_ERROR_KIND, ROLLUP_IS_ERROR, ROLLUP_SUMS
 
 
@@ -56,7 +60,9 @@ class RequestRecord:
 _COLUMNS = [f.name for f in dataclasses.fields(RequestRecord)]
 _INSERT = (f"INSERT INTO requests ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+_INSERT_OR_IGNORE = _INSERT.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
 _values = operator.attrgetter(*_COLUMNS)
+PROBE_EVERY_S = 1.0     # while rows wait in the journal, how often the database is retried
 _log = logging.getLogger(__name__)
 
 
@@ -116,46 +122,136 @@ def parse_when(value: str | None) -> float | None:
     return when.timestamp()
 
 
-class History:
-    """Reads and writes request history and events in one Database."""
+class _Batch:
+    """Rows that share one commit, and who waits for it (one future per event loop each)."""
 
-    def __init__(self, db) -> None:
+    __slots__ = ("rows", "loops", "event", "done", "error")
+
+    def __init__(self, done: bool = False, error: BaseException | None = None) -> None:
+        self.rows: list[tuple] = []
+        self.loops: dict | None = None          # {event loop: [futures]}
+        self.event: threading.Event | None = None   # for blocking waiters
+        self.done = done
+        self.error = error
+
+
+_SPOOLED = _Batch(done=True)      # the ticket of a row written straight to the journal
+
+
+def _wake(futures: list) -> None:
+    for fut in futures:
+        if not fut.done():          # a waiter that was cancelled has gone
+            fut.set_result(None)
+
+
+class History:
+    """Reads and writes request history and events in one Database.
+
+    A row from ``add`` is durable when its ticket settles: committed, or (when the database
+    refuses it) written to the spill journal, whose rows are replayed later. See
+    docs/architecture.md, "Durability"."""
+
+    def __init__(self, db, spill_path: str | Path | None = None) -> None:
         self.db = db
-        self.lost_rows = 0                 # rows from add() that failed to commit
+        self.lost_rows = 0                 # rows neither committed nor spooled
         self.last_loss: str | None = None
-        # Rows from add() wait here; one writer function inserts all that gathered with
-        # one executemany (measured under 1000 concurrent requests: a writer call per row
-        # cost the request path several percent of its throughput).
-        self._queued: list[tuple] = []
-        self._in_flight: list[tuple] = []
+        self.journal = SpillJournal(spill_path or default_path(db.path))
+        self.spilling = False              # rows go to the journal until a replay succeeds
+        self.refusing: str | None = None   # why new requests are refused (the journal failed too)
+        self._db_error: str = ""
+        # Rows from add() gather in one batch; one writer function inserts all of them with
+        # one executemany and one commit (measured under 1000 concurrent requests: a writer
+        # call per row cost the request path several percent of its throughput).
+        self._queued = _Batch()
+        self._in_flight: _Batch | None = None
         self._lock = threading.Lock()
+        self._replaying = False
+        self._probe_at = 0.0
+        if self.journal.pending:           # rows left by an earlier run (or process)
+            self.replay()
 
     # -- writing ---------------------------------------------------------------------
     def submit(self, record: RequestRecord):
         """Queue the row; the returned future resolves once it is committed."""
         return self.db.submit(insert_fn(record))
 
-    def add(self, record: RequestRecord) -> None:
-        """Queue the row for the writer's next group commit, without waiting for it (the
-        request path). A row that cannot be committed is logged and counted in ``lost_rows``."""
+    def add(self, record: RequestRecord) -> _Batch:
+        """Queue the row for the writer's next commit, which starts at once when the writer
+        is idle; rows that arrive meanwhile share the one after. Returns a ticket for
+        ``committed`` / ``wait``: the answer is handed out only once it settles."""
         values = _values(record)
+        if self.spilling:            # the database refused the last rows: do not wait on it
+            return self._spool([values])
         with self._lock:
-            self._queued.append(values)
-            first = len(self._queued) == 1
+            batch = self._queued
+            batch.rows.append(values)
+            first = len(batch.rows) == 1
         if first:
-            self.db.post(self._insert_queued, self._inserted)
+            self.db.post(self._insert_queued, self._inserted, lazy=False)
+        return batch
+
+    async def committed(self, ticket: _Batch) -> None:
+        """Wait (async) until the ticket's row is durable; StorageError if it cannot be."""
+        if not ticket.done:
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            with self._lock:
+                if not ticket.done:
+                    if ticket.loops is None:
+                        ticket.loops = {}
+                    ticket.loops.setdefault(loop, []).append(fut)
+                else:
+                    fut = None
+            if fut is not None:
+                await fut
+        if ticket.error is not None:
+            raise ticket.error
+
+    def wait(self, ticket: _Batch, timeout: float = 60.0) -> None:
+        """Wait (blocking) until the ticket's row is durable; StorageError if it cannot be."""
+        if not ticket.done:
+            with self._lock:
+                event = None
+                if not ticket.done:
+                    event = ticket.event = ticket.event or threading.Event()
+            if event is not None and not event.wait(timeout):
+                raise StorageError(f"The database writer for {self.db.path} did not answer within "
+                                   f"{timeout:.0f} s. Check the disk; restart Gyroscope if it persists.")
+        if ticket.error is not None:
+            raise ticket.error
+
+    def check_recording(self) -> None:
+        """Raise StorageError while rows can be neither committed nor spooled: a request is
+        refused rather than answered unrecorded."""
+        reason = self.refusing
+        if reason is not None:
+            self._probe_soon()
+            raise StorageError(reason)
+
+    def status(self) -> dict:
+        """How recording goes: "ok", "spilling" (rows wait in the journal) or "refusing"."""
+        self._probe_soon()
+        waiting = self.journal.pending
+        state = "refusing" if self.refusing else "spilling" if (self.spilling or waiting) else "ok"
+        out = {"history": state, "spilled_rows_waiting": waiting, "history_rows_lost": self.lost_rows}
+        if state != "ok":
+            out["history_message"] = self.refusing or (
+                f"The database is not taking rows ({self._db_error or 'replay pending'}); they "
+                "are kept in the spill journal and replayed when it works again.")
+        return out
 
     def _insert_queued(self, conn) -> None:
         """Writer function: insert every queued row; a refused row fails alone."""
-        if not self._in_flight:      # a rerun after another write failed keeps its rows
+        if self._in_flight is None:      # a rerun after another write failed keeps its rows
             with self._lock:
-                self._in_flight, self._queued = self._queued, []
+                self._in_flight, self._queued = self._queued, _Batch()
+        rows = self._in_flight.rows
         conn.execute("SAVEPOINT rows")
         try:
-            conn.executemany(_INSERT, self._in_flight)
+            conn.executemany(_INSERT, rows)
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK TO rows")
-            for values in self._in_flight:
+            for values in rows:
                 try:
                     conn.execute(_INSERT, values)
                 except sqlite3.IntegrityError as exc:
@@ -163,9 +259,93 @@ class History:
         conn.execute("RELEASE rows")
 
     def _inserted(self, exc: BaseException | None) -> None:
-        rows, self._in_flight = self._in_flight, []
-        if exc is not None:
+        """Writer thread, after the commit (exc None) or its failure: settle the batch."""
+        batch, self._in_flight = self._in_flight, None
+        if batch is None:        # the transaction failed before our write ran: take the rows
+            with self._lock:
+                batch, self._queued = self._queued, _Batch()
+        if exc is None:
+            self._settle(batch, None)
+            if self.journal.pending:
+                self._probe_soon()
+            return
+        self._db_error = getattr(exc, "user_message", None) or str(exc)
+        self.spilling = True
+        self._probe_at = time.monotonic() + PROBE_EVERY_S
+        _log.warning("The database refused %d history row(s); spooling them to %s: %s",
+                     len(batch.rows), self.journal.path, self._db_error)
+        spooled = self._spool(batch.rows) if batch.rows else _SPOOLED
+        self._settle(batch, spooled.error)
+
+    def _spool(self, rows: list[tuple]) -> _Batch:
+        """Write rows to the spill journal; a failed write refuses new requests."""
+        try:
+            self.journal.append([dict(zip(_COLUMNS, values)) for values in rows])
+        except StorageError as exc:
+            self.refusing = ("Requests are refused because their history cannot be saved. "
+                             f"{self._db_error or 'The database refused the rows.'} {exc.user_message} "
+                             "Requests are accepted again as soon as either takes rows.")
             self._lose(len(rows), exc)
+            return _Batch(done=True, error=StorageError(self.refusing, detail=exc.detail))
+        self.refusing = None
+        self._probe_soon()
+        return _SPOOLED
+
+    def _settle(self, batch: _Batch, error: BaseException | None) -> None:
+        with self._lock:
+            batch.done, batch.error = True, error
+            loops, event = batch.loops, batch.event
+        if event is not None:
+            event.set()
+        if loops:
+            for loop, futures in loops.items():   # one wake-up per loop, not per request
+                try:
+                    loop.call_soon_threadsafe(_wake, futures)
+                except RuntimeError:              # that loop has closed; nobody waits there
+                    pass
+
+    def _probe_soon(self) -> None:
+        """Replay the journal if rows wait there and no attempt was made in the last second."""
+        if self.journal.pending and not self._replaying and time.monotonic() >= self._probe_at:
+            self.replay()
+
+    def replay(self) -> None:
+        """Move the journal's rows into the database (in the writer's next commit); rows
+        already there are skipped, so a replay may safely repeat."""
+        with self._lock:
+            if self._replaying:
+                return
+            self._replaying = True
+        self._probe_at = time.monotonic() + PROBE_EVERY_S
+        end = [0]
+
+        def write(conn) -> int:
+            rows, end[0] = self.journal.read()
+            values = [tuple(row.get(c) for c in _COLUMNS) for row in rows]
+            conn.execute("SAVEPOINT replay")
+            try:
+                conn.executemany(_INSERT_OR_IGNORE, values)
+            except sqlite3.IntegrityError:        # a line the table refuses must not block the rest
+                conn.execute("ROLLBACK TO replay")
+                for one in values:
+                    try:
+                        conn.execute(_INSERT_OR_IGNORE, one)
+                    except sqlite3.IntegrityError as exc:
+                        self._lose(1, storage_error(exc, self.db.path))
+            conn.execute("RELEASE replay")
+            return len(values)
+
+        def done(exc: BaseException | None) -> None:
+            if exc is None:
+                self.journal.consume(end[0])
+                self.spilling = False
+                self.refusing = None
+                _log.info("Replayed spooled history rows from %s", self.journal.path)
+            self._replaying = False
+            if exc is None and self.journal.pending:   # rows spooled while it ran
+                self.replay()
+
+        self.db.post(write, done, lazy=False)
 
     def _lose(self, rows: int, exc: BaseException) -> None:
         self.lost_rows += rows
@@ -179,7 +359,6 @@ class History:
     def event(self, kind: str, subject: str, old: Any, new: Any, cause: str = "",
               actor: str | None = None, ts: float | None = None):
         """Queue an event (breaker transition, cache clear, fault change...)."""
-        import time
         values = (ts if ts is not None else time.time(), kind, subject,
                   None if old is None else str(old), None if new is None else str(new), cause, actor)
         return self.db.submit(lambda conn: conn.execute(

@@ -12,7 +12,8 @@ It is a single async generator of text pieces. ``generate`` drains it, ``stream`
 out. Sync callers run the same code: with ``blocking=True`` its only I/O is the provider's
 blocking call (and blocking retry sleeps), so nothing in it ever suspends and
 ``core.portal.run_blocking`` drives it to the end with no event loop — there is no second
-implementation. Every run hands exactly one history row to the database writer.
+implementation. Every run hands exactly one history row to the database writer, and an
+answer (or error) leaves only once that row is committed or spooled (see History.add).
 """
 
 from __future__ import annotations
@@ -135,13 +136,14 @@ class Pipeline:
         run.on_reasoning = on_reasoning
         result.model = req.model or s["provider.default_model"]
         try:
+            self.history.check_recording()     # refuse rather than answer unrecorded
             params, cache_key = self._prepare(run, s)
             if cache_key is not None and not req.refresh:
                 hit = self.cache.get(cache_key)
                 if hit is not None:
                     async for piece in self._serve_hit(run, hit, streaming):
                         yield piece
-                    self._record(run, "ok")
+                    await self._durable(self._record(run, "ok"), blocking)
                     return
             breaker, permit, got = await self._call_upstream(run, params, s, streaming, on_retry, blocking)
             if not streaming:
@@ -163,15 +165,17 @@ class Pipeline:
                     prompt_tokens=result.usage.prompt_tokens if result.usage else None,
                     completion_tokens=result.usage.completion_tokens if result.usage else None,
                     cost=result.cost)
-            self._record(run, "ok")
+            await self._durable(self._record(run, "ok"), blocking)
         except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt):
+            # Nothing was answered, and a closed generator cannot await: the row is queued
+            # and committed with the next batch, without anybody waiting for it.
             result.error = errors.Cancelled()
             self._record(run, "cancelled")
             raise
         except errors.GyroscopeError as exc:
             result.error = exc
             exc.result = result
-            self._record(run, exc.outcome, exc)
+            await self._durable(self._record(run, exc.outcome, exc), blocking, quiet=True)
             raise
         except Exception as exc:  # a bug must still leave its row, then surface
             wrapped = errors.UpstreamError(
@@ -179,7 +183,7 @@ class Pipeline:
                 "keeps happening, report it with the time it happened.", detail=repr(exc))
             wrapped.result = result
             result.error = wrapped
-            self._record(run, "error", wrapped)
+            await self._durable(self._record(run, "error", wrapped), blocking, quiet=True)
             raise wrapped from exc
 
     def _prepare(self, run: _Run, s) -> tuple[dict, str | None]:
@@ -443,11 +447,26 @@ class Pipeline:
         result.cost = prices.cost(result.model, result.usage.prompt_tokens,
                                   result.usage.completion_tokens, self.price_provider)
 
-    def _record(self, run: _Run, outcome: str, exc: errors.GyroscopeError | None = None) -> None:
-        """Hand the run's one history row to the database writer (the answer does not wait
-        for its commit; ``Gyroscope.close()`` and process exit commit what is queued)."""
-        if run.recorded:
+    async def _durable(self, ticket, blocking: bool, quiet: bool = False) -> None:
+        """Wait until the run's row is committed or spooled: no answer leaves before that.
+        A row that can be neither raises StorageError (``quiet``: an error being reported
+        keeps its own message; the loss is counted in ``History.lost_rows``)."""
+        if ticket is None or (ticket.done and ticket.error is None):
             return
+        try:
+            if blocking:        # sync callers have no loop: block on the writer's event
+                self.history.wait(ticket)
+            else:
+                await self.history.committed(ticket)
+        except errors.StorageError:
+            if not quiet:
+                raise
+
+    def _record(self, run: _Run, outcome: str, exc: errors.GyroscopeError | None = None):
+        """Hand the run's one history row to the database writer; returns its ticket, which
+        the run waits on (``_durable``) before it ends, or None if it was recorded already."""
+        if run.recorded:
+            return None
         run.recorded = True
         result, req = run.result, run.req
         now = self.clock.monotonic()
@@ -481,4 +500,4 @@ class Pipeline:
             cost=result.cost, cost_unknown=usage is not None and result.cost is None and not result.from_cache,
             from_cache=result.from_cache, cost_saved=result.cost_saved,
             optimizer_tokens_saved=run.optimizer_saved, optimizer_cost_saved=optimizer_cost_saved)
-        self.history.add(record)
+        return self.history.add(record)

@@ -139,7 +139,7 @@ class Gyroscope:
         self.clock = clock or Clock()
         self.db = db or Database(self.config.db_path)
         self.settings = SettingsStore(self.db)
-        self.history = History(self.db)
+        self.history = History(self.db, self.config.spill_path)
         self.cache = ResponseCache(self.db, self.settings, clock=self.clock.time)
         self.breakers = Breakers(self.db, self.settings, self.history, clock=self.clock.time)
         self.provider = provider or providers.create(self.config.provider, self.config)
@@ -220,6 +220,7 @@ class Gyroscope:
         except Exception:  # noqa: BLE001 - closing is best effort
             pass
         self.db.close()
+        self.history.journal.close()
 
 
 _default_lock = threading.Lock()

@@ -599,15 +599,17 @@ def test_ctrl_c_in_a_sync_call_is_recorded_as_cancelled_and_spares_the_breaker(t
     gyro.close()
 
 
-def test_an_answer_is_served_from_cache_before_its_commit(tmp_path, simulator, clock):
+def test_a_lazy_cache_entry_rides_along_with_the_answers_row(tmp_path, simulator, clock):
     cfg = Config(provider="simulator", base_url=None, db_path=tmp_path / "p.db")
     gyro = Gyroscope(cfg, provider=SimulatorProvider(simulator), clock=clock.as_clock(),
-                     db=Database(tmp_path / "p.db", linger_s=60))   # rows stay queued
+                     db=Database(tmp_path / "p.db", linger_s=60))   # lazy writes would linger
     first = gyro.generate(req())
+    # The answer waited for its row's commit, which carried the queued cache entry along.
+    assert gyro.db.query_one("SELECT count(*) AS n FROM cache")["n"] == 1
+    assert gyro.db.query_one("SELECT count(*) AS n FROM requests")["n"] == 1
     second = gyro.generate(req())
     assert second.from_cache and second.content == first.content
     assert simulator.sim.stats()["chat_requests"] == 1
-    assert gyro.db.query_one("SELECT count(*) AS n FROM cache")["n"] == 0     # not committed yet
     assert gyro.stats()["total_requests"] == 2 and gyro.stats()["cache"]["entries"] == 1
     gyro.close()
 
