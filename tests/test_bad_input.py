@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import core.service
 from core import admin
 from core.cli import main as cli_main
 from core.demo import fill_history

@@ -313,7 +313,7 @@ def api(app_env):
     server.should_exit = True
 
 
-def _post(url: str, body: dict) -> tuple[int, "email.message.Message", bytes]:
+def _post(url: str, body: dict) -> tuple[int, object, bytes]:
     import urllib.error
     import urllib.request
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
