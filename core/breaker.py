@@ -36,6 +36,7 @@ from .errors import CircuitOpen, StorageError
 
 CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
 RATE, CONSECUTIVE = "rate", "consecutive"
+SUCCEEDED, FAILED, RELEASED = "succeeded", "failed", "released"
 # An upstream's Retry-After sets the open period within these bounds: under a second a probe
 # would go straight back into the storm; past ten minutes an odd header would pause the
 # service longer than anyone expects (a maintainer can still reset or force it by hand).
@@ -51,36 +52,41 @@ def open_period(retry_in_s: float | None) -> float | None:
 
 
 class FailureWindow:
-    """Outcomes of this process's last ``size`` attempts in the closed state (count-based).
+    """This process's last ``size`` attempts *sent* in the closed state (count-based).
 
-    A success is one ``deque.append`` (atomic in CPython), so the closed state's hot path
-    takes no lock; failures are appended and counted under the breaker's lock."""
+    An attempt takes its place when it is sent and is counted as failed only once it has
+    failed: still running, it counts as not failed. Failures (a 503 at once) come back
+    sooner than answers, so a window of *finished* attempts would, in a burst, hold mostly
+    failures (32 of the first 50 at a 30 % storm of 100 concurrent); one of attempts sent
+    does not. Sending and succeeding are a ``deque.append`` and an attribute set (atomic in
+    CPython), so the closed state's hot path takes no lock; failures count under the lock.
+    """
 
-    __slots__ = ("calls", "epoch")
+    __slots__ = ("permits", "epoch")
 
     def __init__(self, size: int) -> None:
-        self.calls: deque[bool] = deque(maxlen=size)
+        self.permits: deque[Permit] = deque(maxlen=size)
         self.epoch: float | None = None     # opened_at of the breaker when this window began
 
     def resize(self, size: int) -> None:
-        if self.calls.maxlen != size:       # a live settings change keeps the latest outcomes
-            self.calls = deque(self.calls, maxlen=size)
+        if self.permits.maxlen != size:     # a live settings change keeps the latest attempts
+            self.permits = deque(self.permits, maxlen=size)
 
-    def failure(self) -> tuple[int, int]:
-        """Record a failed attempt; (attempts, failures) now in the window."""
-        calls = self.calls
-        calls.append(True)
-        # count() runs in C without releasing the GIL, so a success appended by another
-        # thread cannot land in the middle of it.
-        return len(calls), calls.count(True)
-
-    def figures(self) -> tuple[int, int]:
-        """(attempts, failures) in the window."""
-        calls = self.calls
-        return len(calls), calls.count(True)
+    def figures(self) -> tuple[int, int, int]:
+        """(finished, failed, still running) attempts in the window; a released attempt
+        (a 4xx, a Stop) is in none of them."""
+        finished = failed = running = 0
+        for permit in tuple(self.permits):  # a C-level copy: appends elsewhere cannot break it
+            outcome = permit.outcome
+            if outcome is None:
+                running += 1
+            elif outcome is not RELEASED:
+                finished += 1
+                failed += outcome is FAILED
+        return finished, failed, running
 
     def clear(self, epoch: float | None) -> None:
-        self.calls.clear()
+        self.permits = deque(maxlen=self.permits.maxlen)
         self.epoch = epoch
 
 
@@ -214,12 +220,13 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
 class Permit:
     """Permission for one attempt; ``probe`` when taken in the half-open state."""
 
-    __slots__ = ("probe", "lease", "done")
+    __slots__ = ("probe", "lease", "done", "outcome")
 
     def __init__(self, probe: bool, lease: int | None = None) -> None:
         self.probe = probe
         self.lease = lease          # the shared probe slot it holds (storage with leases)
         self.done = False
+        self.outcome: str | None = None     # SUCCEEDED, FAILED or RELEASED once settled
 
 
 class Breaker:
@@ -292,7 +299,9 @@ class Breaker:
     def acquire(self) -> Permit:
         """Permission for one attempt, or CircuitOpen with the seconds until the next probe."""
         if (self.storage.snapshot().get("state") or CLOSED) == CLOSED:
-            return Permit(probe=False)          # the hot path: one cached read, no lock
+            permit = Permit(probe=False)        # the hot path: one cached read, no lock
+            self.window.permits.append(permit)
+            return permit
         with self._lock:
             self._conf()
             snap = self.storage.snapshot()
@@ -309,7 +318,9 @@ class Breaker:
                 lease = self._lease()
                 self._probes += 1
                 return Permit(probe=True, lease=lease)
-            return Permit(probe=False)
+            permit = Permit(probe=False)
+            self.window.permits.append(permit)
+            return permit
 
     def _lease(self) -> int | None:
         """A probe slot shared with other processes (when the storage has them), or CircuitOpen."""
@@ -337,12 +348,11 @@ class Breaker:
         """The attempt worked."""
         if permit.done:
             return
+        permit.outcome = SUCCEEDED
         snap = self.storage.snapshot()
-        if not permit.probe and (snap.get("state") or CLOSED) == CLOSED:
-            self.window.calls.append(False)     # the hot path: no lock, no I/O
-            if not snap.get("fail_counter"):
-                permit.done = True
-                return
+        if not permit.probe and (snap.get("state") or CLOSED) == CLOSED and not snap.get("fail_counter"):
+            permit.done = True                  # the hot path: no lock, no I/O
+            return
         with self._lock:
             permit.done = True
             self._conf()
@@ -364,6 +374,7 @@ class Breaker:
             return
         with self._lock:
             permit.done = True
+            permit.outcome = FAILED
             self._conf()
             snap = self.storage.snapshot()
             state = snap.get("state") or CLOSED
@@ -371,25 +382,27 @@ class Breaker:
                 self._end_probe(permit)
             if state == HALF_OPEN:
                 self._move(OPEN, f"probe failed: {cause}", open_for_s=open_period(retry_in_s))
-            elif state == CLOSED:
-                trip = self._trips(snap, cause)
+            elif state == CLOSED and not permit.probe:
+                trip = self._trips(permit, snap, cause)
                 if trip:
                     self._move(OPEN, trip, open_for_s=open_period(retry_in_s))
 
-    def _trips(self, snap: dict, cause: str) -> str | None:
+    def _trips(self, permit: Permit, snap: dict, cause: str) -> str | None:
         """Count one failure in the closed state; the cause to open with, if the rule says so."""
         if self.window.epoch != snap.get("opened_at"):
             # Another process opened and closed the breaker since this window began.
             self.window.clear(snap.get("opened_at"))
-        calls, failures = self.window.failure()
+            self.window.permits.append(permit)
         if self.mode == CONSECUTIVE:
             self.storage.increment_counter()
             count = self.storage.counter
             if count >= self.cb.fail_max:
                 return f"{count} consecutive failures (last: {cause})"
             return None
-        if calls >= self.minimum_calls and failures * 100 >= self.threshold_pct * calls:
-            return (f"{failures} of the last {calls} attempts failed ({100 * failures / calls:.0f}% "
+        finished, failed, running = self.window.figures()
+        sent = finished + running
+        if finished >= self.minimum_calls and failed * 100 >= self.threshold_pct * sent:
+            return (f"{failed} of the last {sent} attempts failed ({100 * failed / sent:.0f}% "
                     f">= {self.threshold_pct:g}%; last: {cause})")
         return None
 
@@ -398,6 +411,7 @@ class Breaker:
         if permit.done:
             return
         permit.done = True
+        permit.outcome = RELEASED
         if permit.probe:
             with self._lock:
                 self._end_probe(permit)
@@ -420,10 +434,10 @@ class Breaker:
         snap = self.storage.snapshot()
         state = snap.get("state", CLOSED)
         retry_in = self.retry_in() if state == OPEN else 0.0
-        calls, failures = self.window.figures()
+        finished, failed, running = self.window.figures()
         return {"name": self.name, "state": state, "mode": self.mode,
                 "fail_counter": snap.get("fail_counter", 0),
-                "window_calls": calls, "window_failures": failures,
+                "window_calls": finished, "window_failures": failed, "window_running": running,
                 "success_counter": snap.get("success_counter", 0),
                 "opened_at": snap.get("opened_at"), "open_for_s": snap.get("open_for_s"),
                 "retry_in_s": retry_in,
