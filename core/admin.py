@@ -170,7 +170,8 @@ def breaker_rows(gyro) -> list[dict]:
             "breaker": breaker_label(info["name"]), "state": breaker_state(info),
             # What the trip rule counts: failures in this process's window, or in a row.
             **({"failures": info["window_failures"],
-                "counted over": f"last {info['window_calls']} attempts (this process)"}
+                "counted over": f"last {info['window_calls'] + info['window_running']} attempts "
+                                "sent (this process)"}
                if info.get("mode") == "rate" else
                {"failures": info.get("fail_counter", 0), "counted over": "in a row"}),
             "last change": (f"{when(event['ts'])}: {event['old']} → {event['new']}"
