@@ -10,9 +10,10 @@ each under a short lock, while the I/O runs outside. Time comes from an injected
 
 The trip rule (``breaker.mode``) decides when a closed breaker opens, from the outcomes of
 *attempts* (not of whole requests): ``rate`` (the default) when at least
-``breaker.failure_rate_threshold`` % of the last ``breaker.window_size`` attempts failed and
-the window holds ``breaker.minimum_calls`` of them (a count-based sliding window, as in
-resilience4j, kept in this process's memory); ``consecutive`` when ``breaker.fail_max``
+``breaker.failure_rate_threshold`` % of the last ``breaker.window_size`` attempts sent have
+failed and ``breaker.minimum_calls`` of them have finished (a count-based sliding window, as
+in resilience4j, kept in this process's memory; see FailureWindow for why attempts still
+running count as not failed); ``consecutive`` when ``breaker.fail_max``
 attempts failed in a row (pybreaker's counter, in the shared storage). When the failure
 that opens it says how long to wait (Retry-After), the breaker stays open that long
 (clamped to OPEN_FOR_BOUNDS_S) instead of ``breaker.reset_timeout_s``.

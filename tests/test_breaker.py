@@ -109,6 +109,18 @@ def test_just_under_the_threshold_stays_closed(up):
     assert up.state == OPEN
 
 
+def test_fast_failures_in_a_burst_are_weighed_against_the_attempts_still_running(up):
+    burst = [up.breaker.acquire() for _ in range(100)]     # 100 attempts sent at once
+    for permit in burst[:30]:                               # the 503s come back first
+        up.breaker.failure(permit, "server_error")
+    for permit in burst[30:50]:
+        up.breaker.success(permit)
+    up.fail()                           # of the last 100 sent, 50 finished and 30 failed
+    info = up.breaker.info()
+    assert up.state == CLOSED and (info["window_calls"], info["window_failures"], info["window_running"]) == (
+        50, 30, 50)                     # 60 % of those finished, 30 % of those sent
+
+
 def test_old_outcomes_slide_out_of_the_window(up):
     up.fail(40)
     up.ok(100)                              # the 40 failures are gone from the last 100
