@@ -70,6 +70,8 @@ def describe(setting: Setting) -> str:
         parts.append(f"at least {_number(low)}{unit}")
     elif high is not None:
         parts.append(f"at most {_number(high)}{unit}")
+    if setting.choices:
+        parts.append("one of " + ", ".join(setting.choices))
     parts.append(f"default {show(setting.default, setting.unit)}")
     return " · ".join(parts)
 
@@ -171,7 +173,12 @@ def breaker_rows(gyro) -> list[dict]:
         event = last.get(info["name"])
         rows.append({
             "breaker": breaker_label(info["name"]), "state": breaker_state(info),
-            "failures": info.get("fail_counter", 0),
+            # What the trip rule counts: failures in this process's window, or in a row.
+            **({"failures": info["window_failures"],
+                "counted over": f"last {info['window_calls'] + info['window_running']} attempts "
+                                "sent (this process)"}
+               if info.get("mode") == "rate" else
+               {"failures": info.get("fail_counter", 0), "counted over": "in a row"}),
             "last change": (f"{when(event['ts'])}: {event['old']} → {event['new']}"
                             if event else "—"),
             "cause": event["cause"] if event else "",

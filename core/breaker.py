@@ -6,7 +6,17 @@ adapter only *asks permission* before an attempt and *records the outcome* after
 each under a short lock, while the I/O runs outside. Time comes from an injected clock.
 
     acquire() -> Permit | raises CircuitOpen(retry_in_s)
-    success(permit) / failure(permit, cause) / release(permit)   # release = neither
+    success(permit) / failure(permit, cause, retry_in_s) / release(permit)   # release = neither
+
+The trip rule (``breaker.mode``) decides when a closed breaker opens, from the outcomes of
+*attempts* (not of whole requests): ``rate`` (the default) when at least
+``breaker.failure_rate_threshold`` % of the last ``breaker.window_size`` attempts sent have
+failed and ``breaker.minimum_calls`` of them have finished (a count-based sliding window, as
+in resilience4j, kept in this process's memory; see FailureWindow for why attempts still
+running count as not failed); ``consecutive`` when ``breaker.fail_max``
+attempts failed in a row (pybreaker's counter, in the shared storage). When the failure
+that opens it says how long to wait (Retry-After), the breaker stays open that long
+(clamped to OPEN_FOR_BOUNDS_S) instead of ``breaker.reset_timeout_s``.
 
 Half-open probes are counted across processes: with ``SQLiteBreakerStorage`` each probe
 holds a lease in the ``breaker_probes`` table (taken and given back with a direct write;
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -25,6 +36,59 @@ import pybreaker
 from .errors import CircuitOpen, StorageError
 
 CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
+RATE, CONSECUTIVE = "rate", "consecutive"
+SUCCEEDED, FAILED, RELEASED = "succeeded", "failed", "released"
+# An upstream's Retry-After sets the open period within these bounds: under a second a probe
+# would go straight back into the storm; past ten minutes an odd header would pause the
+# service longer than anyone expects (a maintainer can still reset or force it by hand).
+OPEN_FOR_BOUNDS_S = (1.0, 600.0)
+
+
+def open_period(retry_in_s: float | None) -> float | None:
+    """The open period an upstream's Retry-After asks for, clamped; None when it said nothing."""
+    if retry_in_s is None or retry_in_s != retry_in_s:      # absent or NaN
+        return None
+    low, high = OPEN_FOR_BOUNDS_S
+    return min(high, max(low, float(retry_in_s)))
+
+
+class FailureWindow:
+    """This process's last ``size`` attempts *sent* in the closed state (count-based).
+
+    An attempt takes its place when it is sent and is counted as failed only once it has
+    failed: still running, it counts as not failed. Failures (a 503 at once) come back
+    sooner than answers, so a window of *finished* attempts would, in a burst, hold mostly
+    failures (32 of the first 50 at a 30 % storm of 100 concurrent); one of attempts sent
+    does not. Sending and succeeding are a ``deque.append`` and an attribute set (atomic in
+    CPython), so the closed state's hot path takes no lock; failures count under the lock.
+    """
+
+    __slots__ = ("permits", "epoch")
+
+    def __init__(self, size: int) -> None:
+        self.permits: deque[Permit] = deque(maxlen=size)
+        self.epoch: float | None = None     # opened_at of the breaker when this window began
+
+    def resize(self, size: int) -> None:
+        if self.permits.maxlen != size:     # a live settings change keeps the latest attempts
+            self.permits = deque(self.permits, maxlen=size)
+
+    def figures(self) -> tuple[int, int, int]:
+        """(finished, failed, still running) attempts in the window; a released attempt
+        (a 4xx, a Stop) is in none of them."""
+        finished = failed = running = 0
+        for permit in tuple(self.permits):  # a C-level copy: appends elsewhere cannot break it
+            outcome = permit.outcome
+            if outcome is None:
+                running += 1
+            elif outcome is not RELEASED:
+                finished += 1
+                failed += outcome is FAILED
+        return finished, failed, running
+
+    def clear(self, epoch: float | None) -> None:
+        self.permits = deque(maxlen=self.permits.maxlen)
+        self.epoch = epoch
 
 
 class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
@@ -37,7 +101,8 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
     """
 
     READ_TTL_S = 0.1
-    _DEFAULT = {"state": CLOSED, "fail_counter": 0, "success_counter": 0, "opened_at": None}
+    _DEFAULT = {"state": CLOSED, "fail_counter": 0, "success_counter": 0, "opened_at": None,
+                "open_for_s": None}
 
     def __init__(self, db, name: str) -> None:
         super().__init__(name)
@@ -54,8 +119,8 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
         row = self._row
         if row is not None and (self._pending or now - self._read_at < self.READ_TTL_S):
             return row
-        row = self.db.query_one("SELECT state, fail_counter, success_counter, opened_at FROM breakers "
-                                "WHERE name = ?", (self._name,)) or dict(self._DEFAULT)
+        row = self.db.query_one("SELECT state, fail_counter, success_counter, opened_at, open_for_s "
+                                "FROM breakers WHERE name = ?", (self._name,)) or dict(self._DEFAULT)
         with self._lock:
             if not self._pending:       # never replace a newer local view with an older file
                 self._row, self._read_at = row, now
@@ -143,16 +208,26 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
         ts = value.timestamp()
         self._change(lambda r: r.update(opened_at=ts), "opened_at = ?", ts)
 
+    @property
+    def open_for_s(self) -> float | None:
+        """How long this opening lasts, when the upstream said (None: breaker.reset_timeout_s)."""
+        return self.snapshot().get("open_for_s")
+
+    @open_for_s.setter
+    def open_for_s(self, value: float | None) -> None:
+        self._change(lambda r: r.update(open_for_s=value), "open_for_s = ?", value)
+
 
 class Permit:
     """Permission for one attempt; ``probe`` when taken in the half-open state."""
 
-    __slots__ = ("probe", "lease", "done")
+    __slots__ = ("probe", "lease", "done", "outcome")
 
     def __init__(self, probe: bool, lease: int | None = None) -> None:
         self.probe = probe
         self.lease = lease          # the shared probe slot it holds (storage with leases)
         self.done = False
+        self.outcome: str | None = None     # SUCCEEDED, FAILED or RELEASED once settled
 
 
 class Breaker:
@@ -170,28 +245,40 @@ class Breaker:
                                            throw_new_error_on_trip=False)
         self._lock = threading.Lock()
         self._probes = 0
+        self.window = FailureWindow(settings.snapshot()["breaker.window_size"])
+        self.window.epoch = storage.snapshot().get("opened_at")
 
     def _conf(self) -> None:
         s = self.settings.snapshot()
+        self.mode = s["breaker.mode"]
+        self.threshold_pct = s["breaker.failure_rate_threshold"]
+        self.minimum_calls = s["breaker.minimum_calls"]
+        self.window.resize(s["breaker.window_size"])
         self.cb.fail_max = s["breaker.fail_max"]
         self.cb.reset_timeout = s["breaker.reset_timeout_s"]
         self.cb.success_threshold = s["breaker.success_threshold"]
         self.half_open_max = s["breaker.half_open_max_calls"]
         self.probe_ttl_s = s["retry.deadline_s"] + 1.0    # no attempt outlives its deadline
 
-    def _opened_at(self) -> float:
-        at = self.storage.opened_at
-        return at.timestamp() if at else self.clock()
+    def _open_until(self, snap: dict) -> float:
+        """When the open period of the row ``snap`` ends (needs ``_conf``)."""
+        opened_at = snap.get("opened_at") or self.clock()
+        return opened_at + (snap.get("open_for_s") or self.cb.reset_timeout)
 
     def retry_in(self) -> float:
         """Seconds until the next probe is allowed (0 when not open)."""
-        if self.storage.state != OPEN:
+        snap = self.storage.snapshot()
+        if snap.get("state") != OPEN:
             return 0.0
-        return max(0.0, self._opened_at() + self.cb.reset_timeout - self.clock())
+        return max(0.0, self._open_until(snap) - self.clock())
 
-    def _move(self, new: str, cause: str, actor: str | None = None) -> None:
+    def _move(self, new: str, cause: str, actor: str | None = None,
+              open_for_s: float | None = None) -> None:
         old = self.storage.state
         if new == OPEN:
+            # The period first, so no process sees the new opening with the old period.
+            if hasattr(self.storage, "open_for_s"):
+                self.storage.open_for_s = open_for_s
             self.cb.open()
             self.storage.opened_at = datetime.fromtimestamp(self.clock(), timezone.utc)
         elif new == HALF_OPEN:
@@ -199,6 +286,9 @@ class Breaker:
         else:
             self.cb.close()
         self._probes = 0
+        # Every transition starts a new window (as resilience4j does): outcomes from before
+        # an opening say nothing about the upstream once it has recovered.
+        self.window.clear(self.storage.snapshot().get("opened_at"))
         if old == HALF_OPEN and new != HALF_OPEN and hasattr(self.storage, "clear_probes"):
             try:
                 self.storage.clear_probes()
@@ -210,17 +300,18 @@ class Breaker:
     def acquire(self) -> Permit:
         """Permission for one attempt, or CircuitOpen with the seconds until the next probe."""
         if (self.storage.snapshot().get("state") or CLOSED) == CLOSED:
-            return Permit(probe=False)          # the hot path: one cached read, no lock
+            permit = Permit(probe=False)        # the hot path: one cached read, no lock
+            self.window.permits.append(permit)
+            return permit
         with self._lock:
             self._conf()
             snap = self.storage.snapshot()
             state = snap.get("state") or CLOSED
             if state == OPEN:
-                opened_at = snap.get("opened_at") or self.clock()
-                wait = max(0.0, opened_at + self.cb.reset_timeout - self.clock())
+                wait = max(0.0, self._open_until(snap) - self.clock())
                 if wait > 0:
                     raise CircuitOpen(retry_in_s=wait)
-                self._move(HALF_OPEN, "reset timeout elapsed; probing")
+                self._move(HALF_OPEN, "open period elapsed; probing")
                 state = HALF_OPEN
             if state == HALF_OPEN:
                 if self._probes >= self.half_open_max:
@@ -228,7 +319,9 @@ class Breaker:
                 lease = self._lease()
                 self._probes += 1
                 return Permit(probe=True, lease=lease)
-            return Permit(probe=False)
+            permit = Permit(probe=False)
+            self.window.permits.append(permit)
+            return permit
 
     def _lease(self) -> int | None:
         """A probe slot shared with other processes (when the storage has them), or CircuitOpen."""
@@ -256,9 +349,10 @@ class Breaker:
         """The attempt worked."""
         if permit.done:
             return
+        permit.outcome = SUCCEEDED
         snap = self.storage.snapshot()
         if not permit.probe and (snap.get("state") or CLOSED) == CLOSED and not snap.get("fail_counter"):
-            permit.done = True                  # the hot path: nothing to count or reset
+            permit.done = True                  # the hot path: no lock, no I/O
             return
         with self._lock:
             permit.done = True
@@ -272,31 +366,53 @@ class Breaker:
                 if self.storage.success_counter >= self.cb.success_threshold:
                     self._move(CLOSED, f"{self.cb.success_threshold} successful probe(s)")
             elif state == CLOSED and snap.get("fail_counter"):
-                self.storage.reset_counter()
+                self.storage.reset_counter()    # a run of consecutive failures ends
 
-    def failure(self, permit: Permit, cause: str) -> None:
-        """The attempt failed in a way that counts against the upstream."""
+    def failure(self, permit: Permit, cause: str, retry_in_s: float | None = None) -> None:
+        """The attempt failed in a way that counts against the upstream; ``retry_in_s`` is how
+        long the upstream asked us to wait (Retry-After), if it said."""
         if permit.done:
             return
         with self._lock:
             permit.done = True
+            permit.outcome = FAILED
             self._conf()
-            state = self.storage.state
+            snap = self.storage.snapshot()
+            state = snap.get("state") or CLOSED
             if permit.probe:
                 self._end_probe(permit)
             if state == HALF_OPEN:
-                self._move(OPEN, f"probe failed: {cause}")
-            elif state == CLOSED:
-                self.storage.increment_counter()
-                count = self.storage.counter
-                if count >= self.cb.fail_max:
-                    self._move(OPEN, f"{count} consecutive failures (last: {cause})")
+                self._move(OPEN, f"probe failed: {cause}", open_for_s=open_period(retry_in_s))
+            elif state == CLOSED and not permit.probe:
+                trip = self._trips(permit, snap, cause)
+                if trip:
+                    self._move(OPEN, trip, open_for_s=open_period(retry_in_s))
+
+    def _trips(self, permit: Permit, snap: dict, cause: str) -> str | None:
+        """Count one failure in the closed state; the cause to open with, if the rule says so."""
+        if self.window.epoch != snap.get("opened_at"):
+            # Another process opened and closed the breaker since this window began.
+            self.window.clear(snap.get("opened_at"))
+            self.window.permits.append(permit)
+        if self.mode == CONSECUTIVE:
+            self.storage.increment_counter()
+            count = self.storage.counter
+            if count >= self.cb.fail_max:
+                return f"{count} consecutive failures (last: {cause})"
+            return None
+        finished, failed, running = self.window.figures()
+        sent = finished + running
+        if finished >= self.minimum_calls and failed * 100 >= self.threshold_pct * sent:
+            return (f"{failed} of the last {sent} attempts failed ({100 * failed / sent:.0f}% "
+                    f">= {self.threshold_pct:g}%; last: {cause})")
+        return None
 
     def release(self, permit: Permit) -> None:
         """The attempt ended in a way that says nothing about the upstream (4xx, a Stop)."""
         if permit.done:
             return
         permit.done = True
+        permit.outcome = RELEASED
         if permit.probe:
             with self._lock:
                 self._end_probe(permit)
@@ -314,14 +430,18 @@ class Breaker:
             self._move(OPEN, "forced open", actor or "admin")
 
     def info(self) -> dict:
-        """State now, for pages and stats."""
+        """State now, for pages and stats (the window's figures are this process's)."""
         self._conf()
         snap = self.storage.snapshot()
         state = snap.get("state", CLOSED)
         retry_in = self.retry_in() if state == OPEN else 0.0
-        return {"name": self.name, "state": state, "fail_counter": snap.get("fail_counter", 0),
+        finished, failed, running = self.window.figures()
+        return {"name": self.name, "state": state, "mode": self.mode,
+                "fail_counter": snap.get("fail_counter", 0),
+                "window_calls": finished, "window_failures": failed, "window_running": running,
                 "success_counter": snap.get("success_counter", 0),
-                "opened_at": snap.get("opened_at"), "retry_in_s": retry_in,
+                "opened_at": snap.get("opened_at"), "open_for_s": snap.get("open_for_s"),
+                "retry_in_s": retry_in,
                 "next_probe_at": self.clock() + retry_in if state == OPEN else None}
 
 

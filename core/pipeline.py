@@ -414,8 +414,8 @@ class Pipeline:
     @staticmethod
     def _settle_permit(breaker, permit, exc: errors.UpstreamError) -> None:
         """Count the failure against the upstream only when it is the upstream's fault."""
-        if exc.breaker_failure:
-            breaker.failure(permit, exc.kind)
+        if exc.breaker_failure:   # Retry-After, when sent, sets how long an opening lasts
+            breaker.failure(permit, exc.kind, exc.retry_in_s)
         else:
             breaker.release(permit)
 

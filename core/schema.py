@@ -150,3 +150,10 @@ def m003_probe_leases(db) -> None:
     db.execute("CREATE TABLE breaker_probes (id INTEGER PRIMARY KEY, name TEXT NOT NULL, "
                "expires_at REAL NOT NULL)")
     db.execute("CREATE INDEX idx_breaker_probes_name ON breaker_probes (name, expires_at)")
+
+
+@migrations()
+def m004_breaker_open_for(db) -> None:
+    """How long an open breaker stays open when the upstream said (Retry-After); NULL means
+    breaker.reset_timeout_s. Shared, so every process probes at the same time."""
+    db.execute("ALTER TABLE breakers ADD COLUMN open_for_s REAL")

@@ -29,6 +29,7 @@ class Setting:
     max: float | None = None
     unit: str = ""
     check: Callable[[Any], None] | None = None   # more rules for the parsed value
+    choices: tuple[str, ...] = ()      # the only values allowed (a str setting), in shown order
 
     def parse(self, value: Any) -> Any:
         """The typed, validated value, or InvalidParameter naming what is allowed."""
@@ -68,6 +69,9 @@ class Setting:
                     raise ValueError
                 v = v.strip()
                 check_unicode(self.name, v)
+                if self.choices and v not in self.choices:
+                    raise InvalidParameter(f"{self.name} must be one of "
+                                           f"{', '.join(self.choices)} (got {short_repr(value)}).")
         except (TypeError, ValueError, OverflowError):
             raise InvalidParameter(
                 f"{self.name} must be {_type_words(self.type)} (got {short_repr(value)}).") from None
@@ -108,7 +112,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retry.multiplier", float, 2.0, "Each wait is this many times the previous one.", "Retry", 1, 10),
     Setting("retry.jitter", float, 0.5, "Share of each wait that is randomised (0 = none, 1 = full jitter).", "Retry", 0, 1),
     Setting("retry.deadline_s", float, 120.0, "Overall time budget of one request, retries included.", "Retry", 1, 3600, " s"),
-    Setting("breaker.fail_max", int, 5, "Consecutive failures that open the breaker.", "Breaker", 1, 1000),
+    Setting("breaker.mode", str, "rate", "What opens the breaker: 'rate' = the failure rate of the last attempts; "
+            "'consecutive' = breaker.fail_max failed attempts in a row.", "Breaker",
+            choices=("rate", "consecutive")),
+    Setting("breaker.failure_rate_threshold", float, 50.0, "Share of failed attempts in the window that opens "
+            "the breaker (mode rate).", "Breaker", 1, 100, " %"),
+    Setting("breaker.window_size", int, 100, "Attempts in the sliding window the failure rate is taken over "
+            "(mode rate; per process).", "Breaker", 2, 1000),
+    Setting("breaker.minimum_calls", int, 50, "Attempts the window needs before the rate can open the breaker "
+            "(mode rate).", "Breaker", 1, 1000),
+    Setting("breaker.fail_max", int, 5, "Consecutive failed attempts that open the breaker (mode consecutive).",
+            "Breaker", 1, 1000),
     Setting("breaker.reset_timeout_s", float, 30.0, "How long the breaker stays open before a probe.", "Breaker", 1, 3600, " s"),
     Setting("breaker.half_open_max_calls", int, 1, "Probes allowed at once while half-open.", "Breaker", 1, 100),
     Setting("breaker.success_threshold", int, 1, "Successful probes needed to close the breaker.", "Breaker", 1, 100),
@@ -210,6 +224,10 @@ def _check_consistency(values: dict) -> None:
         raise InvalidParameter(
             "retry.base_delay_s must not exceed retry.max_delay_s "
             f"({values['retry.base_delay_s']:g} > {values['retry.max_delay_s']:g}).")
+    if values["breaker.minimum_calls"] > values["breaker.window_size"]:
+        raise InvalidParameter(   # the window could never hold enough attempts to open it
+            "breaker.minimum_calls must not exceed breaker.window_size "
+            f"({values['breaker.minimum_calls']} > {values['breaker.window_size']}).")
 
 
 def _write_values(conn, parsed: dict, actor: str | None) -> int:

@@ -100,7 +100,10 @@ def _key(name: str, version: int) -> str:
 def setting_widget(s: Setting, value: Any, version: int, disabled: bool) -> None:
     """The widget for one setting, chosen by its type, with its help, bounds and default."""
     key, label = _key(s.name, version), s.name
-    if s.type is bool:
+    if s.choices:
+        st.selectbox(label, s.choices, index=s.choices.index(value) if value in s.choices else 0,
+                     key=key, disabled=disabled)
+    elif s.type is bool:
         st.toggle(label, value=bool(value), key=key, disabled=disabled)
     elif s.type in (int, float):
         low, high = (None if b is None else s.type(b) for b in (s.min, s.max))

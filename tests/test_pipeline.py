@@ -227,7 +227,7 @@ def test_timeouts_are_retried_then_reported(tmp_path, simulator, clock):
 
 # -- circuit breaker ------------------------------------------------------------------------
 def test_open_breaker_fails_fast_without_reaching_the_server(tmp_path, simulator, clock):
-    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.fail_max": 3, "retry.max_retries": 0,
+    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.mode": "consecutive", "breaker.fail_max": 3, "retry.max_retries": 0,
                                                     "breaker.reset_timeout_s": 30})
     simulator.sim.set_faults(error_rate=1.0, error_status=503)
     for _ in range(3):
@@ -249,7 +249,7 @@ def test_open_breaker_fails_fast_without_reaching_the_server(tmp_path, simulator
 
 def test_recovers_by_itself_after_an_outage(tmp_path, clock):
     running = start_in_background(Simulator(clock=clock.monotonic))
-    gyro = make_gyro(tmp_path, running, clock, **{"breaker.fail_max": 2, "retry.max_retries": 0,
+    gyro = make_gyro(tmp_path, running, clock, **{"breaker.mode": "consecutive", "breaker.fail_max": 2, "retry.max_retries": 0,
                                                   "breaker.reset_timeout_s": 30})
     try:
         running.sim.outage_for(60)
@@ -320,7 +320,7 @@ def test_half_open_probes_are_limited_across_processes(tmp_path, simulator, cloc
 
 
 def test_client_errors_and_cancellations_do_not_move_the_breaker(tmp_path, simulator, clock):
-    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.fail_max": 2, "retry.max_retries": 0})
+    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.mode": "consecutive", "breaker.fail_max": 2, "retry.max_retries": 0})
     breaker = gyro.breakers.get("simulator", "gpt-4o-mini")
     simulator.sim.set_faults(fail_next=1, fail_status=500)
     with pytest.raises(errors.ServerError):
@@ -334,7 +334,9 @@ def test_client_errors_and_cancellations_do_not_move_the_breaker(tmp_path, simul
     stream = gyro.stream(req(cache=False))
     next(stream)
     stream.close()
-    assert breaker.info()["fail_counter"] == 1 and breaker.info()["state"] == "closed"
+    info = breaker.info()
+    assert info["fail_counter"] == 1 and info["state"] == "closed"
+    assert (info["window_calls"], info["window_failures"]) == (1, 1)   # the rate rule's view too
     gyro.close()
 
 
@@ -477,7 +479,7 @@ def test_the_same_request_object_twice_leaves_two_rows(gyro):
 
 
 def test_a_409_is_retried_but_does_not_count_against_the_upstream(tmp_path, simulator, clock):
-    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.fail_max": 1, "retry.max_retries": 0})
+    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.mode": "consecutive", "breaker.fail_max": 1, "retry.max_retries": 0})
     simulator.sim.set_faults(fail_next=1, fail_status=409)
     with pytest.raises(errors.Conflict):
         gyro.generate(req(cache=False))
@@ -486,7 +488,7 @@ def test_a_409_is_retried_but_does_not_count_against_the_upstream(tmp_path, simu
 
 
 def test_retries_stop_as_soon_as_the_breaker_opens(tmp_path, simulator, clock):
-    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.fail_max": 2, "retry.max_retries": 3})
+    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.mode": "consecutive", "breaker.fail_max": 2, "retry.max_retries": 3})
     simulator.sim.set_faults(error_rate=1.0, error_status=503)
     with pytest.raises(errors.ServerError):
         gyro.generate(req(cache=False))
@@ -511,8 +513,9 @@ def test_a_stopped_probe_frees_its_slot(tmp_path, simulator, clock):
     gyro.close()
 
 
-def test_a_breaker_write_never_waits_for_a_locked_file(gyro, simulator):
+def test_a_breaker_write_never_waits_for_a_locked_file(tmp_path, simulator, clock):
     import sqlite3
+    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.mode": "consecutive"})  # counts in the file
     breaker = gyro.breakers.get("simulator", "gpt-4o-mini")
     blocker = sqlite3.connect(gyro.db.path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")        # the file is locked by someone else...
@@ -525,6 +528,7 @@ def test_a_breaker_write_never_waits_for_a_locked_file(gyro, simulator):
         blocker.close()
     gyro.db.flush()
     assert gyro.db.query_one("SELECT fail_counter FROM breakers")["fail_counter"] == 1
+    gyro.close()
 
 
 # -- sync callers: the same pipeline on the provider's blocking client ------------------------
@@ -595,7 +599,8 @@ def test_ctrl_c_in_a_sync_call_is_recorded_as_cancelled_and_spares_the_breaker(t
         gyro.generate(req())
     [row] = rows(gyro)
     assert row["outcome"] == "cancelled" and row["attempts"] == 1
-    assert gyro.breakers.get("simulator", "gpt-4o-mini").info()["fail_counter"] == 0
+    info = gyro.breakers.get("simulator", "gpt-4o-mini").info()
+    assert info["fail_counter"] == 0 and info["window_calls"] == 0
     gyro.close()
 
 

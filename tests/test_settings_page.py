@@ -45,7 +45,7 @@ def page() -> AppTest:
 
 def widget(at: AppTest, name: str):
     """The widget of one setting (its key carries the settings version it was drawn at)."""
-    for kind in (at.number_input, at.toggle, at.text_input):
+    for kind in (at.number_input, at.toggle, at.text_input, at.selectbox):
         for w in kind:
             if w.key and w.key.startswith(f"setting:{name}@"):
                 return w
@@ -104,7 +104,10 @@ def test_every_setting_has_a_widget_of_its_type_with_help_bounds_and_default():
     captions = messages(at, "caption")
     for s in SETTINGS:
         w = widget(at, s.name)
-        assert w in list(kinds[s.type]) and w.value == s.default and not w.disabled
+        kind = at.selectbox if s.choices else kinds[s.type]      # a fixed set of values: a pick list
+        assert w in list(kind) and w.value == s.default and not w.disabled
+        if s.choices:
+            assert list(w.options) == list(s.choices)
         if s.min is not None:
             assert (w.min, w.max) == (s.min, s.max)
         assert admin.describe(s) in captions
@@ -138,7 +141,7 @@ def test_max_retries_zero_saved_on_the_page_gives_exactly_one_attempt():
 
 def test_breaker_fail_max_saved_on_the_page_opens_after_that_many_failures():
     at = save(page(), retry__max_retries=0)
-    at = save(at, breaker__fail_max=2)
+    at = save(at, breaker__mode="consecutive", breaker__fail_max=2)
     assert service.default_service().settings.get("breaker.fail_max") == 2
     sim = service.default_service().provider.sim
     sim.set_faults(fail_next=10, fail_status=503)
