@@ -144,6 +144,8 @@ class Gyroscope:
         self.pipeline = Pipeline(self.provider, settings=self.settings, cache=self.cache,
                                  breakers=self.breakers, history=self.history, clock=self.clock,
                                  optimizer=_optimizer, rng=rng)
+        # The first settings read waits for the file; later ones (on the event loop) never do.
+        self.settings.snapshot()
 
     @property
     def is_simulated(self) -> bool:
@@ -209,6 +211,11 @@ class Gyroscope:
         totals["cache"] = self.cache.stats()
         return totals
 
+    async def astats(self, filters: Filters = Filters(), timeout: float | None = None) -> dict:
+        """``stats`` from async code: run off the event loop (it reads the file and waits
+        for queued writes); TimeoutError after ``timeout`` s."""
+        return await portal.off_loop(self.stats, filters, timeout=timeout)
+
     def close(self) -> None:
         """Commit pending writes and release connections."""
         try:
@@ -229,3 +236,8 @@ def default_service() -> Gyroscope:
         if _default is None:
             _default = Gyroscope()
         return _default
+
+
+def current_service() -> Gyroscope | None:
+    """The process-wide Gyroscope if it is built already (never builds it: no waiting)."""
+    return _default
