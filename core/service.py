@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
+import os
 import queue
 import threading
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -146,6 +148,7 @@ class Gyroscope:
                                  optimizer=_optimizer, rng=rng)
         # The first settings read waits for the file; later ones (on the event loop) never do.
         self.settings.snapshot()
+        _freeze_startup_heap()
 
     @property
     def is_simulated(self) -> bool:
@@ -223,6 +226,27 @@ class Gyroscope:
         except Exception:  # noqa: BLE001 - closing is best effort
             pass
         self.db.close()
+
+
+_frozen = False
+
+
+def _freeze_startup_heap() -> None:
+    """Take what start-up left on the heap out of the garbage collector's reach, once.
+
+    Importing core brings ~50,000 objects that live as long as the process (numpy and
+    pandas through sqlite-utils, genai-prices' price table, the SDK's types), and every
+    full collection scanned them all: ~80 ms each on this machine, several per burst of
+    1000 concurrent requests, which cost a fresh process a tenth of its throughput (see
+    docs/benchmarks.md, bench/fresh.py). Frozen objects are still freed by reference
+    counting; the collection before the freeze keeps garbage cycles out of it.
+    GYROSCOPE_GC_FREEZE=0 leaves the collector alone (a host process that manages it).
+    """
+    global _frozen
+    if not _frozen and os.environ.get("GYROSCOPE_GC_FREEZE", "1") != "0":
+        _frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 _default_lock = threading.Lock()
