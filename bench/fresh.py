@@ -8,7 +8,11 @@ against raw ``AsyncOpenAI`` — what a user who starts Gyroscope and sends a bur
 loosened; this bench changes nothing: each side is a new Python process that imports what
 it needs and builds its client the way a user would (raw: ``AsyncOpenAI(base_url=...,
 api_key=...)``; ours: ``Gyroscope()`` from the environment, a new database file, every
-setting at its default, so the cache is on and every request is a cache miss). Each process
+setting at its default, so the cache is on and every request is a cache miss). One
+exception, on both sides alike: the connect timeout is ``--connect-timeout`` (60 s), as in
+bench/pipeline.py, because with 1000 connections opening at once on 2 busy cores a connect
+can take longer than the 5 s default to be noticed, and then most requests fail on both
+sides (seen: 880 of 1000 raw requests failed) and the figure means nothing. Each process
 sends ``--batches`` bursts of ``--concurrent`` requests and reports each burst's
 throughput (ours: until its history rows are committed), the collector's full collections
 and the objects the collector tracked when the first burst began.
@@ -56,10 +60,12 @@ class _Collector:
             self.full += info["generation"] == 2
 
 
-async def _child(side: str, base_url: str, n: int, batches: int) -> None:
+async def _child(side: str, base_url: str, n: int, batches: int, connect_s: float) -> None:
     if side == "raw":
+        import httpx2
         import openai
-        client = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench")
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench",
+                                    timeout=httpx2.Timeout(600, connect=connect_s))
 
         async def one(i: int) -> None:
             await client.chat.completions.create(
@@ -72,6 +78,7 @@ async def _child(side: str, base_url: str, n: int, batches: int) -> None:
         from core.models import GenerationRequest
         from core.service import Gyroscope
         gyro = Gyroscope()            # from the environment: OPENAI_BASE_URL, GYROSCOPE_DB
+        gyro.settings.set("timeout.connect_s", connect_s, actor="bench")
 
         async def one(i: int) -> None:
             await gyro.agenerate(GenerationRequest(prompt=MSG.format(i=i), max_tokens=MAX_TOKENS,
@@ -87,7 +94,8 @@ async def _child(side: str, base_url: str, n: int, batches: int) -> None:
         outcomes = await asyncio.gather(*(one(b * n + i) for i in range(n)), return_exceptions=True)
         settle()
         took = time.perf_counter() - t
-        print(json.dumps({"rps": n / took, "errors": sum(isinstance(o, BaseException) for o in outcomes),
+        errors = [type(o).__name__ for o in outcomes if isinstance(o, BaseException)]
+        print(json.dumps({"rps": n / took, "errors": len(errors), "kinds": sorted(set(errors)),
                           "full_gc": collector.full - full, "gc_s": collector.seconds - seconds,
                           "objects": objects}), flush=True)
 
@@ -101,7 +109,8 @@ def _run_side(side: str, base_url: str, args, tmp: Path, r: int) -> list[dict]:
         env["GYROSCOPE_GC_FREEZE"] = "0"
     out = subprocess.run([sys.executable, __file__, "--child", "raw" if side == "raw" else "ours",
                           "--base", base_url,
-                          "--concurrent", str(args.concurrent), "--batches", str(args.batches)],
+                          "--concurrent", str(args.concurrent), "--batches", str(args.batches),
+                          "--connect-timeout", str(args.connect_timeout)],
                          env=env, cwd=tmp, capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise SystemExit(f"{side} process failed:\n{out.stderr}")
@@ -115,11 +124,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--latency-ms", type=float, default=200)
     ap.add_argument("--unfrozen", action="store_true")
+    ap.add_argument("--connect-timeout", type=float, default=60)
     ap.add_argument("--child", choices=("raw", "ours"))
     ap.add_argument("--base")
     args = ap.parse_args()
     if args.child:
-        asyncio.run(_child(args.child, args.base, args.concurrent, args.batches))
+        asyncio.run(_child(args.child, args.base, args.concurrent, args.batches, args.connect_timeout))
         return
     sys.path.insert(0, str(ROOT))
     from bench._sim import simulator_process
@@ -136,7 +146,8 @@ def main() -> None:
             print(f"  round {r + 1}: " + "   ".join(f"burst {b + 1}: " + "  ".join(
                 f"{side} {result[side][b]['rps']:6.1f} req/s"
                 + (f" ({result[side][b]['rps'] / result['raw'][b]['rps']:.0%})" if side != "raw" else "")
-                + (f" [{result[side][b]['errors']} errors]" if result[side][b]["errors"] else "")
+                + (f" [{result[side][b]['errors']} errors: {', '.join(result[side][b]['kinds'])}]"
+                   if result[side][b]["errors"] else "")
                 for side in sides) for b in range(args.batches)), flush=True)
     print(f"fresh process per side and round, default settings, {args.concurrent} concurrent, "
           f"simulator latency {args.latency_ms:g} ms, {args.rounds} alternating rounds")
