@@ -3,7 +3,8 @@
     python bench/locked.py [--hold 10] [--clients 8]
 
 Serves core.api's routes with uvicorn (the app's own simulator as the provider, as with no
-API key), then twice has a second process lock the file for ``--hold`` seconds while
+API key), runs the load once with no lock (the baseline: with 8 clients on 2 cores the loop
+is busy serving requests), then twice has a second process lock the file for ``--hold`` seconds while
 ``--clients`` threads send /api/generate requests (each prompt new: cache misses) and
 /api/health is probed every 0.1 s:
 
@@ -35,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def lock(path: Path, kind: str, seconds: float) -> subprocess.Popen:
+    if kind == "none":      # the baseline: same load, nobody locks the file
+        return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
     take = {"write": "c.execute('BEGIN EXCLUSIVE')",
             "file": "c.execute('PRAGMA locking_mode=EXCLUSIVE'); c.execute('BEGIN')"}[kind]
     code = (f"import sqlite3, time\nc = sqlite3.connect({str(path)!r}, isolation_level=None, timeout=10)\n"
@@ -90,7 +93,9 @@ def under_lock(url: str, path: Path, kind: str, hold: float, clients: int, stats
         th.join()
     during = [a for a in answered if a[2] <= held]
     ms = sorted(h * 1000 for h in health)
-    print(f"{kind} lock ({'BEGIN EXCLUSIVE, service running' if kind == 'write' else 'PRAGMA locking_mode=EXCLUSIVE, service starting'}), held {held:.1f} s")
+    title = {"none": "no lock (baseline, same load)", "write": "BEGIN EXCLUSIVE, service running",
+             "file": "PRAGMA locking_mode=EXCLUSIVE, service starting"}[kind]
+    print(f"{title}: {held:.1f} s")
     print(f"  /api/health  {len(ms)} probes: p50 {statistics.median(ms):.1f} ms  p95 {ms[int(len(ms) * .95)]:.1f} ms"
           f"  max {ms[-1]:.1f} ms")
     if during:
@@ -127,9 +132,15 @@ def main() -> None:
         gyro = core.service.default_service()
         gyro.provider.sim.set_latency(ttft_ms=0, tokens_per_s=0)
         call(url + "/api/generate", {"prompt": "warm up", "max_tokens": 8})
+        under_lock(url, path, "none", args.hold, args.clients, stats=False)
         under_lock(url, path, "write", args.hold, args.clients, stats=True)
+        # A service that has not opened its file yet: a new file (this process's threads
+        # still hold connections to the first one, and SQLite grants the whole-file lock
+        # only to a file's sole user).
         core.service._default.close()
-        core.service._default = None          # a service that has not opened the file yet
+        core.service._default = None
+        path = tmp / "starting.db"
+        os.environ["GYROSCOPE_DB"] = str(path)
         Database(path).close()
         under_lock(url, path, "file", args.hold, args.clients, stats=False)
     finally:
