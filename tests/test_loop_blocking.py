@@ -19,10 +19,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 from starlette.applications import Starlette
 
 import core.service
@@ -62,7 +62,7 @@ def timed_get(url: str) -> tuple[int, dict, float]:
         return err.code, json.loads(err.read()), time.perf_counter() - t
 
 
-def test_a_write_lock_holds_up_neither_health_nor_requests(app_env, monkeypatch):
+def test_a_write_lock_holds_up_neither_health_nor_requests(app_env):
     gyro = core.service.default_service()
     url, server = _serve(Starlette(routes=api.routes()))
     try:
