@@ -21,14 +21,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .errors import GyroscopeError, InvalidParameter
+from .config import load_config
+from .errors import GyroscopeError, InvalidParameter, StorageError
 from .history import Filters, parse_when
 from .models import GenerationRequest, check_json_type
-from .service import default_service
+from .portal import off_loop
+from .service import current_service, default_service
 
 _STATUS = {"rejected": 400, "invalid_parameter": 400, "prompt_too_long": 400, "config": 400,
            "circuit_open": 503, "rate_limited": 429, "quota_exhausted": 402, "retry_later": 503,
-           "model_not_found": 404, "bad_request": 400, "auth": 502, "cancelled": 499}
+           "model_not_found": 404, "bad_request": 400, "auth": 502, "cancelled": 499,
+           "storage": 503}
 
 
 def _error(exc: GyroscopeError) -> JSONResponse:
@@ -52,12 +55,34 @@ def _unauthorised() -> JSONResponse:
                                    "<GYROSCOPE_API_TOKEN>.", "retry_in_s": None}}, status_code=401)
 
 
+STATS_TIMEOUT_S = 5.0      # /api/stats waits this long for the file, then answers 503
+_starting: asyncio.Task | None = None
+
+
+async def _service():
+    """The process-wide service, built off the event loop the first time (opening the file
+    and applying migrations wait for it, up to its busy timeout when another program
+    locks it)."""
+    return current_service() or await off_loop(default_service)
+
+
 async def health(request: Request) -> JSONResponse:
-    try:
-        gyro = default_service()
-    except GyroscopeError as exc:
-        return _error(exc)
-    # Rows waiting in the spill journal, refused requests or lost rows: say so.
+    """What the process knows without touching the file, so it answers at once even while
+    another program locks it."""
+    global _starting
+    gyro = current_service()
+    if gyro is None:        # not built yet (or the file was locked): build it meanwhile
+        if _starting is None or _starting.done():
+            _starting = asyncio.create_task(_service())
+            _starting.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            config = load_config()
+        except GyroscopeError as exc:
+            return _error(exc)
+        return JSONResponse({"status": "starting", "provider": config.provider,
+                             "simulated": config.provider == "simulator", "history_rows_lost": 0})
+    # Rows waiting in the spill journal, refused requests or lost rows: say so (all from
+    # memory; a replay it may start runs on the writer thread).
     recording = gyro.history.status()
     degraded = recording["history"] != "ok" or recording["history_rows_lost"]
     return JSONResponse({"status": "degraded" if degraded else "ok", "provider": gyro.provider.name,
@@ -66,7 +91,7 @@ async def health(request: Request) -> JSONResponse:
 
 async def generate(request: Request):
     try:
-        gyro = default_service()
+        gyro = await _service()
     except GyroscopeError as exc:
         return _error(exc)
     if not _authorised(request, gyro):
@@ -149,13 +174,19 @@ async def _sse(gyro, req: GenerationRequest):
 async def stats(request: Request) -> JSONResponse:
     q = request.query_params
     try:
-        if not _authorised(request, default_service()):
+        gyro = await _service()
+        if not _authorised(request, gyro):
             return _unauthorised()
         filters = Filters(start=parse_when(q.get("since")), end=parse_when(q.get("until")), tz=q.get("tz", "UTC"),
                           models=tuple(q.getlist("model")), sources=tuple(q.getlist("source")))
-        return JSONResponse(default_service().stats(filters))
+        return JSONResponse(await gyro.astats(filters, timeout=STATS_TIMEOUT_S))
     except GyroscopeError as exc:
         return _error(exc)
+    except TimeoutError:
+        return _error(StorageError(
+            f"The statistics could not be read within {STATS_TIMEOUT_S:g} s: the database file "
+            "is busy (another program may hold a lock on it). Try again in a few seconds.",
+            retry_in_s=5.0))
 
 
 def routes() -> list[Route]:

@@ -119,8 +119,11 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
         row = self._row
         if row is not None and (self._pending or now - self._read_at < self.READ_TTL_S):
             return row
-        row = self.db.query_one("SELECT state, fail_counter, success_counter, opened_at, open_for_s "
-                                "FROM breakers WHERE name = ?", (self._name,)) or dict(self._DEFAULT)
+        try:    # on the event loop: while another program locks the file, keep this view
+            row = self.db.query_one_nowait("SELECT state, fail_counter, success_counter, opened_at, open_for_s "
+                                           "FROM breakers WHERE name = ?", (self._name,)) or dict(self._DEFAULT)
+        except StorageError:
+            row = self._row or dict(self._DEFAULT)
         with self._lock:
             if not self._pending:       # never replace a newer local view with an older file
                 self._row, self._read_at = row, now

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .errors import StorageError
+
 _FENCE = re.compile(r"(```.*?(?:```|\Z)|~~~.*?(?:~~~|\Z)|`[^`\n]*`)", re.S)
 _SPACES = re.compile(r"\s+")
 
@@ -69,7 +71,10 @@ class ResponseCache:
         """The live entry for ``key`` or None (counted as a hit or a miss)."""
         answer = self._pending.get(key)
         if answer is None:
-            row = self.db.query_one("SELECT * FROM cache WHERE key = ?", (key,))
+            try:        # on the event loop: a file locked by another program is a miss
+                row = self.db.query_one_nowait("SELECT * FROM cache WHERE key = ?", (key,))
+            except StorageError:
+                row = None
             if row is not None:
                 answer = CachedAnswer(key=key, content=row["content"], model=row["model"],
                                       finish_reason=row["finish_reason"],

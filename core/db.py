@@ -148,6 +148,19 @@ class Database:
             raise storage_error(exc, self.path) from exc
         return dict(row) if row is not None else None
 
+    def query_one_nowait(self, sql: str, params: Any = ()) -> dict | None:
+        """Like ``query_one``, but a file that another program has locked raises
+        StorageError at once instead of after the busy timeout: for reads on the event
+        loop (settings, cache, breaker), whose callers have an answer without the file."""
+        conn = getattr(self._local, "nowait", None)
+        try:
+            if conn is None:
+                conn = self._local.nowait = _connect(self.path, readonly=True, busy_timeout_s=0)
+            row = conn.execute(sql, params).fetchone()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path) from exc
+        return dict(row) if row is not None else None
+
     # -- writing -----------------------------------------------------------------------
     def submit(self, fn: WriteFn, *, lazy: bool = True) -> Future:
         """Queue a write; the future resolves (to fn's result) once it is committed. A lazy

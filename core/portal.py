@@ -1,12 +1,13 @@
 """How sync callers drive the async pipeline: with no event loop at all when its I/O is
 blocking (``run_blocking``), else on an event loop of their own thread (no thread hop),
-else on a shared background loop."""
+else on a shared background loop. And the other way round: how async code runs blocking
+database work off its loop (``off_loop``)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Coroutine
 
 _lock = threading.Lock()
@@ -69,3 +70,16 @@ def run_here(coro: Coroutine) -> Any:
     if own is None or own.is_closed():
         own = _local.loop = asyncio.new_event_loop()
     return own.run_until_complete(coro)
+
+
+# Blocking database work called from an event loop (building the service, stats). Its own
+# small pool, not the loop's default executor: calls stuck behind a locked file must not
+# hold up what that executor does for the loop (name resolution of new connections).
+_blocking = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gyroscope-off-loop")
+
+
+async def off_loop(fn, *args: Any, timeout: float | None = None) -> Any:
+    """Run blocking ``fn(*args)`` in a worker thread; TimeoutError after ``timeout`` s (the
+    call itself runs on to its end in the thread)."""
+    fut = asyncio.wrap_future(_blocking.submit(fn, *args))
+    return await asyncio.wait_for(asyncio.shield(fut), timeout) if timeout else await fut

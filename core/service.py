@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
+import os
 import queue
 import threading
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -147,6 +149,9 @@ class Gyroscope:
         self.pipeline = Pipeline(self.provider, settings=self.settings, cache=self.cache,
                                  breakers=self.breakers, history=self.history, clock=self.clock,
                                  optimizer=_optimizer, rng=rng)
+        # The first settings read waits for the file; later ones (on the event loop) never do.
+        self.settings.snapshot()
+        _freeze_startup_heap()
 
     @property
     def is_simulated(self) -> bool:
@@ -213,6 +218,11 @@ class Gyroscope:
         totals["cache"] = self.cache.stats()
         return totals
 
+    async def astats(self, filters: Filters = Filters(), timeout: float | None = None) -> dict:
+        """``stats`` from async code: run off the event loop (it reads the file and waits
+        for queued writes); TimeoutError after ``timeout`` s."""
+        return await portal.off_loop(self.stats, filters, timeout=timeout)
+
     def close(self) -> None:
         """Commit pending writes and release connections."""
         try:
@@ -221,6 +231,27 @@ class Gyroscope:
             pass
         self.db.close()
         self.history.journal.close()
+
+
+_frozen = False
+
+
+def _freeze_startup_heap() -> None:
+    """Take what start-up left on the heap out of the garbage collector's reach, once.
+
+    Importing core brings ~50,000 objects that live as long as the process (numpy and
+    pandas through sqlite-utils, genai-prices' price table, the SDK's types), and every
+    full collection scanned them all: ~80 ms each on this machine, several per burst of
+    1000 concurrent requests, which cost a fresh process a tenth of its throughput (see
+    docs/benchmarks.md, bench/fresh.py). Frozen objects are still freed by reference
+    counting; the collection before the freeze keeps garbage cycles out of it.
+    GYROSCOPE_GC_FREEZE=0 leaves the collector alone (a host process that manages it).
+    """
+    global _frozen
+    if not _frozen and os.environ.get("GYROSCOPE_GC_FREEZE", "1") != "0":
+        _frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 _default_lock = threading.Lock()
@@ -234,3 +265,8 @@ def default_service() -> Gyroscope:
         if _default is None:
             _default = Gyroscope()
         return _default
+
+
+def current_service() -> Gyroscope | None:
+    """The process-wide Gyroscope if it is built already (never builds it: no waiting)."""
+    return _default

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from .errors import InvalidParameter
+from .errors import InvalidParameter, StorageError
 from .models import check_model_name, check_unicode, short_repr
 
 OPTIMIZER_RULES = ("whitespace", "trailing_spaces", "filler", "duplicates", "separators")
@@ -168,27 +168,39 @@ class SettingsStore:
         self._snapshot: Snapshot | None = None
         self._checked_at = float("-inf")
 
-    def _version_in_db(self) -> int:
-        row = self.db.query_one("SELECT value FROM meta WHERE key = 'settings_version'")
-        return int(row["value"]) if row else 0
-
     def snapshot(self) -> Snapshot:
-        """Current values (cached; re-read when another process changed them)."""
+        """Current values (cached; re-read when another process changed them).
+
+        Only the first read waits for the file. Later ones are called on the event loop,
+        so they do not wait for a lock another program holds: the last good snapshot
+        serves until the file can be read again."""
         now = self.clock()
         snap = self._snapshot
         if snap is not None and now - self._checked_at < self.ttl:
             return snap
         with self._lock:
-            version = self._version_in_db()
-            if self._snapshot is None or self._snapshot.version != version:
-                values = Snapshot({s.name: s.default for s in SETTINGS})
-                for row in self.db.query("SELECT name, value FROM settings"):
-                    if row["name"] in BY_NAME:
-                        values[row["name"]] = json.loads(row["value"])
-                values.version = version
-                self._snapshot = values
+            snap = self._snapshot
+            try:
+                self._snapshot = self._read(snap, self.db.query_one if snap is None
+                                            else self.db.query_one_nowait)
+            except StorageError:
+                if snap is None:
+                    raise
             self._checked_at = now
             return self._snapshot
+
+    def _read(self, snap: Snapshot | None, query_one) -> Snapshot:
+        row = query_one("SELECT value FROM meta WHERE key = 'settings_version'")
+        version = int(row["value"]) if row else 0
+        if snap is not None and snap.version == version:
+            return snap
+        row = query_one("SELECT json_group_object(name, value) AS v FROM settings")
+        values = Snapshot({s.name: s.default for s in SETTINGS})
+        for name, value in json.loads(row["v"] if row and row["v"] else "{}").items():
+            if name in BY_NAME:
+                values[name] = json.loads(value)
+        values.version = version
+        return values
 
     def get(self, name: str) -> Any:
         """One setting's current value."""
@@ -204,8 +216,9 @@ class SettingsStore:
         parsed = {name: spec(name).parse(v) for name, v in values.items()}
         _check_consistency({**self.snapshot(), **parsed})
         version = self.db.write(lambda conn: _write_values(conn, parsed, actor))
-        with self._lock:
-            self._snapshot = None
+        with self._lock:    # set() waits for the file anyway: read what it stored now
+            self._snapshot = self._read(self._snapshot, self.db.query_one)
+            self._checked_at = self.clock()
         return version
 
     def reset(self, names: Iterable[str], actor: str | None = None) -> int:

@@ -1,0 +1,176 @@
+"""The event loop never waits on SQLite: another process locks the database file and the
+API still answers (real HTTP, a real second process holding a real lock).
+
+Two locks, because in WAL mode they block different things (checked on this machine):
+- ``BEGIN EXCLUSIVE`` takes the write lock: readers go on, every writer waits. It can be
+  taken while Gyroscope runs.
+- ``PRAGMA locking_mode=EXCLUSIVE`` plus a write takes the whole file: readers wait too.
+  SQLite grants it only while no other connection has the file open, so it meets a
+  Gyroscope that is starting (or one whose connections are all closed).
+The bounds below are generous (the locks last 3 s, the busy timeout is 10 s); the measured
+latencies are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from starlette.applications import Starlette
+
+import core.service
+from core import api
+from core.breaker import SQLiteBreakerStorage
+from core.cache import ResponseCache
+from core.db import Database
+from core.settings import SettingsStore
+from support import FakeClock
+from test_foundation import _post, _serve
+
+HOLD_S = 3.0
+BOUND_S = 2.0       # well under the lock, far above the ~ms these take
+
+
+def hold_lock(path, kind: str, seconds: float = HOLD_S) -> subprocess.Popen:
+    """A second process that locks the file (``write`` or ``file``) and holds it; returns
+    once the lock is taken."""
+    take = {"write": "c.execute('BEGIN EXCLUSIVE')",
+            "file": "c.execute('PRAGMA locking_mode=EXCLUSIVE'); c.execute('BEGIN')"}[kind]
+    code = (f"import sqlite3, time\nc = sqlite3.connect({str(path)!r}, isolation_level=None, timeout=10)\n"
+            f"{take}\nc.execute(\"INSERT INTO meta (key, value) VALUES ('lock', 'x') "
+            "ON CONFLICT(key) DO UPDATE SET value = 'y'\")\n"
+            + ("c.execute('COMMIT')\n" if kind == "file" else "")
+            + f"print('locked', flush=True)\ntime.sleep({seconds})\nc.close()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked", "the second process could not lock the file"
+    return proc
+
+
+def timed_get(url: str) -> tuple[int, dict, float]:
+    t = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            return resp.status, json.loads(resp.read()), time.perf_counter() - t
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), time.perf_counter() - t
+
+
+def test_a_write_lock_holds_up_neither_health_nor_requests(app_env):
+    gyro = core.service.default_service()
+    url, server = _serve(Starlette(routes=api.routes()))
+    try:
+        assert _post(url + "/api/generate", {"prompt": "Warm up", "max_tokens": 5})[0] == 200
+        assert timed_get(url + "/api/stats")[0] == 200
+        sent = gyro.provider.sim.stats()["chat_requests"]
+        holder = hold_lock(gyro.db.path, "write")
+        try:
+            t = time.perf_counter()
+            status, body = _post(url + "/api/generate", {"prompt": "Name a river", "max_tokens": 8})
+            assert status == 200 and json.loads(body)["outcome"] == "ok"
+            assert json.loads(body)["from_cache"] is False      # the lookup missed: upstream
+            assert time.perf_counter() - t < BOUND_S
+            with ThreadPoolExecutor(1) as pool:
+                # Stats must first commit that request's row, so it waits for the file:
+                # off the loop, while health is answered at once.
+                stats = pool.submit(timed_get, url + "/api/stats")
+                time.sleep(0.2)
+                status, body, took = timed_get(url + "/api/health")
+                assert status == 200 and body["status"] == "ok" and took < BOUND_S
+                assert not stats.done() and holder.poll() is None    # all while the lock was held
+                status, body, _ = stats.result()
+            assert status == 200 and body["total_requests"] == 2     # it saw its row
+        finally:
+            holder.wait(30)
+        assert gyro.provider.sim.stats()["chat_requests"] == sent + 1
+    finally:
+        server.should_exit = True
+
+
+def test_stats_answer_503_when_the_file_stays_locked_and_the_loop_goes_on(app_env, monkeypatch):
+    monkeypatch.setattr(api, "STATS_TIMEOUT_S", 0.5)
+    gyro = core.service.default_service()
+    url, server = _serve(Starlette(routes=api.routes()))
+    try:
+        holder = hold_lock(gyro.db.path, "write")
+        try:        # a request's row waits for the file; stats would first commit it
+            assert _post(url + "/api/generate", {"prompt": "A row to commit", "max_tokens": 5})[0] == 200
+            status, body, _ = timed_get(url + "/api/stats")
+            assert status == 503 and body["error"]["kind"] == "storage"
+            assert "busy" in body["error"]["message"] and "Try again" in body["error"]["message"]
+            assert holder.poll() is None
+            status, body, took = timed_get(url + "/api/health")
+            assert status == 200 and took < BOUND_S
+        finally:
+            holder.wait(30)
+        assert timed_get(url + "/api/stats")[0] == 200       # and back once the lock is gone
+    finally:
+        server.should_exit = True
+
+
+def test_health_answers_while_a_locked_file_keeps_the_service_from_starting(app_env):
+    path = app_env / "app.db"
+    Database(path).close()                  # the file exists; nothing of ours holds it open
+    url, server = _serve(Starlette(routes=api.routes()))
+    try:
+        holder = hold_lock(path, "file")
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(_post, url + "/api/generate", {"prompt": "Hello", "max_tokens": 5})
+                time.sleep(0.2)
+                status, body, took = timed_get(url + "/api/health")
+                assert status == 200 and body["status"] == "starting" and took < BOUND_S
+                assert body["provider"] == "simulator"
+                assert holder.poll() is None
+                assert answer.result()[0] == 200       # served once the file opens
+        finally:
+            holder.wait(30)
+        status, body, _ = timed_get(url + "/api/health")
+        assert status == 200 and body["status"] == "ok"
+    finally:
+        server.should_exit = True
+
+
+def test_reads_on_the_loop_path_do_not_wait_for_a_locked_file(tmp_path):
+    """Settings keep their last good snapshot, a cache lookup is a miss and a breaker keeps
+    its view, at once, while the whole file is locked (not after the 10 s busy timeout)."""
+    db = Database(tmp_path / "g.db")
+    clock = FakeClock()
+    settings = SettingsStore(db, clock=clock.monotonic)
+    cache = ResponseCache(db, settings, clock=clock.time)
+    breaker = SQLiteBreakerStorage(db, "sim|m")
+    seen = {}
+
+    def use_once() -> None:
+        # Connections are per thread and close with it: this thread's go when it ends, so
+        # the second process can take the whole file (SQLite grants that only to the sole user).
+        settings.set("retry.max_retries", 5, actor="test")
+        cache.put("k1", provider="simulator", model="m", content="cached answer", finish_reason="stop",
+                  prompt_tokens=1, completion_tokens=2, cost=0.0)
+        seen["retries"] = settings.snapshot()["retry.max_retries"]
+        seen["hit"] = cache.get("k1").content
+        seen["state"] = breaker.state
+    worker = threading.Thread(target=use_once)
+    worker.start()
+    worker.join()
+    gc.collect()            # a sqlite3 connection sits in a reference cycle (its statement cache)
+    db.close()                              # the writer's connection too (nothing is queued)
+    assert seen == {"retries": 5, "hit": "cached answer", "state": "closed"}
+
+    holder = hold_lock(tmp_path / "g.db", "file")
+    try:
+        clock.advance(10)                   # past the settings' and the cache's re-read times
+        t = time.perf_counter()
+        assert settings.snapshot()["retry.max_retries"] == 5
+        assert cache.get("k1") is None
+        assert breaker.state == "closed"
+        assert time.perf_counter() - t < BOUND_S
+        assert holder.poll() is None
+    finally:
+        holder.wait(30)
