@@ -189,7 +189,9 @@ def test_stats_on_a_database_corrupted_in_its_middle_pages_is_a_message(tmp_path
     gyro = Gyroscope()
     fill_history(gyro.db, rows=8_000, days=30, end=1_800_000_000.0)
     gyro.close()
-    page_size = sqlite3.connect(db).execute("PRAGMA page_size").fetchone()[0]
+    with sqlite3.connect(db) as conn:              # the rows into the main file, out of the WAL
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     pages = db.stat().st_size // page_size
     assert pages > 100
     with open(db, "r+b") as f:                     # garbage over 20 pages in the middle

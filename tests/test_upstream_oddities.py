@@ -27,7 +27,9 @@ def clock():
 
 @pytest.fixture
 def gyro(tmp_path, simulator, clock):
-    g = make_gyro(tmp_path, simulator, clock)
+    # The consecutive rule, so a test can see one failure counted (the rate rule's window
+    # is asserted in tests/test_breaker.py).
+    g = make_gyro(tmp_path, simulator, clock, **{"breaker.mode": "consecutive"})
     yield g
     g.close()
 
@@ -45,7 +47,7 @@ def strict_json(text: str):
 
 # -- a malformed body or SSE line -------------------------------------------------------------
 def test_a_malformed_body_is_retried_and_counted_by_the_breaker(tmp_path, simulator, clock):
-    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.fail_max": 2})
+    gyro = make_gyro(tmp_path, simulator, clock, **{"breaker.mode": "consecutive", "breaker.fail_max": 2})
     simulator.sim.set_faults(malformed_next=1)
     result = gyro.generate(req(cache=False))          # the sync (blocking) client
     assert (result.outcome, result.attempts, clock.slept) == ("ok", 2, [1])
@@ -253,7 +255,7 @@ def test_the_settings_page_rehearses_a_loading_model_and_a_reasoning_model(app_e
 @pytest.fixture
 def loading(tmp_path, clock):
     running = start_in_background(Simulator(clock=clock.monotonic))
-    gyro = make_gyro(tmp_path, running, clock, **{"breaker.fail_max": 2})
+    gyro = make_gyro(tmp_path, running, clock, **{"breaker.mode": "consecutive", "breaker.fail_max": 2})
     yield running.sim, gyro
     gyro.close()
     running.stop()
