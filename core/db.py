@@ -37,6 +37,7 @@ WriteFn = Callable[[sqlite3.Connection], Any]
 _log = logging.getLogger(__name__)
 _STOP = object()
 MAX_BATCH = 512
+CHECKPOINT_EVERY = 500      # commits on callers' threads between two checkpoints by the writer
 LINGER_S = 0.05
 WRITE_TIMEOUT_S = 0.5    # longest wait for another connection's write lock before a batch fails
 
@@ -115,6 +116,8 @@ class Database:
         self._queued = threading.Event()      # something is pending
         self._urgent = threading.Event()      # somebody waits for a pending write
         self._busy = False                    # the writer holds a drained, unsettled batch
+        self._inline_commits = 0
+        self._checkpoint_due = False
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="gyroscope-db-writer",
                                         daemon=True)
@@ -210,6 +213,43 @@ class Database:
             raise storage_error(exc, self.path) from exc
         return value
 
+    def commit_here(self, fn: WriteFn) -> bool:
+        """Commit ``fn`` on this thread at once when the writer is idle and the file is free;
+        False (nothing written) otherwise, and the caller queues it for the writer instead.
+
+        This is the idle half of group commit: one request alone needs no batch, and two
+        thread hand-offs (to the writer and back) cost this VM more than the commit itself
+        (measured: ~0.3 ms against ~0.09 ms). It never waits: a lock held by anybody makes it
+        give up at once, so it is safe on the event loop. Its connection never checkpoints
+        (a checkpoint costs milliseconds): every ``CHECKPOINT_EVERY`` commits the writer runs one.
+        """
+        if self._pending or self._busy or self._closed:
+            return False
+        conn = getattr(self._local, "inline", None)
+        try:
+            if conn is None:
+                conn = _connect(self.path, busy_timeout_s=0)
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+                self._local.inline = conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if _reopen_after(exc) and conn is not None:
+                self._local.inline = None
+                conn.close()
+            return False            # locked, full, refused: the writer's path decides what to do
+        self._inline_commits += 1
+        if self._inline_commits % CHECKPOINT_EVERY == 0:
+            self._checkpoint_due = True
+            self.post(_nothing)     # wakes the writer, which checkpoints after that batch
+        return True
+
     def write(self, fn: WriteFn, timeout: float | None = 30) -> Any:
         """Run a write and wait for its commit."""
         return self.submit(fn, lazy=False).result(timeout)
@@ -286,6 +326,12 @@ class Database:
                         except sqlite3.Error:
                             pass
                         conn = None
+            if self._checkpoint_due and conn is not None:
+                self._checkpoint_due = False
+                try:        # outside any transaction; PASSIVE never waits for readers
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    _log.warning("WAL checkpoint of %s failed: %s", self.path, exc)
             self._busy = False
             if stop:
                 if conn is not None:
@@ -319,6 +365,8 @@ class Database:
             try:
                 value = fn(conn)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's future
+                if _reopen_after(exc):
+                    raise           # every write would fail: the batch fails, the writer reopens
                 conn.execute("ROLLBACK TO w")
                 conn.execute("RELEASE w")
                 if isinstance(exc, sqlite3.Error):
@@ -342,6 +390,16 @@ class Database:
                 if "locked" not in str(exc).lower() or attempt == 4 or time.monotonic() >= until:
                     raise
                 time.sleep(min(0.05 * (attempt + 1), max(0.0, until - time.monotonic())))
+
+
+def _reopen_after(exc: BaseException) -> bool:
+    """A connection that SQLite opened read-only (the file could not be written when it was
+    opened) stays so: after such an error it must be reopened, not reused."""
+    return isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc).lower()
+
+
+def _nothing(conn: sqlite3.Connection) -> None:
+    """A write that only wakes the writer."""
 
 
 def _runnable(item: tuple) -> bool:
