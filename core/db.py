@@ -201,17 +201,9 @@ class Database:
         try:
             if conn is None:
                 conn = self._local.wconn = _connect(self.path, busy_timeout_s=busy_timeout_s)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                value = fn(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            return _transaction(conn, fn)
         except sqlite3.Error as exc:
             raise storage_error(exc, self.path) from exc
-        return value
 
     def commit_here(self, fn: WriteFn) -> bool:
         """Commit ``fn`` on this thread at once when the writer is idle and the file is free;
@@ -231,14 +223,7 @@ class Database:
                 conn = _connect(self.path, busy_timeout_s=0)
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
                 self._local.inline = conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                fn(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            _transaction(conn, fn)
         except sqlite3.Error as exc:
             if _reopen_after(exc) and conn is not None:
                 self._local.inline = None
@@ -390,6 +375,19 @@ class Database:
                 if "locked" not in str(exc).lower() or attempt == 4 or time.monotonic() >= until:
                     raise
                 time.sleep(min(0.05 * (attempt + 1), max(0.0, until - time.monotonic())))
+
+
+def _transaction(conn: sqlite3.Connection, fn: WriteFn) -> Any:
+    """fn in a transaction of its own on this thread, rolled back if anything raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        value = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return value
 
 
 def _reopen_after(exc: BaseException) -> bool:

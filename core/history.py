@@ -257,15 +257,19 @@ class History:
         if self._in_flight is None:      # a rerun after another write failed keeps its rows
             with self._lock:
                 self._in_flight, self._queued = self._queued, _Batch()
-        rows = self._in_flight.rows
+        self._insert_rows(conn, _INSERT, self._in_flight.rows)
+
+    def _insert_rows(self, conn, sql: str, rows: list[tuple]) -> None:
+        """All rows with one executemany; if the table refuses one, row by row, so only the
+        refused rows are lost (counted and logged)."""
         conn.execute("SAVEPOINT rows")
         try:
-            conn.executemany(_INSERT, rows)
+            conn.executemany(sql, rows)
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK TO rows")
             for values in rows:
                 try:
-                    conn.execute(_INSERT, values)
+                    conn.execute(sql, values)
                 except sqlite3.IntegrityError as exc:
                     self._lose(1, storage_error(exc, self.db.path))
         conn.execute("RELEASE rows")
@@ -334,17 +338,7 @@ class History:
         def write(conn) -> int:
             rows, end[0] = self.journal.read()
             values = [tuple(row.get(c) for c in _COLUMNS) for row in rows]
-            conn.execute("SAVEPOINT replay")
-            try:
-                conn.executemany(_INSERT_OR_IGNORE, values)
-            except sqlite3.IntegrityError:        # a line the table refuses must not block the rest
-                conn.execute("ROLLBACK TO replay")
-                for one in values:
-                    try:
-                        conn.execute(_INSERT_OR_IGNORE, one)
-                    except sqlite3.IntegrityError as exc:
-                        self._lose(1, storage_error(exc, self.db.path))
-            conn.execute("RELEASE replay")
+            self._insert_rows(conn, _INSERT_OR_IGNORE, values)   # a refused line blocks no other
             return len(values)
 
         def done(exc: BaseException | None) -> None:
