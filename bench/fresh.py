@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # prompt is spelled here rather than imported from bench/pipeline.py.
 MSG = "Write a tagline for a neighbourhood bakery, number {i}"
 MAX_TOKENS = 16
+BENCH_KEY = "sk-bench"     # the simulator takes any key
 
 
 # -- one side, in its own process ---------------------------------------------------------------
@@ -66,7 +67,7 @@ async def _child(side: str, base_url: str, n: int, batches: int, connect_s: floa
     if side == "raw":
         import httpx2
         import openai
-        client = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench",
+        client = openai.AsyncOpenAI(base_url=base_url, api_key=BENCH_KEY,
                                     timeout=httpx2.Timeout(600, connect=connect_s))
 
         async def one(i: int) -> None:
@@ -105,7 +106,7 @@ async def _child(side: str, base_url: str, n: int, batches: int, connect_s: floa
 # -- the rounds ---------------------------------------------------------------------------------
 def _run_side(side: str, base_url: str, args, tmp: Path, r: int) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GYROSCOPE_", "OPENAI_"))}
-    env.update(OPENAI_BASE_URL=base_url, OPENAI_API_KEY="sk-bench",
+    env.update(OPENAI_BASE_URL=base_url, OPENAI_API_KEY=BENCH_KEY,
                GYROSCOPE_DB=str(tmp / f"{side}{r}.db"))
     if side == "unfrozen":
         env["GYROSCOPE_GC_FREEZE"] = "0"

@@ -386,9 +386,14 @@ def test_sigkill_of_the_api_server_under_load_loses_no_answered_row(tmp_path, ru
     finally:
         proc.kill()
         proc.wait()
-    db = tmp_path / "kill.db"
-    lost = set(answered) - committed_ids(db) - journal_ids(db.with_name("kill.db-spill.jsonl"))
+    lost = unrecorded(tmp_path, answered)
     assert len(answered) >= 60 and not lost, f"{len(lost)} of {len(answered)} answered rows lost"
+
+
+def unrecorded(tmp_path: Path, answered: list[str]) -> set[str]:
+    """Answered request ids with a row neither in the killed process's database nor its journal."""
+    db = tmp_path / "kill.db"
+    return set(answered) - committed_ids(db) - journal_ids(db.with_name("kill.db-spill.jsonl"))
 
 
 @pytest.mark.parametrize("run", range(5))
@@ -410,6 +415,5 @@ def test_sigkill_of_a_cli_run_under_load_loses_no_answered_row(tmp_path, run):
     finally:
         proc.kill()
         proc.wait()
-    db = tmp_path / "kill.db"
-    lost = set(answered) - committed_ids(db) - journal_ids(db.with_name("kill.db-spill.jsonl"))
+    lost = unrecorded(tmp_path, answered)
     assert len(answered) >= 40 and not lost, f"{len(lost)} of {len(answered)} answered rows lost"

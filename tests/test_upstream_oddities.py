@@ -17,6 +17,7 @@ from core.retry import MAX_RETRY_AFTER_S, parse_retry_after
 from core.simulator import Simulator, start_in_background
 from core.simulator.textgen import thinking
 from tests.support import FakeClock
+from tests.test_foundation import api  # noqa: F401 - the API over real HTTP, as a fixture
 from tests.test_pipeline import make_gyro, req, rows
 
 
@@ -304,17 +305,6 @@ def test_a_long_model_load_does_not_open_the_breaker(loading, clock):
 
 
 # -- the HTTP API, served over real HTTP -------------------------------------------------------------
-@pytest.fixture
-def api(app_env):
-    from starlette.applications import Starlette
-    from core.api import routes
-    from tests.test_foundation import _serve
-    gyro = core.service.default_service()
-    url, server = _serve(Starlette(routes=routes()))
-    yield url, gyro
-    server.should_exit = True
-
-
 def _post(url: str, body: dict) -> tuple[int, object, bytes]:
     import urllib.error
     import urllib.request
