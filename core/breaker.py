@@ -19,8 +19,9 @@ that opens it says how long to wait (Retry-After), the breaker stays open that l
 (clamped to OPEN_FOR_BOUNDS_S) instead of ``breaker.reset_timeout_s``.
 
 Half-open probes are counted across processes: with ``SQLiteBreakerStorage`` each probe
-holds a lease in the ``breaker_probes`` table (taken and given back with a direct write;
-it expires after the request deadline, so a crashed process cannot hold the breaker shut).
+holds a lease in the ``breaker_probes`` table (taken and given back with a direct write
+that waits at most PROBE_LOCK_WAIT_S for the file; it expires after the request deadline,
+so a crashed process cannot hold the breaker shut).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ SUCCEEDED, FAILED, RELEASED = "succeeded", "failed", "released"
 # would go straight back into the storm; past ten minutes an odd header would pause the
 # service longer than anyone expects (a maintainer can still reset or force it by hand).
 OPEN_FOR_BOUNDS_S = (1.0, 600.0)
+# How long taking or giving back a probe slot may wait for the file. It runs on the event
+# loop, so it must stay short: past it, a half-open breaker refuses (it does not probe blind)
+# and a slot is given back by the writer thread.
+PROBE_LOCK_WAIT_S = 0.05
 
 
 def open_period(retry_in_s: float | None) -> float | None:
@@ -158,14 +163,21 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
                 return None
             return conn.execute("INSERT INTO breaker_probes (name, expires_at) VALUES (?, ?)",
                                 (name, now + ttl_s)).lastrowid
-        return self.db.write_now(take)
+        return self.db.write_now(take, busy_timeout_s=PROBE_LOCK_WAIT_S)
 
     def return_probe(self, lease: int) -> None:
-        self.db.write_now(lambda conn: conn.execute("DELETE FROM breaker_probes WHERE id = ?", (lease,)))
+        self._write_soon("DELETE FROM breaker_probes WHERE id = ?", lease)
 
     def clear_probes(self) -> None:
-        name = self._name
-        self.db.write_now(lambda conn: conn.execute("DELETE FROM breaker_probes WHERE name = ?", (name,)))
+        self._write_soon("DELETE FROM breaker_probes WHERE name = ?", self._name)
+
+    def _write_soon(self, sql: str, arg) -> None:
+        """Give a slot back at once when the file is free within PROBE_LOCK_WAIT_S, else by
+        the writer (the lease also expires by itself): the event loop never waits longer."""
+        try:
+            self.db.write_now(lambda conn: conn.execute(sql, (arg,)), busy_timeout_s=PROBE_LOCK_WAIT_S)
+        except StorageError:
+            self.db.post(lambda conn: conn.execute(sql, (arg,)))
 
     def _written(self, exc: BaseException | None) -> None:
         with self._lock:

@@ -201,6 +201,10 @@ class Database:
         try:
             if conn is None:
                 conn = self._local.wconn = _connect(self.path, busy_timeout_s=busy_timeout_s)
+                self._local.wconn_wait = busy_timeout_s
+            elif self._local.wconn_wait != busy_timeout_s:
+                conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+                self._local.wconn_wait = busy_timeout_s
             return _transaction(conn, fn)
         except sqlite3.Error as exc:
             raise storage_error(exc, self.path) from exc

@@ -176,3 +176,56 @@ def test_reads_on_the_loop_path_do_not_wait_for_a_locked_file(tmp_path):
         assert holder.poll() is None
     finally:
         holder.wait(30)
+
+
+def test_a_half_open_probe_under_a_foreign_write_lock_refuses_at_once(tmp_path):
+    """Taking a probe slot is a write on the event loop: under another program's write lock
+    it gives up after PROBE_LOCK_WAIT_S and refuses (it never probes blind), instead of
+    holding the loop for a busy timeout; once the lock is gone the probe goes ahead."""
+    from core.breaker import PROBE_LOCK_WAIT_S
+    from core.errors import CircuitOpen
+    from test_breaker import Upstream
+
+    clock = FakeClock()
+    up = Upstream(tmp_path / "g.db", clock)
+    up.fail(50)
+    clock.advance(31)                       # past the reset timeout: the next call probes
+    up.db.flush()
+    holder = hold_lock(tmp_path / "g.db", "write")
+    try:
+        t = time.perf_counter()
+        try:
+            up.breaker.acquire()
+            raise AssertionError("a probe went ahead without its slot")
+        except CircuitOpen as exc:
+            assert exc.retry_in_s is not None
+        assert time.perf_counter() - t < 10 * PROBE_LOCK_WAIT_S + 0.5   # not the 1 s busy wait
+        assert holder.poll() is None
+    finally:
+        holder.wait(30)
+    probe = up.breaker.acquire()
+    assert probe.probe and probe.lease is not None
+    up.breaker.success(probe)
+    assert up.state == "closed"
+
+
+def test_stats_past_their_time_limit_answer_503_saying_what_to_do(app_env, monkeypatch):
+    """Stats run in the off-loop workers; while those are all busy (as they are while a
+    locked file holds every read), the answer is a 503 that says to try again."""
+    from core import portal
+    url, server = _serve(Starlette(routes=api.routes()))
+    release = threading.Event()
+    try:
+        assert _post(url + "/api/generate", {"prompt": "A row", "max_tokens": 5})[0] == 200
+        monkeypatch.setattr(api, "STATS_TIMEOUT_S", 0.2)
+        busy = [portal._blocking.submit(release.wait, 30) for _ in range(portal._blocking._max_workers)]
+        status, body, took = timed_get(url + "/api/stats")
+        assert status == 503 and body["error"]["kind"] == "storage"
+        assert "Try again" in body["error"]["message"] and body["error"]["retry_in_s"] == 5.0
+        release.set()
+        assert all(b.result(10) for b in busy)
+        status, body, _ = timed_get(url + "/api/stats")       # the stats left behind finished
+        assert status == 200 and body["total_requests"] >= 1
+    finally:
+        release.set()
+        server.should_exit = True
