@@ -444,6 +444,14 @@ class Breaker:
             self._conf()
             self._move(OPEN, "forced open", actor or "admin")
 
+    def idle(self) -> bool:
+        """Closed, with no attempt or probe in flight and no state change still being
+        written: forgetting it loses nothing its shared row does not keep."""
+        snap = getattr(self.storage, "_row", None) or {}
+        return (snap.get("state", CLOSED) == CLOSED and not self._probes
+                and not getattr(self.storage, "_pending", 0)
+                and all(p.outcome is not None for p in tuple(self.window.permits)))
+
     def info(self) -> dict:
         """State now, for pages and stats (the window's figures are this process's)."""
         self._conf()
@@ -461,7 +469,14 @@ class Breaker:
 
 
 class Breakers:
-    """One breaker per upstream (base URL or provider, plus model), made on first use."""
+    """One breaker per upstream (base URL or provider, plus model), made on first use.
+
+    At most ``max_in_memory`` are kept: every model name a caller sends makes one, so past
+    that the oldest idle ones (closed, nothing in flight) are forgotten; their state stays
+    in the shared storage and comes back with them on next use.
+    """
+
+    MAX_IN_MEMORY = 1000
 
     def __init__(self, db, settings, history=None, *, clock: Callable[[], float] = time.time,
                  storage_factory: Callable[[str], pybreaker.CircuitBreakerStorage] | None = None) -> None:
@@ -472,6 +487,7 @@ class Breakers:
         self.storage_factory = storage_factory or (lambda name: SQLiteBreakerStorage(db, name))
         self._lock = threading.Lock()
         self._breakers: dict[str, Breaker] = {}
+        self.max_in_memory = self.MAX_IN_MEMORY
 
     @staticmethod
     def key(upstream: str, model: str) -> str:
@@ -485,10 +501,22 @@ class Breakers:
             with self._lock:
                 breaker = self._breakers.get(name)
                 if breaker is None:
+                    if len(self._breakers) >= self.max_in_memory:
+                        self._forget_idle()
                     breaker = Breaker(name, self.storage_factory(name), self.settings,
                                       clock=self.clock, on_transition=self._record)
                     self._breakers[name] = breaker
         return breaker
+
+    def _forget_idle(self) -> None:
+        """Drop the oldest idle breakers down to 90 % of the bound (under the lock), so a
+        flood of new names costs one sweep per tenth of the bound, not one per name."""
+        keep = int(self.max_in_memory * 0.9)
+        for name, breaker in list(self._breakers.items()):
+            if len(self._breakers) <= keep:
+                break
+            if breaker.idle():
+                del self._breakers[name]
 
     def _record(self, name: str, old: str, new: str, cause: str) -> None:
         if self.history is not None:
@@ -497,5 +525,14 @@ class Breakers:
     def all_info(self) -> list[dict]:
         """State of every breaker known to the file (any process's)."""
         names = {r["name"] for r in self.db.query("SELECT name FROM breakers")} | set(self._breakers)
-        return [self.get(*name.split("|", 1)).info() if "|" in name
+        return [self._known(name).info() if "|" in name
                 else {"name": name, "state": "unknown"} for name in sorted(names)]
+
+    def _known(self, name: str) -> Breaker:
+        """The breaker in memory, or (past the bound) one read from its shared row that is
+        not kept: listing every name in the file must not push out the ones in use."""
+        breaker = self._breakers.get(name)
+        if breaker is not None or len(self._breakers) < self.max_in_memory:
+            return self.get(*name.split("|", 1))
+        return Breaker(name, self.storage_factory(name), self.settings, clock=self.clock,
+                       on_transition=self._record)

@@ -333,3 +333,37 @@ def test_a_retry_after_on_the_failure_that_opens_it_sets_the_open_period(tmp_pat
     simulator.sim.clear_faults()
     assert gyro.generate(GenerationRequest(prompt="Tagline for a bakery", cache=False, source="test")).outcome == "ok"
     gyro.close()
+
+
+def test_a_flood_of_model_names_keeps_a_bounded_number_of_breakers(tmp_path, clock):
+    """Every model name a caller sends makes a breaker; past the bound the oldest idle ones
+    are forgotten, never one that is open or has an attempt in flight, and a forgotten one
+    comes back from its shared row with its state."""
+    up = Upstream(tmp_path / "g.db", clock, **{"breaker.mode": "consecutive", "breaker.fail_max": 3})
+    breakers = up.breakers
+    breakers.max_in_memory = 20
+    opened = breakers.get("https://upstream.test/v1", "down")
+    for _ in range(3):
+        opened.failure(opened.acquire(), "server_error")
+    busy = breakers.get("https://upstream.test/v1", "busy")
+    running = busy.acquire()                       # an attempt in flight
+    counted = breakers.get("https://upstream.test/v1", "counted")
+    counted.failure(counted.acquire(), "server_error")   # one failure in the shared counter
+    up.db.flush()
+    for i in range(200):
+        b = breakers.get("https://upstream.test/v1", f"typo-{i}")
+        b.success(b.acquire())
+        up.db.flush()
+    assert len(breakers._breakers) <= 20
+    assert breakers._breakers["https://upstream.test/v1|down"] is opened
+    assert breakers._breakers["https://upstream.test/v1|busy"] is busy
+    assert "https://upstream.test/v1|counted" not in breakers._breakers
+    again = breakers.get("https://upstream.test/v1", "counted")
+    assert again is not counted and again.info()["fail_counter"] == 1   # its row kept it
+    with pytest.raises(errors.CircuitOpen):
+        opened.acquire()
+    busy.success(running)
+    listed = {b["name"]: b["state"] for b in breakers.all_info()}
+    assert listed["https://upstream.test/v1|down"] == "open"
+    assert listed["https://upstream.test/v1|counted"] == "closed"
+    assert len(breakers._breakers) <= 20            # listing brought none of them back
