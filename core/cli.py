@@ -147,8 +147,20 @@ def _generate(gyro, args) -> int:
         print(json.dumps({k: out[k] for k in ("content", "model", "finish_reason", "usage", "cost",
                                                "from_cache", "attempts", "outcome", "latency_ms")}))
         return 0
+    from .models import Thinking
+    thinking = False            # a reasoning model's thinking goes to stderr, apart from the answer
     with gyro.stream(req, events=True) as stream:
         for piece in stream:
+            if isinstance(piece, Thinking):
+                if not thinking:
+                    sys.stderr.write("[thinking] ")
+                    thinking = True
+                sys.stderr.write(piece.text)
+                sys.stderr.flush()
+                continue
+            if thinking and piece is not None:
+                sys.stderr.write("\n[answer]\n")
+                thinking = False
             if isinstance(piece, str):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -165,9 +177,9 @@ def _settings(gyro, args) -> int:
         if args.json:
             print(json.dumps({"version": snap.version, "settings": dict(snap)}))
         else:
-            for s in SETTINGS:
-                bounds = "" if s.min is None else f"  [{s.min:g}..{s.max:g}]"
-                print(f"{s.name:32} {snap[s.name]!s:12} {s.help}{bounds}")
+            from .admin import describe
+            for s in SETTINGS:     # help, bounds, choices and default, as the page shows them
+                print(f"{s.name:32} {snap[s.name]!s:12} {describe(s)}")
         return 0
     if args.action == "get":
         print(json.dumps(gyro.settings.get(spec(args.name).name)))

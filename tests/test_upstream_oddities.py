@@ -315,3 +315,20 @@ def _post(url: str, body: dict) -> tuple[int, object, bytes]:
             return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as err:
         return err.code, err.headers, err.read()
+
+
+def test_the_command_line_prints_thinking_apart_from_the_answer(app_env, capsys):
+    from core.cli import main as cli_main
+    from core.providers.simulator_provider import shared_simulator
+    shared_simulator().sim.set_faults(reasoning_chunks=3)
+    assert cli_main(["generate", "Name a colour", "--no-cache", "--max-tokens", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("[thinking] " + "".join(thinking(3))) and "[answer]" in err
+    assert out.strip() and thinking(3)[0] not in out        # the answer alone on stdout
+
+
+def test_settings_list_shows_each_settings_choices_and_default(app_env, capsys):
+    from core.cli import main as cli_main
+    assert cli_main(["settings", "list"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("breaker.mode "))
+    assert "one of rate, consecutive" in line and "default 'rate'" in line
