@@ -63,11 +63,12 @@ _INSERT = (f"INSERT INTO requests ({', '.join(_COLUMNS)}) "
 _INSERT_OR_IGNORE = _INSERT.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
 _values = operator.attrgetter(*_COLUMNS)
 PROBE_EVERY_S = 1.0     # while rows wait in the journal, how often the database is retried
-# A row that comes alone (none in the last 5 ms) is committed on its caller's thread; closer
-# rows share the writer's commits. Measured at 1000 concurrent: a commit per row on the event
-# loop cost more CPU than handing rows to one shared commit; sequentially, the hand-offs cost
-# more than the commit (docs/benchmarks.md).
-INLINE_GAP_S = 0.005
+# A row whose request ran alone (no other request of this process in flight) is committed on
+# its caller's thread; rows of concurrent requests share the writer's commits. Measured at 1000
+# concurrent: a commit per row on the event loop cost more CPU than handing rows to one shared
+# commit; sequentially, the hand-offs cost more than the commit (docs/benchmarks.md). An
+# earlier rule ("no other row in the last 5 ms") sent every row of a client whose answers take
+# under 5 ms through the hand-offs.
 _log = logging.getLogger(__name__)
 
 
@@ -173,7 +174,7 @@ class History:
         self._lock = threading.Lock()
         self._replaying = False
         self._probe_at = 0.0
-        self._last_add = float("-inf")
+        self._running: list[None] = []     # one entry per request in flight (append/pop: atomic)
         if self.journal.pending:           # rows left by an earlier run (or process)
             self.replay()
 
@@ -188,11 +189,13 @@ class History:
         it is idle, and rows that arrive meanwhile share the one after. Returns a ticket for
         ``committed`` / ``wait``: the answer is handed out only once it settles."""
         values = _values(record)
+        running = self._running
+        alone = len(running) <= 1
+        if running:
+            running.pop()            # this request's row is in: it no longer counts as running
         if self.spilling:            # the database refused the last rows: do not wait on it
             return self._spool([values])
-        now = time.monotonic()
-        lone, self._last_add = now - self._last_add >= INLINE_GAP_S, now
-        if lone and self.db.commit_here(lambda conn: conn.execute(_INSERT, values)):
+        if alone and self.db.commit_here(lambda conn: conn.execute(_INSERT, values)):
             return _COMMITTED        # a lone row, the writer idle, the file free: no hand-off
         with self._lock:
             batch = self._queued
@@ -231,6 +234,13 @@ class History:
                                    f"{timeout:.0f} s. Check the disk; restart Gyroscope if it persists.")
         if ticket.error is not None:
             raise ticket.error
+
+    def begin_run(self) -> None:
+        """A request starts (its one row comes to ``add`` when it ends): count it as in
+        flight, so ``add`` knows whether other rows are coming to share a commit; then
+        ``check_recording``."""
+        self._running.append(None)
+        self.check_recording()
 
     def check_recording(self) -> None:
         """Raise StorageError while rows can be neither committed nor spooled: a request is

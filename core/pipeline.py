@@ -136,7 +136,7 @@ class Pipeline:
         run.on_reasoning = on_reasoning
         result.model = req.model or s["provider.default_model"]
         try:
-            self.history.check_recording()     # refuse rather than answer unrecorded
+            self.history.begin_run()           # refuse rather than answer unrecorded
             params, cache_key = self._prepare(run, s)
             if cache_key is not None and not req.refresh:
                 hit = self.cache.get(cache_key)
