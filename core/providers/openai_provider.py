@@ -12,6 +12,8 @@ from typing import AsyncIterator
 
 import httpx2
 import openai
+from openai._base_client import make_request_options
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from .. import errors
 from ..config import redact_url
@@ -107,6 +109,27 @@ def _completion(resp) -> Completion:
                       reasoning=_reasoning(choice.message))
 
 
+def _chat_options(timeout: httpx2.Timeout):
+    return make_request_options(timeout=timeout, security={"bearer_auth": True})
+
+
+# The SDK's ``chat.completions.create`` first walks the whole body against its TypedDicts
+# (measured: ~0.4 ms of CPU per call, most of the gap to the raw client at 1000 concurrent).
+# For a body that is already plain JSON (no file objects, no dates) that walk changes
+# nothing, so the request goes out through the client's own ``post``: same auth, headers,
+# timeouts, error classes and response types.
+async def _post_chat(client: openai.AsyncOpenAI, params: dict, timeout: httpx2.Timeout,
+                     stream: bool = False):
+    return await client.post("/chat/completions", body=params, cast_to=ChatCompletion,
+                             options=_chat_options(timeout), stream=stream,
+                             stream_cls=openai.AsyncStream[ChatCompletionChunk])
+
+
+def _post_chat_blocking(client: openai.OpenAI, params: dict, timeout: httpx2.Timeout):
+    return client.post("/chat/completions", body=params, cast_to=ChatCompletion,
+                       options=_chat_options(timeout))
+
+
 class _OpenAIStream(Stream):
     def __init__(self, sdk_stream, base_url: str, model: str) -> None:
         self._sdk = sdk_stream
@@ -178,23 +201,23 @@ class OpenAIProvider(Provider):
 
     async def complete(self, params: dict, timeout: Timeouts) -> Completion:
         try:
-            resp = await self.client().chat.completions.create(**params, timeout=self._timeout(timeout))
+            resp = await _post_chat(self.client(), params, self._timeout(timeout))
         except Exception as exc:  # noqa: BLE001 - every failure is classified
             raise classify(exc, self.base_url, params.get("model")) from exc
         return _completion(resp)
 
     def complete_blocking(self, params: dict, timeout: Timeouts) -> Completion:
         try:
-            resp = self.sync_client().chat.completions.create(**params, timeout=self._timeout(timeout))
+            resp = _post_chat_blocking(self.sync_client(), params, self._timeout(timeout))
         except Exception as exc:  # noqa: BLE001 - every failure is classified
             raise classify(exc, self.base_url, params.get("model")) from exc
         return _completion(resp)
 
     async def stream(self, params: dict, timeout: Timeouts) -> Stream:
         try:
-            sdk_stream = await self.client().chat.completions.create(
-                **params, stream=True, stream_options={"include_usage": True},
-                timeout=self._timeout(timeout))
+            sdk_stream = await _post_chat(
+                self.client(), {**params, "stream": True, "stream_options": {"include_usage": True}},
+                self._timeout(timeout), stream=True)
         except Exception as exc:  # noqa: BLE001
             raise classify(exc, self.base_url, params.get("model")) from exc
         return _OpenAIStream(sdk_stream, self.base_url, params.get("model", ""))
