@@ -26,14 +26,16 @@ def normalize_whitespace(text: str) -> str:
 def cache_key(*, provider: str, base_url: str, model: str, messages: list[dict],
               temperature: float | None = None, top_p: float | None = None,
               max_tokens: int | None = None, seed: int | None = None, stop: Any = None,
-              response_format: Any = None, tools: Any = None,
+              response_format: Any = None, tools: Any = None, extra: dict | None = None,
               normalize: bool = False) -> str:
-    """SHA-256 over a canonical form of everything that can change the answer."""
+    """SHA-256 over a canonical form of everything that can change the answer (``extra``:
+    the conversation's other chat parameters, e.g. tools, tool_choice, n, logprobs)."""
     if normalize:
         messages = [{**m, "content": normalize_whitespace(m["content"])}
                     if isinstance(m.get("content"), str) else m for m in messages]
+    extras = {"extra": extra} if extra else {}    # absent when empty: older keys stay valid
     canonical = json.dumps({
-        "v": 1, "provider": provider, "base_url": base_url.rstrip("/"), "model": model,
+        **extras, "v": 1, "provider": provider, "base_url": base_url.rstrip("/"), "model": model,
         "messages": messages, "temperature": temperature, "top_p": top_p,
         "max_tokens": max_tokens, "seed": seed, "stop": stop,
         "response_format": response_format, "tools": tools,

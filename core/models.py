@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import InvalidParameter
 from .providers.base import Usage
+from .tokens import message_texts
 
 # Request ids must be unique, not secret: a generator seeded from os.urandom (and again in
 # every forked child) costs a fraction of uuid4's system call per id.
@@ -35,11 +36,22 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
         {"role": "user", "content": prompt}]
 
 
+# Chat parameters that change no answer: left out of the cache key, so callers that only
+# differ in who they are (``user``: an end-user id for abuse monitoring; ``metadata`` and
+# ``store``: stored-completions bookkeeping) share cached answers, as /api callers do.
+NOT_OUTPUT_PARAMS = frozenset({"user", "metadata", "store"})
+
+
 @dataclass
 class GenerationRequest:
-    """What to generate, and how (the per-request switches)."""
+    """What to generate, and how (the per-request switches).
 
-    prompt: str
+    The request is a conversation: ``messages`` (OpenAI chat messages, content as a string
+    or a list of parts) with ``extra`` chat parameters (tools, tool_choice, n, stop, ...)
+    forwarded verbatim upstream. ``prompt`` + ``system`` is the shortcut the page, /api
+    and the CLI use; it builds the messages when ``messages`` is not given."""
+
+    prompt: str | None = None
     system: str | None = None
     model: str | None = None
     temperature: float | None = None
@@ -51,6 +63,14 @@ class GenerationRequest:
     refresh: bool = False
     optimize: bool | None = None      # None: the optimizer.enabled setting decides
     source: str = "api"
+    messages: list[dict] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def conversation(self) -> list[dict]:
+        """The messages sent upstream (built from the prompt shortcut when not given)."""
+        if self.messages is not None:
+            return self.messages
+        return chat_messages(self.prompt, self.system)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "api") -> "GenerationRequest":
@@ -58,7 +78,8 @@ class GenerationRequest:
         ``"cache": "no"`` do not pass silently."""
         if not isinstance(data, dict):
             raise InvalidParameter("The request body must be a JSON object with a \"prompt\".")
-        allowed = set(cls.__dataclass_fields__) - {"source"}
+        # /api takes the prompt shortcut only; conversations come through /v1.
+        allowed = set(cls.__dataclass_fields__) - {"source", "messages", "extra"}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise InvalidParameter(f"Unknown field(s): {', '.join(unknown)}. Allowed: "
@@ -76,6 +97,9 @@ class GenerationRequest:
         MAX_MODEL_CHARS, naming the field; raises InvalidParameter."""
         for name in ("prompt", "system", "model"):
             check_unicode(name, getattr(self, name))
+        for i, message in enumerate(self.messages or ()):
+            for text in message_texts(message):
+                check_unicode(f"messages[{i}]", text)
         for text in self.stop or ():
             check_unicode("stop", text)
         if self.model is not None:
@@ -186,6 +210,9 @@ class GenerationResult:
     reasoning: str = ""       # a reasoning model's thinking: shown apart, never cached
     model: str = ""
     finish_reason: str | None = None
+    tool_calls: list[dict] | None = None   # the assistant's tool calls (choice 0), OpenAI's shape
+    choices: list[dict] | None = None      # every choice as the upstream sent it, when n > 1
+    logprobs: dict | None = None           # choice 0's logprobs, passed through when asked for
     usage: Usage | None = None
     tokens_estimated: bool = False
     cost: float | None = None
@@ -208,6 +235,9 @@ class GenerationResult:
                      "completion_tokens": self.usage.completion_tokens,
                      "total_tokens": self.usage.total_tokens}
         out = {k: v for k, v in asdict(self).items() if k not in ("usage", "error", "prompt_sent")}
+        for name in ("tool_calls", "choices", "logprobs"):   # conversation answers only
+            if out[name] is None:
+                del out[name]
         out["usage"] = usage
         out["latency_ms"] = round(self.latency_ms, 3)
         if self.error is not None:

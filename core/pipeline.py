@@ -28,7 +28,8 @@ import tenacity
 from . import errors, prices, tokens
 from .history import RequestRecord
 from .cache import cache_key
-from .models import GenerationRequest, GenerationResult, RetryNotice, chat_messages, short_repr
+from .models import (NOT_OUTPUT_PARAMS, GenerationRequest, GenerationResult, RetryNotice, chat_messages,
+                     short_repr)
 from .providers.base import Completion, Delta, Timeouts, Usage
 from .breaker import OPEN
 from .settings import BY_NAME
@@ -79,6 +80,7 @@ class _Run:
         self.optimizer_saved = 0
         self.recorded = False
         self.on_reasoning: Callable[[str], None] | None = None
+        self.deltas = False
         self._prompt_tokens: int | None = None
 
     @property
@@ -120,20 +122,26 @@ class Pipeline:
 
     def stream(self, req: GenerationRequest, result: GenerationResult,
                on_retry: Callable[[RetryNotice], None] | None = None,
-               on_reasoning: Callable[[str], None] | None = None) -> AsyncIterator[str]:
+               on_reasoning: Callable[[str], None] | None = None,
+               deltas: bool = False) -> AsyncIterator[str]:
         """Text pieces as they arrive; ``result`` is filled in as it goes. A reasoning
-        model's thinking goes to ``on_reasoning`` (and ``result.reasoning``), never the text."""
-        return self.run(req, result, streaming=True, on_retry=on_retry, on_reasoning=on_reasoning)
+        model's thinking goes to ``on_reasoning`` (and ``result.reasoning``), never the text.
+        ``deltas=True`` (/v1): the provider's ``Delta`` objects instead of text, so tool-call
+        pieces, every choice of n > 1 and finish reasons are relayed as they come."""
+        return self.run(req, result, streaming=True, on_retry=on_retry, on_reasoning=on_reasoning,
+                        deltas=deltas)
 
     # -- the pipeline ----------------------------------------------------------------------
     async def run(self, req: GenerationRequest, result: GenerationResult, *, streaming: bool,
                   on_retry: Callable[[RetryNotice], None] | None = None,
                   blocking: bool = False,
-                  on_reasoning: Callable[[str], None] | None = None) -> AsyncIterator[str]:
+                  on_reasoning: Callable[[str], None] | None = None,
+                  deltas: bool = False) -> AsyncIterator[str]:
         req.check_text()   # text that can be neither stored nor sent gets no row either
         s = self.settings.snapshot()
         run = _Run(req, result, self.clock.monotonic())
         run.on_reasoning = on_reasoning
+        run.deltas = deltas
         result.model = req.model or s["provider.default_model"]
         try:
             self.history.begin_run()           # refuse rather than answer unrecorded
@@ -158,7 +166,10 @@ class Pipeline:
                     # A Stop lands at our yield: close the inner generator now (permit
                     # settled, upstream connection closed), not whenever the collector finds it.
                     await relay.aclose()
-            if cache_key is not None and result.finish_reason in ("stop", "length"):
+            # Only what a hit can give back is stored: one choice of text, no tool calls
+            # or logprobs (those answers are keyed, so they are simply never hits).
+            if (cache_key is not None and result.finish_reason in ("stop", "length")
+                    and result.tool_calls is None and result.choices is None and result.logprobs is None):
                 self.cache.put_soon(
                     cache_key, provider=self.provider.name, model=result.model,
                     content=result.content, finish_reason=result.finish_reason,
@@ -189,12 +200,19 @@ class Pipeline:
     def _prepare(self, run: _Run, s) -> tuple[dict, str | None]:
         """Validate, optimize and build the provider parameters and the cache key."""
         req, result = run.req, run.result
-        if not isinstance(req.prompt, str) or not req.prompt.strip():
+        if req.messages is None and (not isinstance(req.prompt, str) or not req.prompt.strip()):
             raise errors.InvalidParameter("The prompt is empty. Type what you want written.")
-        max_tokens = s["generate.max_tokens"] if req.max_tokens is None else req.max_tokens
+        if req.messages is not None and (not isinstance(req.messages, list) or not req.messages):
+            raise errors.InvalidParameter("messages must be a non-empty list of chat messages.")
+        extra = req.extra
+        # A conversation may give its limit as max_completion_tokens (reasoning models take
+        # no other name): it is the limit, and it is sent under the name it came with.
+        limit_name = "max_completion_tokens" if extra.get("max_completion_tokens") is not None else "max_tokens"
+        asked = extra["max_completion_tokens"] if limit_name != "max_tokens" else req.max_tokens
+        max_tokens = s["generate.max_tokens"] if asked is None else asked
         if (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                 or not 0 < max_tokens <= MAX_TOKENS):
-            raise errors.InvalidParameter(f"max_tokens must be a whole number from 1 to {MAX_TOKENS:,} "
+            raise errors.InvalidParameter(f"{limit_name} must be a whole number from 1 to {MAX_TOKENS:,} "
                                           f"(got {short_repr(max_tokens)}).")
         temperature = s["generate.temperature"] if req.temperature is None else req.temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
@@ -208,15 +226,8 @@ class Pipeline:
                                           f"(got {short_repr(req.seed)}).")
         if not isinstance(result.model, str) or not result.model.strip():
             raise errors.InvalidParameter("Pick a model.")
-        prompt = req.prompt
         optimize = s["optimizer.enabled"] if req.optimize is None else req.optimize
-        if optimize and self.optimizer is not None:
-            report = self.optimizer(prompt, s, result.model)
-            result.optimizer = report.as_dict()
-            run.optimizer_saved = report.tokens_saved
-            prompt = report.optimized
-        result.prompt_sent = prompt
-        messages = run.messages = chat_messages(prompt, req.system)
+        messages = run.messages = self._optimized(run, s, optimize and self.optimizer is not None)
         window = self.provider.context_window(result.model)
         # A token is at least one byte, so a prompt whose bytes fit needs no counting.
         if (window is not None and tokens.upper_bound(messages) + max_tokens > window
@@ -225,18 +236,49 @@ class Pipeline:
                 f"The prompt has {run.prompt_tokens_est:,} tokens and asks for up to {max_tokens:,} "
                 f"more, but {result.model} accepts {window:,} in all. Shorten the prompt or lower "
                 "max tokens.")
-        params = {"model": result.model, "messages": messages, "max_tokens": max_tokens,
+        params = {**extra, "model": result.model, "messages": messages, limit_name: max_tokens,
                   "temperature": temperature}
         for name in ("top_p", "seed", "stop"):
             if getattr(req, name) is not None:
                 params[name] = getattr(req, name)
         key = None
         if req.cache and s["cache.enabled"]:
+            keyed = {k: v for k, v in extra.items()
+                     if k not in NOT_OUTPUT_PARAMS and k != "max_completion_tokens"}
             key = cache_key(provider=self.provider.name, base_url=self.provider.upstream_id,
                             model=result.model, messages=messages, temperature=temperature,
                             top_p=req.top_p, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
-                            normalize=s["cache.normalize_whitespace"])
+                            extra=keyed, normalize=s["cache.normalize_whitespace"])
         return params, key
+
+    def _optimized(self, run: _Run, s, optimize: bool) -> list[dict]:
+        """The messages to send. The optimizer rewrites only the last user message's text
+        (the turn being asked now; earlier turns are what the model already answered, and
+        system or tool text is the caller's contract, not prose to tighten)."""
+        req, result = run.req, run.result
+        if req.messages is None:
+            prompt = req.prompt
+            if optimize:
+                prompt = self._optimize_text(run, s, prompt)
+            result.prompt_sent = prompt
+            return chat_messages(prompt, req.system)
+        messages = req.messages
+        last = next((i for i in range(len(messages) - 1, -1, -1)
+                     if isinstance(messages[i], dict) and messages[i].get("role") == "user"), None)
+        if last is None:
+            return messages
+        content = messages[last].get("content")
+        if optimize and isinstance(content, str) and content.strip():
+            content = self._optimize_text(run, s, content)
+            messages = [*messages[:last], {**messages[last], "content": content}, *messages[last + 1:]]
+        result.prompt_sent = content if isinstance(content, str) else ""
+        return messages
+
+    def _optimize_text(self, run: _Run, s, text: str) -> str:
+        report = self.optimizer(text, s, run.result.model)
+        run.result.optimizer = report.as_dict()
+        run.optimizer_saved = report.tokens_saved
+        return report.optimized
 
     async def _serve_hit(self, run: _Run, hit, streaming: bool) -> AsyncIterator[str]:
         result = run.result
@@ -256,8 +298,10 @@ class Pipeline:
         for i in range(0, len(text), CACHE_CHUNK_CHARS):
             piece = text[i:i + CACHE_CHUNK_CHARS]
             result.content += piece
-            yield piece
+            yield Delta(text=piece) if run.deltas else piece
             await asyncio.sleep(0)  # let the page draw between pieces
+        if run.deltas:
+            yield Delta(finish_reason=hit.finish_reason)
 
     def _tuning(self, s) -> "_Tuning":
         """What a settings snapshot means for attempts, worked out once per snapshot."""
@@ -290,6 +334,7 @@ class Pipeline:
         result.content = got.content
         result.reasoning = got.reasoning
         result.finish_reason = got.finish_reason
+        result.tool_calls, result.choices, result.logprobs = got.tool_calls, got.choices, got.logprobs
         result.model = got.model or result.model
         self._settle_usage(run, got.usage)
 
@@ -303,17 +348,30 @@ class Pipeline:
         result, monotonic = run.result, self.clock.monotonic
         try:
             while delta is not None:
+                if delta.index:                 # another choice of n > 1: relayed, not kept
+                    if run.deltas:
+                        yield delta
+                    delta = await anext(iterator, None)
+                    continue
                 if delta.reasoning:             # thinking: kept apart from the answer text
                     result.reasoning += delta.reasoning
                     if run.on_reasoning is not None:
                         run.on_reasoning(delta.reasoning)
+                if delta.tool_calls:
+                    if run.first_token_at is None:
+                        run.first_token_at = monotonic()
+                    result.tool_calls = merge_tool_calls(result.tool_calls, delta.tool_calls)
                 if delta.text:
                     if run.first_token_at is None:
                         run.first_token_at = monotonic()
                     result.content += delta.text
-                    yield delta.text
+                    if not run.deltas:
+                        yield delta.text
                 if delta.finish_reason:
                     result.finish_reason = delta.finish_reason
+                if run.deltas and (delta.text or delta.tool_calls or delta.finish_reason or delta.reasoning
+                                   or delta.logprobs):
+                    yield delta
                 if delta.usage is not None:
                     self._settle_usage(run, delta.usage)
                 delta = await anext(iterator, None)
@@ -427,7 +485,8 @@ class Pipeline:
                 delta = await anext(iterator, None)
                 # Thinking is progress too: a reasoning model's first thought ends the
                 # "nothing came back" phase, so no deadline cuts it while it thinks.
-                if delta is None or delta.text or delta.reasoning or delta.finish_reason or delta.usage:
+                if (delta is None or delta.text or delta.reasoning or delta.finish_reason or delta.usage
+                        or delta.tool_calls):
                     return delta
         except BaseException:
             await upstream_stream.aclose()
@@ -501,3 +560,19 @@ class Pipeline:
             from_cache=result.from_cache, cost_saved=result.cost_saved,
             optimizer_tokens_saved=run.optimizer_saved, optimizer_cost_saved=optimizer_cost_saved)
         return self.history.add(record)
+
+
+def merge_tool_calls(calls: list[dict] | None, pieces: list[dict]) -> list[dict]:
+    """Tool calls put together from streamed pieces: by index, the first piece brings id,
+    type and name, later ones more of the arguments."""
+    calls = list(calls or [])
+    for piece in pieces:
+        index = piece.get("index", 0)
+        while len(calls) <= index:
+            calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call, function = calls[index], piece.get("function") or {}
+        call["id"] = piece.get("id") or call["id"]
+        call["type"] = piece.get("type") or call["type"]
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
+    return calls

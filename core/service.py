@@ -165,10 +165,13 @@ class Gyroscope:
 
     def astream(self, req: GenerationRequest,
                 on_retry: Callable[[RetryNotice], None] | None = None,
-                on_reasoning: Callable[[str], None] | None = None) -> AsyncGenerationStream:
-        """Stream text pieces from async code (a reasoning model's thinking to ``on_reasoning``)."""
+                on_reasoning: Callable[[str], None] | None = None,
+                deltas: bool = False) -> AsyncGenerationStream:
+        """Stream text pieces from async code (a reasoning model's thinking to ``on_reasoning``;
+        ``deltas=True``: the provider's Delta objects, for /v1)."""
         result = GenerationResult()
-        return AsyncGenerationStream(self.pipeline.stream(req, result, on_retry, on_reasoning), result)
+        return AsyncGenerationStream(self.pipeline.stream(req, result, on_retry, on_reasoning, deltas),
+                                     result)
 
     # -- sync (the same pipeline, driven from sync code) ------------------------------------
     def generate(self, req: GenerationRequest,

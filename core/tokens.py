@@ -87,13 +87,28 @@ def count_text(text: str, model: str | None = None) -> int:
     return _encode_len(encoding_for(model), text)
 
 
+def message_texts(message: dict) -> list[str]:
+    """The text of one chat message: string content, text parts, tool-call names and arguments."""
+    out = []
+    content = message.get("content")
+    if isinstance(content, str):
+        out.append(content)
+    elif isinstance(content, list):
+        out.extend(p["text"] for p in content
+                   if isinstance(p, dict) and isinstance(p.get("text"), str))
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            out.extend(v for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
+    return out
+
+
 def upper_bound(messages: list[dict]) -> int:
     """A cheap bound no real count exceeds: every token covers at least one UTF-8 byte."""
     total = TOKENS_PER_REPLY
     for message in messages:
         total += TOKENS_PER_MESSAGE
-        for key in ("role", "content", "name"):
-            value = message.get(key)
+        for value in (message.get("role"), message.get("name"), *message_texts(message)):
             if isinstance(value, str):
                 total += len(value.encode("utf-8", "surrogatepass"))
     return total
@@ -105,8 +120,7 @@ def count_messages(messages: list[dict], model: str | None = None) -> int:
     total = TOKENS_PER_REPLY
     for message in messages:
         total += TOKENS_PER_MESSAGE
-        for key in ("role", "content", "name"):
-            value = message.get(key)
+        for value in (message.get("role"), message.get("name"), *message_texts(message)):
             if isinstance(value, str) and value:
                 total += _encode_len(enc, value)
     return total

@@ -53,6 +53,9 @@ class Completion:
     finish_reason: str
     usage: Usage | None
     reasoning: str = ""          # a reasoning model's thinking, kept apart from the answer
+    tool_calls: list[dict] | None = None   # OpenAI's shape: {id, type, function: {name, arguments}}
+    choices: list[dict] | None = None      # every choice as sent, when the request had n > 1
+    logprobs: dict | None = None           # choice 0's logprobs, when asked for
 
 
 @dataclass
@@ -65,6 +68,9 @@ class Delta:
     usage: Usage | None = None
     model: str | None = None
     reasoning: str = ""
+    tool_calls: list[dict] | None = None   # tool-call pieces as sent: {index, id?, type?, function}
+    index: int = 0                         # the choice this belongs to (n > 1)
+    logprobs: dict | None = None
 
 
 class Stream(ABC):

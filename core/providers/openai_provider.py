@@ -106,7 +106,16 @@ def _completion(resp) -> Completion:
     # such an answer is never cached.
     return Completion(content=choice.message.content or "", model=resp.model,
                       finish_reason=choice.finish_reason, usage=usage,
-                      reasoning=_reasoning(choice.message))
+                      reasoning=_reasoning(choice.message),
+                      tool_calls=_dump_list(choice.message.tool_calls),
+                      choices=[c.model_dump(exclude_unset=True) for c in resp.choices]
+                      if len(resp.choices) > 1 else None,
+                      logprobs=choice.logprobs.model_dump(exclude_unset=True) if choice.logprobs else None)
+
+
+def _dump_list(items) -> list[dict] | None:
+    """SDK objects (tool calls, tool-call pieces) as plain dicts, or None when there are none."""
+    return [item.model_dump(exclude_unset=True) for item in items] if items else None
 
 
 def _chat_options(timeout: httpx2.Timeout):
@@ -143,12 +152,16 @@ class _OpenAIStream(Stream):
                 if chunk.usage is not None:
                     usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 if chunk.choices:
-                    choice = chunk.choices[0]
-                    delta = choice.delta
-                    text = (delta.content or "") if delta is not None else ""
-                    yield Delta(text=text, finish_reason=choice.finish_reason, usage=usage,
-                                model=chunk.model,
-                                reasoning=_reasoning(delta) if delta is not None else "")
+                    for choice in chunk.choices:   # one each, but n > 1 interleaves indexes
+                        delta = choice.delta
+                        text = (delta.content or "") if delta is not None else ""
+                        yield Delta(text=text, finish_reason=choice.finish_reason, usage=usage,
+                                    model=chunk.model, index=choice.index or 0,
+                                    reasoning=_reasoning(delta) if delta is not None else "",
+                                    tool_calls=_dump_list(delta.tool_calls) if delta is not None else None,
+                                    logprobs=choice.logprobs.model_dump(exclude_unset=True)
+                                    if choice.logprobs else None)
+                        usage = None
                 elif usage is not None:
                     yield Delta(usage=usage, model=chunk.model)
         except (openai.APIError, httpx2.HTTPError, OSError, json.JSONDecodeError,
