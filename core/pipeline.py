@@ -34,6 +34,7 @@ from .providers.base import Completion, Delta, Timeouts, Usage
 from .breaker import OPEN
 from .settings import BY_NAME
 from .retry import RetryPolicy, is_retryable, wait_backoff_or_retry_after
+from .resilience.pacing import PacingConf
 
 CACHE_CHUNK_CHARS = 24
 # The most tokens a request may ask for, whatever the model: the bound of the
@@ -55,10 +56,12 @@ class Clock:
 class _Tuning:
     """The retry policy, its wait strategy and the timeouts of one settings snapshot."""
 
-    __slots__ = ("policy", "wait", "connect_s", "read_s", "_full")
+    __slots__ = ("policy", "wait", "connect_s", "read_s", "_full", "pacing")
 
-    def __init__(self, policy: RetryPolicy, wait, connect_s: float, read_s: float) -> None:
+    def __init__(self, policy: RetryPolicy, wait, connect_s: float, read_s: float,
+                 pacing: PacingConf = PacingConf(enabled=False)) -> None:
         self.policy, self.wait, self.connect_s, self.read_s = policy, wait, connect_s, read_s
+        self.pacing = pacing
         self._full = Timeouts(connect=connect_s, read=read_s)
 
     def timeouts(self, left: float) -> Timeouts:
@@ -95,8 +98,9 @@ class Pipeline:
     """Runs requests against one provider with the cache, the breaker, retries and history."""
 
     def __init__(self, provider, *, settings, cache, breakers, history, clock: Clock | None = None,
-                 optimizer: Callable | None = None, rng=None) -> None:
+                 optimizer: Callable | None = None, rng=None, pacer=None) -> None:
         self.provider = provider
+        self.pacer = pacer              # core.resilience.pacing.Pacer, or None: no pacing
         self.settings = settings
         self.cache = cache
         self.breakers = breakers
@@ -309,7 +313,8 @@ class Pipeline:
         if tuned is None or tuned[0] is not s:
             policy = RetryPolicy.from_settings(s)
             tuned = self._tuned = (s, _Tuning(policy, wait_backoff_or_retry_after(policy, self.rng),
-                                              s["timeout.connect_s"], s["timeout.read_s"]))
+                                              s["timeout.connect_s"], s["timeout.read_s"],
+                                              PacingConf.from_settings(s)))
         return tuned[1]
 
     async def _call_upstream(self, run: _Run, params: dict, s, streaming: bool, on_retry,
@@ -400,26 +405,48 @@ class Pipeline:
                        streaming: bool, blocking: bool):
         """One attempt under the breaker: (permit, completion) or (permit, (stream, iterator,
         first delta)). The permit is settled here on failure, by the caller on success."""
+        pacer, pace_key, ticket = self.pacer if tuning.pacing.enabled else None, None, None
+        if pacer is not None:   # wait for the rate limit before asking the breaker (no probe held)
+            pace_key = f"{self.provider.upstream_id}|{run.result.model}"
+            ticket = await pacer.acquire(
+                pace_key, run.req.source, tuning.pacing,
+                lambda: run.prompt_tokens_est + params["max_tokens"],
+                deadline_at - self.clock.monotonic(), blocking)
         permit = breaker.acquire()
         run.result.attempts += 1
         left = max(0.01, deadline_at - self.clock.monotonic())
         timeout = tuning.timeouts(left)
         try:
             if blocking:        # sync callers: the provider's blocking call, bounded by `left`
-                return permit, self.provider.complete_blocking(params, timeout)
+                got = self.provider.complete_blocking(params, timeout)
+                if pacer is not None:
+                    pacer.observe(pace_key, got.headers, ticket)
+                return permit, got
             async with asyncio.timeout(left):   # the overall deadline, whatever trickles in
                 if not streaming:
-                    return permit, await self.provider.complete(params, timeout)
+                    got = await self.provider.complete(params, timeout)
+                    if pacer is not None:
+                        pacer.observe(pace_key, got.headers, ticket)
+                    return permit, got
                 upstream_stream = await self.provider.stream(params, timeout)
+                if pacer is not None:
+                    pacer.observe(pace_key, upstream_stream.headers, ticket)
+                    pacer = None    # observed: a failure while reading must not end it twice
                 iterator = upstream_stream.__aiter__()
                 return permit, (upstream_stream, iterator, await self._first_delta(upstream_stream, iterator))
         except TimeoutError as exc:
+            if pacer is not None:
+                pacer.observe(pace_key, None, ticket)
             breaker.failure(permit, "timeout")
             raise errors.UpstreamTimeout() from exc
         except errors.UpstreamError as exc:
+            if pacer is not None:
+                pacer.observe(pace_key, getattr(exc, "rate_headers", None), ticket)
             self._settle_permit(breaker, permit, exc)
             raise
         except BaseException:
+            if pacer is not None:
+                pacer.observe(pace_key, None, ticket)
             breaker.release(permit)
             raise
 

@@ -157,3 +157,12 @@ def m004_breaker_open_for(db) -> None:
     """How long an open breaker stays open when the upstream said (Retry-After); NULL means
     breaker.reset_timeout_s. Shared, so every process probes at the same time."""
     db.execute("ALTER TABLE breakers ADD COLUMN open_for_s REAL")
+
+
+@migrations()
+def m005_pacing(db) -> None:
+    """Rate-limit buckets learnt from the upstream's headers (or the pacing settings), one row
+    per (upstream+model, dimension), shared by every process on the file (core.resilience.pacing)."""
+    db.execute("CREATE TABLE pacing (key TEXT NOT NULL, dim TEXT NOT NULL, lim REAL NOT NULL, "
+               "remaining REAL NOT NULL, reset_at REAL NOT NULL, window_s REAL NOT NULL, "
+               "learned INTEGER NOT NULL DEFAULT 0, updated_at REAL, PRIMARY KEY (key, dim))")

@@ -20,6 +20,7 @@ from .errors import GyroscopeError
 from .history import Filters, History
 from .models import GenerationRequest, GenerationResult, RetryNotice, Thinking, chat_messages
 from .pipeline import Clock, Pipeline
+from .resilience.pacing import Pacer, SQLitePacingStore
 from .settings import SettingsStore
 
 
@@ -146,9 +147,10 @@ class Gyroscope:
         self.breakers = Breakers(self.db, self.settings, self.history, clock=self.clock.time)
         self.provider = provider or providers.create(self.config.provider, self.config)
         self._models: tuple[float, list[str]] | None = None
+        self.pacer = Pacer(SQLitePacingStore(self.db), clock=self.clock)
         self.pipeline = Pipeline(self.provider, settings=self.settings, cache=self.cache,
                                  breakers=self.breakers, history=self.history, clock=self.clock,
-                                 optimizer=_optimizer, rng=rng)
+                                 optimizer=_optimizer, rng=rng, pacer=self.pacer)
         # The first settings read waits for the file; later ones (on the event loop) never do.
         self.settings.snapshot()
         _freeze_startup_heap()

@@ -137,6 +137,21 @@ SETTINGS: tuple[Setting, ...] = (
       for rule in OPTIMIZER_RULES),
     Setting("generate.max_tokens", int, 512, "Default most tokens an answer may have.", "Generate", 1, 128_000),
     Setting("generate.temperature", float, 0.7, "Default sampling temperature.", "Generate", 0, 2),
+    Setting("pacing.enabled", bool, True, "Hold requests back before the upstream's rate limit refuses them "
+            "(limits learnt from x-ratelimit-* headers, else pacing.rpm / pacing.tpm).", "Pacing"),
+    Setting("pacing.rpm", float, 0.0, "Requests per minute allowed when the upstream sends no rate-limit "
+            "headers (0 = no limit).", "Pacing", 0, 1_000_000),
+    Setting("pacing.tpm", float, 0.0, "Tokens per minute allowed when the upstream sends no rate-limit "
+            "headers (0 = no limit).", "Pacing", 0, 1_000_000_000),
+    Setting("pacing.interactive_reserve", float, 0.1, "Share of each rate limit that batch rows leave to "
+            "interactive requests (page, API, CLI).", "Pacing", 0, 0.9),
+    Setting("batch.concurrency", int, 8, "Rows of a batch job sent at once.", "Batch", 1, 256),
+    Setting("batch.row_attempts", int, 3, "Times a row is run through the pipeline (each with its retries) "
+            "before it is marked failed.", "Batch", 1, 20),
+    Setting("batch.max_cost_usd", float, 0.0, "Default cost cap of a new job in USD (0 = none).", "Batch",
+            0, 1_000_000, " $"),
+    Setting("batch.max_file_mb", float, 20.0, "Largest input file a batch job accepts.", "Batch", 0.001, 1024, " MB"),
+    Setting("batch.max_rows", int, 100_000, "Most rows in one batch job.", "Batch", 1, 10_000_000),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(s.group for s in SETTINGS))

@@ -56,6 +56,7 @@ class Completion:
     tool_calls: list[dict] | None = None   # OpenAI's shape: {id, type, function: {name, arguments}}
     choices: list[dict] | None = None      # every choice as sent, when the request had n > 1
     logprobs: dict | None = None           # choice 0's logprobs, when asked for
+    headers: dict | None = None            # the answer's x-ratelimit-* headers, for pacing
 
 
 @dataclass
@@ -75,6 +76,8 @@ class Delta:
 
 class Stream(ABC):
     """An open streamed answer; ``aclose`` must close the upstream connection at once."""
+
+    headers: dict | None = None  # the response's x-ratelimit-* headers, for pacing
 
     @abstractmethod
     def __aiter__(self) -> AsyncIterator[Delta]: ...

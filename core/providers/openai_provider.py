@@ -13,6 +13,7 @@ from typing import AsyncIterator
 import httpx2
 import openai
 from openai._base_client import make_request_options
+from openai._constants import RAW_RESPONSE_HEADER
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from .. import errors
@@ -27,8 +28,25 @@ _sync_lock = threading.Lock()
 _LOADING = re.compile(r"loading model|model\b.{0,200}\bis (currently )?loading", re.IGNORECASE)
 
 
+def rate_headers(headers) -> dict | None:
+    """The x-ratelimit-* headers of a response (what pacing learns from), or None."""
+    if headers is None:
+        return None
+    found = {k: v for k, v in headers.items() if k.startswith("x-ratelimit-")}
+    return found or None
+
+
 def classify(exc: BaseException, base_url: str, model: str | None = None) -> errors.GyroscopeError:
-    """The Gyroscope error for an SDK or transport exception."""
+    """The Gyroscope error for an SDK or transport exception; an HTTP error carries its
+    x-ratelimit-* headers as ``rate_headers`` (a 429 says when the window turns)."""
+    err = _classify(exc, base_url, model)
+    response = getattr(exc, "response", None)
+    if isinstance(exc, openai.APIStatusError) and response is not None:
+        err.rate_headers = rate_headers(response.headers)
+    return err
+
+
+def _classify(exc: BaseException, base_url: str, model: str | None = None) -> errors.GyroscopeError:
     if isinstance(exc, errors.GyroscopeError):
         return exc
     if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
@@ -94,7 +112,7 @@ def _reasoning(part) -> str:
     return text if isinstance(text, str) else ""
 
 
-def _completion(resp) -> Completion:
+def _completion(resp, headers=None) -> Completion:
     """A Completion from the SDK's answer; an answer with no message is a plain error."""
     if isinstance(resp, (str, bytes)):    # the SDK hands back a body that was not JSON as text
         raise errors.MalformedResponse(detail=f"not JSON: {resp[:200]!r}")
@@ -110,7 +128,8 @@ def _completion(resp) -> Completion:
                       tool_calls=_dump_list(choice.message.tool_calls),
                       choices=[c.model_dump(exclude_unset=True) for c in resp.choices]
                       if len(resp.choices) > 1 else None,
-                      logprobs=choice.logprobs.model_dump(exclude_unset=True) if choice.logprobs else None)
+                      logprobs=choice.logprobs.model_dump(exclude_unset=True) if choice.logprobs else None,
+                      headers=rate_headers(headers))
 
 
 def _dump_list(items) -> list[dict] | None:
@@ -119,7 +138,9 @@ def _dump_list(items) -> list[dict] | None:
 
 
 def _chat_options(timeout: httpx2.Timeout):
-    return make_request_options(timeout=timeout, security={"bearer_auth": True})
+    # The raw response (parsed by the caller) keeps the headers pacing learns from.
+    return make_request_options(timeout=timeout, security={"bearer_auth": True},
+                                extra_headers={RAW_RESPONSE_HEADER: "true"})
 
 
 # The SDK's ``chat.completions.create`` first walks the whole body against its TypedDicts
@@ -214,26 +235,31 @@ class OpenAIProvider(Provider):
 
     async def complete(self, params: dict, timeout: Timeouts) -> Completion:
         try:
-            resp = await _post_chat(self.client(), params, self._timeout(timeout))
+            raw = await _post_chat(self.client(), params, self._timeout(timeout))
+            resp = raw.parse()
         except Exception as exc:  # noqa: BLE001 - every failure is classified
             raise classify(exc, self.base_url, params.get("model")) from exc
-        return _completion(resp)
+        return _completion(resp, raw.headers)
 
     def complete_blocking(self, params: dict, timeout: Timeouts) -> Completion:
         try:
-            resp = _post_chat_blocking(self.sync_client(), params, self._timeout(timeout))
+            raw = _post_chat_blocking(self.sync_client(), params, self._timeout(timeout))
+            resp = raw.parse()
         except Exception as exc:  # noqa: BLE001 - every failure is classified
             raise classify(exc, self.base_url, params.get("model")) from exc
-        return _completion(resp)
+        return _completion(resp, raw.headers)
 
     async def stream(self, params: dict, timeout: Timeouts) -> Stream:
         try:
-            sdk_stream = await _post_chat(
+            raw = await _post_chat(
                 self.client(), {**params, "stream": True, "stream_options": {"include_usage": True}},
                 self._timeout(timeout), stream=True)
+            sdk_stream = raw.parse()
         except Exception as exc:  # noqa: BLE001
             raise classify(exc, self.base_url, params.get("model")) from exc
-        return _OpenAIStream(sdk_stream, self.base_url, params.get("model", ""))
+        stream = _OpenAIStream(sdk_stream, self.base_url, params.get("model", ""))
+        stream.headers = rate_headers(raw.headers)
+        return stream
 
     async def models(self) -> list[str]:
         try:

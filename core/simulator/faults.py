@@ -31,6 +31,7 @@ _STAT_NAMES = (
     "streams_disconnected",
     "streams_dropped",
     "in_flight",
+    "rate_limited",
 )
 
 
@@ -147,7 +148,23 @@ _FAULTS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "reasoning_chunks": (0, _count),            # a reasoning model: thinking pieces first
     "reasoning_field": ("reasoning_content", _reasoning_field),
     "reasoning_pause_s": (0.0, _number),        # thinking time before each thinking piece
+    # A rate limit as OpenAI enforces it (off by default): at most this many requests and/or
+    # tokens per fixed window; every answer carries x-ratelimit-* headers, and a request past
+    # the limit gets 429 rate_limit_exceeded with Retry-After (short windows suit tests).
+    "rate_limit_requests": (None, _optional(_count)),
+    "rate_limit_tokens": (None, _optional(_count)),
+    "rate_limit_window_s": (60.0, _number),
 }
+
+
+def _duration(seconds: float) -> str:
+    """A duration as OpenAI writes its resets: "120ms", "1.5s", "6m0s"."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.3f}".rstrip("0").rstrip(".") + "s"
 
 
 def _header_number(value: float) -> str:
@@ -172,6 +189,7 @@ class Simulator:
         self._loading_until: float | None = None
         self._latency = {"ttft_ms": 0.0, "tokens_per_s": None}
         self._stats = dict.fromkeys(_STAT_NAMES, 0)
+        self._window = (0.0, 0, 0)       # the rate limit's window: (start, requests, tokens)
         self.set_latency(ttft_ms=ttft_ms, tokens_per_s=tokens_per_s)
 
     # ----- faults
@@ -193,6 +211,8 @@ class Simulator:
             if merged["retry_after_http_date"] and merged["retry_after_s"] is None:
                 message = "retry_after_http_date needs retry_after_s (the delay the date is computed from)"
                 raise FaultError("retry_after_http_date", message)
+            if merged["rate_limit_window_s"] <= 0:
+                raise FaultError("rate_limit_window_s", "rate_limit_window_s must be above 0")
             self._faults = merged
             if outage_s is not None:
                 self._outage_until = self.clock() + outage_s
@@ -307,6 +327,40 @@ class Simulator:
             # LiteLLM's proxy passes its upstream's headers on under this prefix.
             headers = {f"llm_provider-{name}": value for name, value in headers.items()}
         return headers
+
+    def take_rate_limit(self, tokens: int) -> tuple[ApiError | None, dict[str, str]]:
+        """Count one request of ``tokens`` against the rate limit, if one is set: (a 429 when
+        it is past the limit, else None; the x-ratelimit-* headers of the answer)."""
+        with self._lock:
+            f = self._faults
+            max_req, max_tok = f["rate_limit_requests"], f["rate_limit_tokens"]
+            if max_req is None and max_tok is None:
+                return None, {}
+            window, now = f["rate_limit_window_s"], self.clock()
+            start, used_req, used_tok = self._window
+            if now - start >= window:
+                start, used_req, used_tok = now, 0, 0
+            over = ((max_req is not None and used_req + 1 > max_req)
+                    or (max_tok is not None and used_tok + tokens > max_tok and used_tok > 0))
+            if not over:
+                used_req, used_tok = used_req + 1, used_tok + tokens
+            self._window = (start, used_req, used_tok)
+            reset = _duration(max(0.0, start + window - now))
+            headers = {}
+            for dim, limit, used in (("requests", max_req, used_req), ("tokens", max_tok, used_tok)):
+                if limit is not None:
+                    headers[f"x-ratelimit-limit-{dim}"] = str(limit)
+                    headers[f"x-ratelimit-remaining-{dim}"] = str(max(0, limit - used))
+                    headers[f"x-ratelimit-reset-{dim}"] = reset
+            if not over:
+                return None, headers
+            self._stats["rate_limited"] += 1
+            wait = max(0.001, start + window - now)
+            return ApiError(
+                429, f"Rate limit reached for requests: Limit {max_req}, Used {used_req}. Please try "
+                     f"again in {reset}.", type="requests", code="rate_limit_exceeded",
+                headers={**headers, "retry-after-ms": _header_number(round(wait * 1000, 3)),
+                         "retry-after": str(max(1, round(wait)))}), headers
 
     # ----- latency
     def set_latency(self, ttft_ms: float | None = None, tokens_per_s: Any = _UNCHANGED) -> dict[str, Any]:

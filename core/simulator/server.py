@@ -175,6 +175,9 @@ class _ChatEndpoint:
                 request, completion = await asyncio.to_thread(_prepare, raw)
             except ApiError as exc:
                 error = exc
+        limits: dict[str, str] = {}
+        if error is None:
+            error, limits = sim.take_rate_limit(completion.prompt_tokens + completion.completion_tokens)
         if faults["slow_s"] and not await link.pause(faults["slow_s"]):
             return self._gone(link)
         if error is not None:
@@ -183,7 +186,8 @@ class _ChatEndpoint:
         malformed = sim.draw_malformed()
         thinking = textgen.thinking(faults["reasoning_chunks"])
         if request.stream:
-            return await self._stream(request, completion, latency, faults, link, thinking, malformed)
+            return await self._stream(request, completion, latency, faults, link, thinking, malformed,
+                                      limits)
         speed = latency["tokens_per_s"]
         delay = latency["ttft_ms"] / 1000 + (completion.completion_tokens / speed if speed else 0)
         delay += faults["reasoning_pause_s"] * len(thinking)
@@ -195,7 +199,7 @@ class _ChatEndpoint:
             await link.start(200, {"content-type": "application/json", "content-length": str(len(body) // 2)})
             return await link.finish(body[:len(body) // 2])
         reasoning = {faults["reasoning_field"]: "".join(thinking)} if thinking else None
-        await link.send_json(200, completion.as_json(reasoning))
+        await link.send_json(200, completion.as_json(reasoning), limits)
 
     def _gone(self, link: _Link, streaming: bool = False) -> None:
         if link.shutting_down:
@@ -203,11 +207,12 @@ class _ChatEndpoint:
         self.sim.count(disconnected=1, streams_disconnected=int(streaming))
 
     async def _stream(self, request: ChatRequest, c: Completion, latency: dict, faults: dict, link: _Link,
-                      thinking: list[str], malformed: bool) -> None:
+                      thinking: list[str], malformed: bool, limits: dict[str, str]) -> None:
         sim, usage, drop_after = self.sim, request.include_usage, faults["drop_after_chunks"]
         garble_at = faults["malformed_after_chunks"] if malformed else None
         sim.count(streams_started=1)
-        await link.start(200, {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"})
+        await link.start(200, {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
+                               **limits})
         try:
             if not await link.pause(latency["ttft_ms"] / 1000):
                 return self._gone(link, streaming=True)

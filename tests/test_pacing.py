@@ -1,0 +1,231 @@
+"""Pacing: limits learnt from x-ratelimit-* headers (or the settings) hold requests back
+before the upstream refuses them. The simulator enforces a real limit over real HTTP; its
+window and the pacer's waits share one injected clock, so nothing really sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from core import errors
+from core.config import Config
+from core.db import Database
+from core.models import GenerationRequest
+from core.providers.simulator_provider import SimulatorProvider
+from core.resilience.pacing import (Bucket, MemoryPacingStore, Pacer, PacingConf, SQLitePacingStore,
+                                    parse_reset, read_limits)
+from core.service import Gyroscope
+from core.simulator import Simulator, start_in_background
+from core.simulator.faults import _duration
+from tests.support import FakeClock
+
+
+# -- reset durations ---------------------------------------------------------------------------
+@pytest.mark.parametrize("text, seconds", [
+    ("1s", 1.0), ("6m0s", 360.0), ("120ms", 0.12), ("1m30.5s", 90.5), ("2h0m0s", 3600.0),
+    ("0s", 0.0), ("20", 20.0), ("0.25", 0.25), (" 7s ", 7.0), ("1.5s", 1.5), ("250us", 0.00025),
+    ("3ns", 3e-9), ("1h1m", 3600.0), ("59m59s", 3599.0)])
+def test_reset_durations_in_openai_format(text, seconds):
+    assert parse_reset(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", [None, "", "   ", "abc", "-1s", "-5", "1x", "s", "1s2", "nan", "inf",
+                                  "1.2.3s", "ms", "1 s", "1s 2m", "+-1s"])
+def test_bad_reset_values_say_nothing(text):
+    assert parse_reset(text) is None
+
+
+@pytest.mark.parametrize("seconds", [0.12, 0.999, 1.5, 42.0, 90.5, 360.0])
+def test_the_simulator_writes_resets_the_parser_reads(seconds):
+    assert parse_reset(_duration(seconds)) == pytest.approx(seconds, abs=0.001)
+
+
+def test_read_limits_skips_a_dimension_with_bad_values():
+    headers = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
+               "x-ratelimit-reset-requests": "1s", "x-ratelimit-limit-tokens": "lots",
+               "x-ratelimit-remaining-tokens": "10", "x-ratelimit-reset-tokens": "6m0s"}
+    assert read_limits(headers) == {"requests": (60.0, 59.0, 1.0)}
+    assert read_limits({**headers, "x-ratelimit-reset-requests": "soon"}) == {}
+    assert read_limits(None) == {}
+
+
+# -- the pacer alone, on an injected clock ------------------------------------------------------
+def pacer(clock: FakeClock, store=None) -> Pacer:
+    return Pacer(store or MemoryPacingStore(), clock=clock.as_clock())
+
+
+def take(p: Pacer, source="api", conf=PacingConf(rpm=10), tokens=1, deadline=600.0):
+    return asyncio.run(p.acquire("up|m", source, conf, lambda: tokens, deadline))
+
+
+def test_configured_rpm_lets_a_minute_of_requests_go_then_holds_the_next_until_the_window_turns():
+    clock = FakeClock()
+    p = pacer(clock)
+    for _ in range(10):
+        assert take(p) is not None
+    assert clock.slept == []
+    take(p)                                 # the 11th waits for the next minute
+    assert clock.slept == [pytest.approx(60.0)]
+    assert p.waits == 1
+
+
+def test_no_limit_known_means_no_pacing_and_no_store_access():
+    clock = FakeClock()
+    p = pacer(clock)
+    assert take(p, conf=PacingConf()) is None
+    assert take(p, conf=PacingConf(enabled=False, rpm=1)) is None
+
+
+def test_batch_rows_leave_the_reserve_to_interactive_requests():
+    clock = FakeClock()
+    p = pacer(clock)
+    conf = PacingConf(rpm=10, reserve=0.2)
+    for _ in range(8):
+        take(p, "batch", conf)
+    assert clock.slept == []
+    take(p, "page", conf)                   # interactive: takes from the reserve at once
+    take(p, "api", conf)
+    assert clock.slept == []
+    take(p, "batch", conf)                  # a batch row waits for the window
+    assert clock.slept == [pytest.approx(60.0)]
+
+
+def test_a_batch_row_waits_while_an_interactive_request_waits():
+    clock = FakeClock()
+    p = pacer(clock)
+    p.interactive_waiting = 1
+    done = []
+
+    async def main():
+        task = asyncio.create_task(p.acquire("up|m", "batch", PacingConf(rpm=100), lambda: 1, 600))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not task.done()              # held back although the bucket is full
+        p.interactive_waiting = 0
+        done.append(await task)
+    asyncio.run(main())
+    assert done[0] is not None
+
+
+def test_a_wait_past_the_deadline_is_refused_with_the_time_to_try_again():
+    clock = FakeClock()
+    p = pacer(clock)
+    take(p, conf=PacingConf(rpm=1))
+    with pytest.raises(errors.RetryLater) as caught:
+        take(p, conf=PacingConf(rpm=1), deadline=5.0)
+    assert caught.value.retry_in_s == pytest.approx(60.0)
+
+
+def test_headers_teach_the_limit_and_a_429_empties_the_bucket():
+    clock = FakeClock()
+    p = pacer(clock)
+    headers = {"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "2",
+               "x-ratelimit-reset-requests": "10s"}
+    p.observe("up|m", headers, None)
+    take(p, conf=PacingConf())
+    take(p, conf=PacingConf())
+    assert clock.slept == []
+    take(p, conf=PacingConf())
+    assert clock.slept == [pytest.approx(10.0)]
+    p.observe("up|m", {**headers, "x-ratelimit-remaining-requests": "0",
+                       "x-ratelimit-reset-requests": "4s"}, None)
+    take(p, conf=PacingConf())
+    assert clock.slept[-1] == pytest.approx(4.0)   # the server's word on when it turns
+
+
+def test_tokens_are_paced_and_a_request_larger_than_the_limit_still_goes():
+    clock = FakeClock()
+    p = pacer(clock)
+    conf = PacingConf(tpm=1000)
+    take(p, conf=conf, tokens=600)
+    take(p, conf=conf, tokens=600)          # 400 left: waits a minute
+    assert clock.slept == [pytest.approx(60.0)]
+    take(p, conf=conf, tokens=5000)         # never stuck: goes on a full bucket
+    assert len(clock.slept) == 2
+
+
+def test_two_processes_share_the_buckets_through_the_file(tmp_path):
+    clock = FakeClock()
+    db_a, db_b = Database(tmp_path / "g.db"), Database(tmp_path / "g.db")
+    try:
+        a, b = pacer(clock, SQLitePacingStore(db_a)), pacer(clock, SQLitePacingStore(db_b))
+        a.observe("up|m", {"x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "1",
+                           "x-ratelimit-reset-requests": "30s"}, None)
+        take(b, conf=PacingConf())          # b never saw a header: it finds a's in the file
+        assert clock.slept == []
+        take(a, conf=PacingConf())
+        assert clock.slept == [pytest.approx(30.0)]
+        row = db_a.query_one("SELECT lim, learned FROM pacing WHERE key = 'up|m'")
+        assert row == {"lim": 2.0, "learned": 1}
+    finally:
+        db_a.close()
+        db_b.close()
+
+
+def test_bucket_refills_when_its_window_turns():
+    b = Bucket(limit=5, remaining=0, reset_at=100.0, window_s=10.0, learned=True)
+    assert b.wait_for(1, 0, now=95.0) == pytest.approx(5.0)
+    assert b.wait_for(1, 0, now=100.0) == 0.0
+    assert b.remaining == 5 and b.reset_at == 110.0
+
+
+# -- against the simulator's limit over real HTTP ----------------------------------------------
+@pytest.fixture
+def limited(tmp_path):
+    """A simulator allowing 5 requests per 10 s window, and a Gyroscope on the same fake clock."""
+    clock = FakeClock()
+    running = start_in_background(Simulator(clock=clock.monotonic))
+    running.sim.set_faults(rate_limit_requests=5, rate_limit_window_s=10.0)
+    cfg = Config(provider="simulator", base_url=None, db_path=tmp_path / "g.db")
+    gyro = Gyroscope(cfg, provider=SimulatorProvider(running), clock=clock.as_clock())
+    gyro.settings.ttl = 0
+    gyro.settings.set_many({"retry.jitter": 0, "retry.max_retries": 5, "cache.enabled": False},
+                           actor="test")
+    yield gyro, running.sim, clock
+    gyro.close()
+    running.stop()
+
+
+def run_concurrently(gyro, n: int, source="batch", concurrency=4):
+    async def main():
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i):
+            async with gate:
+                return await gyro.agenerate(GenerationRequest(prompt=f"row {i}", source=source))
+        return await asyncio.gather(*(one(i) for i in range(n)))
+    return asyncio.run(main())
+
+
+def test_the_simulator_sends_rate_limit_headers_and_429_past_the_limit(limited):
+    gyro, sim, clock = limited
+    gyro.settings.set("pacing.enabled", False, actor="test")
+    results = run_concurrently(gyro, 12, concurrency=1)
+    assert all(r.outcome == "ok" for r in results)
+    stats = sim.stats()
+    assert stats["rate_limited"] >= 1                 # without pacing it runs into the wall
+    assert stats["completions"] == 12
+
+
+def test_pacing_reaches_the_limit_with_at_most_a_few_429s(limited):
+    gyro, sim, clock = limited
+    start = clock.now
+    results = run_concurrently(gyro, 30, concurrency=4)
+    assert all(r.outcome == "ok" for r in results)
+    stats = sim.stats()
+    assert stats["completions"] == 30
+    assert stats["rate_limited"] <= 3                 # learnt from the first answer's headers
+    # 30 requests at 5 per 10 s need at least 5 windows after the first.
+    assert clock.now - start >= 50.0
+    assert gyro.pacer.waits >= 5
+    row = gyro.db.query_one("SELECT lim, learned FROM pacing")
+    assert row == {"lim": 5.0, "learned": 1}
+
+
+def test_sync_callers_are_paced_without_an_event_loop(limited):
+    gyro, sim, clock = limited
+    for i in range(12):
+        assert gyro.generate(GenerationRequest(prompt=f"sync {i}", source="cli")).outcome == "ok"
+    assert sim.stats()["rate_limited"] <= 1
+    assert clock.slept                      # it waited on the injected clock
