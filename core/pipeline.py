@@ -410,7 +410,7 @@ class Pipeline:
             pace_key = f"{self.provider.upstream_id}|{run.result.model}"
             ticket = await pacer.acquire(
                 pace_key, run.req.source, tuning.pacing,
-                lambda: run.prompt_tokens_est + params["max_tokens"],
+                lambda: run.prompt_tokens_est + (params.get("max_tokens") or 0),
                 deadline_at - self.clock.monotonic(), blocking)
         permit = breaker.acquire()
         run.result.attempts += 1
