@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core import tokens
-from core.simulator import textgen
+from core.simulator import textgen, tools
 from core.simulator.faults import ApiError
 
 MODELS: dict[str, int] = {
@@ -124,6 +124,14 @@ def _messages(body: dict) -> list[dict]:
             raise ApiError(400, f"Invalid value: '{role}'. Supported values are: {allowed}.",
                            param=f"{where}.role", code="invalid_value")
         item = {"role": role, "content": _content(message.get("content"), f"{where}.content", role)}
+        if role == "assistant" and message.get("tool_calls"):
+            if not isinstance(message["tool_calls"], list):
+                raise _bad_type(f"{where}.tool_calls", "an array", message["tool_calls"])
+            item["tool_calls"] = message["tool_calls"]
+        if role == "tool":
+            if message.get("tool_call_id") is None:
+                raise _missing(f"{where}.tool_call_id")
+            item["tool_call_id"] = message["tool_call_id"]
         if message.get("name") is not None:
             if not isinstance(message["name"], str):
                 raise _bad_type(f"{where}.name", "a string", message["name"])
@@ -144,6 +152,22 @@ class ChatRequest:
     temperature: float | None
     top_p: float | None
     seed: int | None
+    n: int = 1
+    stop: list[str] | None = None
+    tools: list[dict] | None = None
+    tool_choice: Any = None
+
+
+def _stop(body: dict) -> list[str] | None:
+    stop = body.get("stop")
+    if stop is None or isinstance(stop, str):
+        return None if stop is None else [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _bad_type("stop", "one of a string or array of strings", stop)
+    if len(stop) > 4:
+        raise ApiError(400, f"Invalid 'stop': array too long. Expected an array with maximum length 4, but got "
+                            f"an array with length {len(stop)} instead.", param="stop", code="array_above_max_length")
+    return stop
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
@@ -172,19 +196,45 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     temperature = _number(body, "temperature", 0, 2)
     top_p = _number(body, "top_p", 0, 1)
     seed = _integer(body, "seed", None)
+    n = _integer(body, "n", 1)
+    if n is not None and n > 128:
+        raise ApiError(400, f"Invalid 'n': integer above maximum value. Expected a value <= 128, but got {n} "
+                            "instead.", param="n", code="integer_above_max_value")
+    stop = _stop(body)
+    tool_list, tool_choice = tools.parse_tools(body)
     if model not in MODELS:
         message = f"The model `{model}` does not exist or you do not have access to it."
         raise ApiError(404, message, param="model", code="model_not_found")
     max_tokens = max_completion if max_completion is not None else legacy_max
-    return ChatRequest(model, messages, stream, include_usage, max_tokens, temperature, top_p, seed)
+    return ChatRequest(model, messages, stream, include_usage, max_tokens, temperature, top_p, seed,
+                       n or 1, stop, tool_list, tool_choice)
 
 
 # ----- completions
 
 
 @dataclass
+class Choice:
+    """One of the n replies: text, or a tool call."""
+
+    content: str | None
+    finish_reason: str
+    tool_calls: list[dict] | None = None
+
+    @property
+    def pieces(self) -> list[str]:
+        return textgen.pieces(self.content or "")
+
+    def message(self) -> dict[str, Any]:
+        message = {"role": "assistant", "content": self.content, "refusal": None, "annotations": []}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        return message
+
+
+@dataclass
 class Completion:
-    """One generated reply, with what the wire format needs around it."""
+    """One generated reply (n of them with ``n``), with what the wire format needs around it."""
 
     id: str
     created: int
@@ -193,6 +243,11 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    choices: list[Choice] | None = None
+
+    def __post_init__(self) -> None:
+        if self.choices is None:
+            self.choices = [Choice(self.content, self.finish_reason)]
 
     @property
     def pieces(self) -> list[str]:
@@ -215,13 +270,13 @@ class Completion:
 
     def as_json(self, reasoning: dict[str, str] | None = None) -> dict[str, Any]:
         """The plain answer; ``reasoning`` ({field: text}) adds a reasoning model's thinking."""
-        message = {"role": "assistant", "content": self.content, "refusal": None, "annotations": [],
-                   **(reasoning or {})}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
-        return {**self._envelope("chat.completion"), "choices": [choice], "usage": self.usage()}
+        choices = [{"index": i, "message": {**c.message(), **(reasoning or {})}, "logprobs": None,
+                    "finish_reason": c.finish_reason} for i, c in enumerate(self.choices)]
+        return {**self._envelope("chat.completion"), "choices": choices, "usage": self.usage()}
 
-    def chunk(self, delta: dict, finish_reason: str | None = None, with_usage: bool = False) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(self, delta: dict, finish_reason: str | None = None, with_usage: bool = False,
+              index: int = 0) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         chunk = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
         if with_usage:  # with include_usage, OpenAI sends "usage": null on every chunk but the last
             chunk["usage"] = None
@@ -243,16 +298,36 @@ def complete(request: ChatRequest) -> Completion:
                   "completion). Please reduce the length of the messages or completion.")
         message = f"This model's maximum context length is {window} tokens. However, {detail}"
         raise ApiError(400, message, param="messages", code="context_length_exceeded")
-    text = textgen.generate(request.model, request.messages, seed=request.seed,
-                            temperature=request.temperature, top_p=request.top_p)
-    content, cut = textgen.truncate(text, request.max_tokens, request.model)
+    choices = [_choice(request, i) for i in range(request.n)]
     alphabet = string.ascii_letters + string.digits
     return Completion(
         id="chatcmpl-" + "".join(secrets.choice(alphabet) for _ in range(29)),
         created=int(time.time()),
         model=request.model,
-        content=content,
-        finish_reason="length" if cut else "stop",
+        content=choices[0].content or "",
+        finish_reason=choices[0].finish_reason,
         prompt_tokens=prompt,
-        completion_tokens=tokens.count_text(content, request.model),
+        completion_tokens=sum(tokens.count_text(c.content or "", request.model)
+                              + sum(tokens.count_text(t["function"]["arguments"], request.model)
+                                    for t in c.tool_calls or ()) for c in choices),
+        choices=choices,
     )
+
+
+def _choice(request: ChatRequest, index: int) -> Choice:
+    """Reply number ``index``: the first is what n=1 would answer; later ones differ."""
+    function = tools.chosen_tool(request.tools, request.tool_choice, request.messages)
+    if function is not None:
+        call = {"id": tools.call_id(function, [request.messages, index]), "type": "function",
+                "function": {"name": function["name"], "arguments": tools.arguments(function, request.messages)}}
+        return Choice(None, "tool_calls", [call])
+    seed = request.seed if index == 0 else [request.seed, index]
+    text = textgen.generate(request.model, request.messages, seed=seed,
+                            temperature=request.temperature, top_p=request.top_p)
+    if request.messages[-1].get("role") == "tool":
+        text = tools.after_tool(request.messages) + text
+    for stop in request.stop or ():      # the answer ends before a stop sequence, which is not sent
+        if stop and stop in text:
+            text = text[:text.index(stop)]
+    content, cut = textgen.truncate(text, request.max_tokens, request.model)
+    return Choice(content, "length" if cut else "stop")

@@ -216,17 +216,19 @@ class _ChatEndpoint:
         try:
             if not await link.pause(latency["ttft_ms"] / 1000):
                 return self._gone(link, streaming=True)
-            await link.write(_sse(c.chunk({"role": "assistant", "content": "", "refusal": None}, with_usage=usage)))
+            for index, choice in enumerate(c.choices):
+                first = {"role": "assistant", "content": "" if choice.tool_calls is None else None, "refusal": None}
+                await link.write(_sse(c.chunk(first, with_usage=usage, index=index)))
             for thought in thinking:   # a reasoning model thinks aloud before it answers
                 if not await link.pause(faults["reasoning_pause_s"]):
                     return self._gone(link, streaming=True)
                 await link.write(_sse(c.chunk({faults["reasoning_field"]: thought}, with_usage=usage)))
             speed, sent_tokens = latency["tokens_per_s"], 0
             started = asyncio.get_running_loop().time()
-            for i, piece in enumerate(c.pieces):
+            for i, (index, delta, text) in enumerate(_deltas(c)):
                 if i == garble_at:
                     # One event cut in the middle of its JSON, as a broken proxy sends it.
-                    line = _sse(c.chunk({"content": piece}, with_usage=usage))
+                    line = _sse(c.chunk(delta, with_usage=usage, index=index))
                     await link.write(line[:len(line) // 2] + b"\n\n")
                 if drop_after is not None and i >= drop_after:
                     break
@@ -234,12 +236,13 @@ class _ChatEndpoint:
                 due = started + sent_tokens / speed - asyncio.get_running_loop().time() if speed else 0
                 if not await link.pause(due):
                     return self._gone(link, streaming=True)
-                await link.write(_sse(c.chunk({"content": piece}, with_usage=usage)))
-                sent_tokens += tokens.count_text(piece, c.model)
+                await link.write(_sse(c.chunk(delta, with_usage=usage, index=index)))
+                sent_tokens += tokens.count_text(text, c.model)
             if drop_after is not None:
                 sim.count(streams_dropped=1)
                 raise _CutConnection()
-            await link.write(_sse(c.chunk({}, c.finish_reason, with_usage=usage)))
+            for index, choice in enumerate(c.choices):
+                await link.write(_sse(c.chunk({}, choice.finish_reason, with_usage=usage, index=index)))
             if usage:
                 await link.write(_sse(c.usage_chunk()))
             sim.count(streams_completed=1)  # before the send, so a client that saw [DONE] sees the count
@@ -249,6 +252,30 @@ class _ChatEndpoint:
         except asyncio.CancelledError:  # uvicorn gave up waiting for us at shutdown
             sim.count(disconnected=1, streams_disconnected=1)
             raise
+
+
+ARGUMENT_PIECE_CHARS = 8
+
+
+def _deltas(c: Completion):
+    """(choice index, delta, its text) in the order sent: choices take turns, as n > 1
+    streams interleave them; a tool call comes as its name, then its arguments in pieces."""
+    per_choice = []
+    for choice in c.choices:
+        events = [({"content": piece}, piece) for piece in choice.pieces] if choice.tool_calls is None else []
+        for k, call in enumerate(choice.tool_calls or ()):
+            head = {"index": k, "id": call["id"], "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""}}
+            events.append(({"tool_calls": [head]}, call["function"]["name"]))
+            args = call["function"]["arguments"]
+            for j in range(0, len(args), ARGUMENT_PIECE_CHARS):
+                part = args[j:j + ARGUMENT_PIECE_CHARS]
+                events.append(({"tool_calls": [{"index": k, "function": {"arguments": part}}]}, part))
+        per_choice.append(events)
+    for step in range(max(map(len, per_choice), default=0)):
+        for index, events in enumerate(per_choice):
+            if step < len(events):
+                yield (index, *events[step])
 
 
 # ----- models and control routes
