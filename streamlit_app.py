@@ -17,6 +17,7 @@ if __name__ == "__main__":  # a browser session running the script
     nav.run()
 else:  # imported by `streamlit run` (uvicorn) as the ASGI application
     from core.api import lifespan, routes
+    from core.http import guard
 
     try:
         # Until some session has run st.navigation, Streamlit treats a `pages/` folder as a
@@ -28,4 +29,6 @@ else:  # imported by `streamlit run` (uvicorn) as the ASGI application
     except ImportError:  # a later Streamlit without the v1 fallback
         pass
 
-    app = st.App(__file__, routes=routes(), lifespan=lifespan)
+    # The guard wraps everything, the dashboard's websocket included: Streamlit's own
+    # server.allowedHosts and XSRF checks do not cover st.App routes (see core/http/guard.py).
+    app = st.App(__file__, routes=routes(), lifespan=lifespan, middleware=guard.middleware())

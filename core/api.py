@@ -5,18 +5,20 @@
                                   (events: retry, reasoning, delta, then done or error)
     GET  /api/stats               the totals `python -m core stats --json` prints
 
-When GYROSCOPE_API_TOKEN is set, every route but /api/health needs
-``Authorization: Bearer <token>``.
+The guard (core/http/guard.py) wraps these routes at the edge: the API token, Host and
+Origin checks, JSON-only bodies, size and nesting limits. ``asgi_app()`` is the API alone
+behind the guard (for tests and benchmarks); streamlit_app.py puts the same guard around
+the dashboard too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import contextlib
 from contextlib import asynccontextmanager
 
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
@@ -24,6 +26,7 @@ from starlette.routing import Route
 from .config import load_config
 from .errors import GyroscopeError, InvalidParameter, StorageError
 from .history import Filters, parse_when
+from .http import guard
 from .models import GenerationRequest, check_json_type
 from .portal import off_loop
 from .service import current_service, default_service
@@ -40,19 +43,6 @@ def _error(exc: GyroscopeError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, round(exc.retry_in_s)))
     return JSONResponse({"error": exc.as_dict()}, status_code=_STATUS.get(exc.kind, 502),
                         headers=headers)
-
-
-def _authorised(request: Request, gyro) -> bool:
-    token = gyro.config.api_token
-    if not token:
-        return True
-    given = request.headers.get("authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
-
-
-def _unauthorised() -> JSONResponse:
-    return JSONResponse({"error": {"kind": "auth", "message": "Send Authorization: Bearer "
-                                   "<GYROSCOPE_API_TOKEN>.", "retry_in_s": None}}, status_code=401)
 
 
 STATS_TIMEOUT_S = 5.0      # /api/stats waits this long for the file, then answers 503
@@ -94,8 +84,6 @@ async def generate(request: Request):
         gyro = await _service()
     except GyroscopeError as exc:
         return _error(exc)
-    if not _authorised(request, gyro):
-        return _unauthorised()
     try:
         body = await _json_body(request)
         wants_stream = body.pop("stream", False) if isinstance(body, dict) else False
@@ -113,7 +101,10 @@ async def generate(request: Request):
 
 
 async def _json_body(request: Request):
-    """The parsed body, or InvalidParameter saying what is wrong with it."""
+    """The parsed body (already parsed by the guard when it runs), or InvalidParameter saying
+    what is wrong with it."""
+    if guard.PARSED_KEY in request.scope:
+        return request.scope[guard.PARSED_KEY]
     try:
         return await request.json()
     except RecursionError:
@@ -175,8 +166,6 @@ async def stats(request: Request) -> JSONResponse:
     q = request.query_params
     try:
         gyro = await _service()
-        if not _authorised(request, gyro):
-            return _unauthorised()
         filters = Filters(start=parse_when(q.get("since")), end=parse_when(q.get("until")), tz=q.get("tz", "UTC"),
                           models=tuple(q.getlist("model")), sources=tuple(q.getlist("source")))
         return JSONResponse(await gyro.astats(filters, timeout=STATS_TIMEOUT_S))
@@ -190,9 +179,16 @@ async def stats(request: Request) -> JSONResponse:
 
 
 def routes() -> list[Route]:
-    """The API's routes, for st.App."""
-    return [Route("/api/health", health), Route("/api/generate", generate, methods=["POST"]),
-            Route("/api/stats", stats)]
+    """The API's routes, for st.App; the last answers unknown /api and /v1 paths in JSON."""
+    api = [Route("/api/health", health), Route("/api/generate", generate, methods=["POST"]),
+           Route("/api/stats", stats)]
+    return [*api, guard.JsonForUnknown(api)]
+
+
+def asgi_app(config: guard.GuardConfig | None = None) -> Starlette:
+    """The API alone behind the guard, as streamlit_app.py serves it beside the dashboard
+    (for tests and benchmarks; the caller closes the service)."""
+    return Starlette(routes=routes(), middleware=guard.middleware(config))
 
 
 @asynccontextmanager

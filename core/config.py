@@ -63,19 +63,34 @@ def check_base_url(url: str) -> str:
 
 
 def redact_url(url: str | None) -> str:
-    """A URL without user, password, query or fragment (any of which could carry a secret)."""
+    """A URL without user, password, query or fragment (any of which could carry a secret).
+
+    A URL without a scheme (``user:pw@host/v1``) is read as one starting at its host, so
+    its password is dropped too rather than taken for a scheme and a path."""
     if not url:
         return ""
     try:
-        parts = urlsplit(url)
+        has_host = "//" in url.split("?", 1)[0].split("#", 1)[0]
+        parts = urlsplit(url if has_host else "//" + url)
         host = parts.hostname or ""
+        if ":" in host:          # an IPv6 address goes back in brackets
+            host = f"[{host}]"
         if parts.port:
             host = f"{host}:{parts.port}"
     except ValueError:
         return "<unparseable URL>"
-    if not parts.scheme:
-        return url if "@" not in url else "<unparseable URL>"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    if not host:
+        return "<unparseable URL>"
+    out = urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return out if parts.scheme else out.removeprefix("//")
+
+
+def read_secret(name: str, env: Mapping[str, str] | None = None,
+                secrets_path: str | Path = Path(".streamlit") / "secrets.toml") -> str | None:
+    """One value from the environment or `.streamlit/secrets.toml` (stripped; None if unset)."""
+    env = os.environ if env is None else env
+    value = env.get(name) or _read_secrets(Path(secrets_path)).get(name)
+    return value.strip() if isinstance(value, str) and value.strip() else None
 
 
 def load_config(env: Mapping[str, str] | None = None,

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from starlette.applications import Starlette
 from streamlit.testing.v1 import AppTest
 
 import core.service
@@ -161,9 +160,9 @@ def _post(url: str, body, token: str | None = None) -> tuple[int, bytes]:
 
 @pytest.fixture
 def api(app_env):
-    from core.api import routes
+    from core.api import asgi_app
     gyro = core.service.default_service()
-    url, server = _serve(Starlette(routes=routes()))
+    url, server = _serve(asgi_app())      # behind the guard, as streamlit_app.py serves it
     yield url, gyro
     server.should_exit = True
 
@@ -197,14 +196,17 @@ def test_api_open_breaker_answers_503_with_retry_after(api):
 
 def test_api_token_is_required_when_configured(app_env, monkeypatch):
     monkeypatch.setenv("GYROSCOPE_API_TOKEN", "t0ken-123")
-    from core.api import routes
+    from core.api import asgi_app
     core.service.default_service().provider.sim.set_latency(ttft_ms=0, tokens_per_s=0)
-    url, server = _serve(Starlette(routes=routes()))
+    url, server = _serve(asgi_app())
     try:
         status, body = _post(url + "/api/generate", {"prompt": "Hi"})
         assert status == 401 and b"t0ken-123" not in body
         assert _post(url + "/api/generate", {"prompt": "Hi", "max_tokens": 5}, token="t0ken-123")[0] == 200
-        assert urllib.request.urlopen(url + "/api/health", timeout=5).status == 200
+        # Health too: a caller without the token learns nothing (tests/test_http_guard.py).
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url + "/api/health", timeout=5)
+        assert refused.value.code == 401
     finally:
         server.should_exit = True
 
@@ -238,7 +240,7 @@ def test_api_client_that_goes_away_mid_stream_is_a_stop(api):
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "A long story about a harbour town", "stream": True, "cache": False})
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall((f"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall((f"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                       f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
         received = b""
         while received.count(b"event: delta") < 3:
