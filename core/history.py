@@ -55,6 +55,11 @@ class RequestRecord:
     cost_saved: float = 0.0
     optimizer_tokens_saved: int = 0
     optimizer_cost_saved: float = 0.0
+    cached_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    token_source: str | None = None       # 'reported', 'tokenizer' or 'estimated'
+    finish_reason: str | None = None
 
 
 _COLUMNS = [f.name for f in dataclasses.fields(RequestRecord)]
@@ -410,6 +415,11 @@ class History:
                        coalesce(sum(optimizer_cost_saved), 0.0) AS optimizer_cost_saved,
                        coalesce(sum(retries), 0) AS retries,
                        coalesce(sum(retry_wait_s), 0.0) AS retry_wait_s,
+                       coalesce(sum(cached_tokens), 0) AS cached_tokens,
+                       coalesce(sum(cache_write_tokens), 0) AS cache_write_tokens,
+                       coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens,
+                       coalesce(sum(upstream_prompt_tokens), 0) AS upstream_prompt_tokens,
+                       coalesce(sum(estimated), 0) AS estimated_token_requests,
                        coalesce(sum(timed), 0) AS timed
                 FROM ({inner})""", params)
             timed = row.pop("timed")
@@ -419,6 +429,8 @@ class History:
         ok = row["ok_requests"]
         row["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
         row["cache_hit_rate"] = row["cached_requests"] / ok if ok else 0.0
+        upstream = row["upstream_prompt_tokens"]
+        row["prompt_cache_hit_rate"] = row["cached_tokens"] / upstream if upstream else 0.0
         row["failure_rate"] = row["failed_requests"] / total if total else 0.0
         row["success_rate"] = ok / total if total else 0.0
         row["average_cost"] = row["total_cost"] / ok if ok else 0.0
@@ -438,16 +450,20 @@ class History:
                 sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
                 sum(cost) AS cost, sum(cost_saved) AS cost_saved,
                 sum(optimizer_tokens_saved) AS optimizer_tokens_saved,
-                sum(retries) AS retries, sum(retry_wait_s) AS retry_wait_s""",
+                sum(retries) AS retries, sum(retry_wait_s) AS retry_wait_s,
+                sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens,
+                sum(upstream_prompt_tokens) AS upstream_prompt_tokens""",
                 ("requests", "ok", "failed", "cancelled", "cached", "prompt_tokens",
                  "completion_tokens", "cost", "cost_saved", "optimizer_tokens_saved", "retries",
-                 "retry_wait_s"))
+                 "retry_wait_s", "cached_tokens", "reasoning_tokens", "upstream_prompt_tokens"))
             found = self._answered_stats(filters, buckets, by_model)
         for row in rows:
             p50, p95, ttft = found.get((row["bucket"], row["model"]), (None, None, None))
             row.update(latency_p50_ms=p50, latency_p95_ms=p95, ttft_p50_ms=ttft)
             row["bucket"] = bucket_label(unit, row["bucket"])
             row["hit_rate"] = row["cached"] / row["ok"] if row["ok"] else 0.0
+            upstream = row["upstream_prompt_tokens"]
+            row["prompt_cache_hit_rate"] = row["cached_tokens"] / upstream if upstream else None
         return rows
 
     def daily_cost_by_model(self, filters: Filters) -> list[dict]:

@@ -215,7 +215,9 @@ class GenerationResult:
     logprobs: dict | None = None           # choice 0's logprobs, passed through when asked for
     usage: Usage | None = None
     tokens_estimated: bool = False
+    token_source: str | None = None   # 'reported', 'tokenizer' (the server's) or 'estimated'
     cost: float | None = None
+    cost_unknown: bool = False        # no price for this upstream and model: cost is None, not 0
     from_cache: bool = False
     cost_saved: float = 0.0
     attempts: int = 0
@@ -233,7 +235,10 @@ class GenerationResult:
         if self.usage is not None:
             usage = {"prompt_tokens": self.usage.prompt_tokens,
                      "completion_tokens": self.usage.completion_tokens,
-                     "total_tokens": self.usage.total_tokens}
+                     "total_tokens": self.usage.total_tokens,
+                     "cached_tokens": self.usage.cached_tokens,
+                     "cache_write_tokens": self.usage.cache_write_tokens,
+                     "reasoning_tokens": self.usage.reasoning_tokens}
         out = {k: v for k, v in asdict(self).items() if k not in ("usage", "error", "prompt_sent")}
         for name in ("tool_calls", "choices", "logprobs"):   # conversation answers only
             if out[name] is None:

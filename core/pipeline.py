@@ -85,6 +85,7 @@ class _Run:
         self.on_reasoning: Callable[[str], None] | None = None
         self.deltas = False
         self._prompt_tokens: int | None = None
+        self.pricing: prices.Pricing = prices.OPENAI
 
     @property
     def prompt_tokens_est(self) -> int:
@@ -108,10 +109,13 @@ class Pipeline:
         self.clock = clock or Clock()
         self.optimizer = optimizer
         self.rng = rng
-        self.price_provider = "openai"
         self._tuned: tuple[object, _Tuning] | None = None
 
     # -- public --------------------------------------------------------------------------
+    def pricing(self, s) -> prices.Pricing:
+        """How this upstream is priced under a settings snapshot (core/prices.py)."""
+        return prices.pricing_for(self.provider.name, self.provider.base_url, s["prices.upstreams"])
+
     async def generate(self, req: GenerationRequest,
                        on_retry: Callable[[RetryNotice], None] | None = None,
                        blocking: bool = False) -> GenerationResult:
@@ -204,6 +208,7 @@ class Pipeline:
     def _prepare(self, run: _Run, s) -> tuple[dict, str | None]:
         """Validate, optimize and build the provider parameters and the cache key."""
         req, result = run.req, run.result
+        run.pricing = self.pricing(s)
         if req.messages is None and (not isinstance(req.prompt, str) or not req.prompt.strip()):
             raise errors.InvalidParameter("The prompt is empty. Type what you want written.")
         if req.messages is not None and (not isinstance(req.messages, list) or not req.messages):
@@ -292,7 +297,12 @@ class Pipeline:
         if hit.prompt_tokens is not None:
             result.usage = Usage(hit.prompt_tokens, hit.completion_tokens or 0)
         result.cost = 0.0
-        result.cost_saved = hit.cost or 0.0
+        # What the answer would cost now; else what it cost when stored; else unknown,
+        # flagged like any unknown price (never a silent 0 saved).
+        saved = prices.price_usage(hit.model, result.usage, run.pricing) if result.usage else None
+        saved = hit.cost if saved is None else saved
+        result.cost_saved = saved or 0.0
+        result.cost_unknown = saved is None
         run.first_token_at = self.clock.monotonic()
         if not streaming:
             result.content = hit.content
@@ -525,13 +535,15 @@ class Pipeline:
         if usage is not None:
             result.usage = usage
             result.tokens_estimated = False
+            result.token_source = "reported"
         elif result.usage is None:
             # Thinking is billed as completion tokens, so it is counted with the answer.
             result.usage = Usage(run.prompt_tokens_est,
                                  tokens.count_text(result.reasoning + result.content, result.model))
             result.tokens_estimated = True
-        result.cost = prices.cost(result.model, result.usage.prompt_tokens,
-                                  result.usage.completion_tokens, self.price_provider)
+            result.token_source = "estimated"
+        result.cost = prices.price_usage(result.model, result.usage, run.pricing)
+        result.cost_unknown = result.cost is None
 
     async def _durable(self, ticket, blocking: bool, quiet: bool = False) -> None:
         """Wait until the run's row is committed or spooled: no answer leaves before that.
@@ -565,8 +577,8 @@ class Pipeline:
             if outcome == "cancelled" and result.usage is None and result.attempts:
                 self._settle_usage(run, None)
             if run.optimizer_saved:
-                optimizer_cost_saved = prices.cost(result.model, run.optimizer_saved, 0,
-                                                   self.price_provider) or 0.0
+                optimizer_cost_saved = prices.price(result.model, run.pricing,
+                                                    run.optimizer_saved, 0) or 0.0
         except Exception:  # noqa: BLE001
             pass
         usage = result.usage
@@ -583,9 +595,13 @@ class Pipeline:
             completion_tokens=usage.completion_tokens if usage else None,
             total_tokens=usage.total_tokens if usage else None,
             tokens_estimated=result.tokens_estimated,
-            cost=result.cost, cost_unknown=usage is not None and result.cost is None and not result.from_cache,
+            cost=result.cost, cost_unknown=usage is not None and result.cost_unknown,
             from_cache=result.from_cache, cost_saved=result.cost_saved,
-            optimizer_tokens_saved=run.optimizer_saved, optimizer_cost_saved=optimizer_cost_saved)
+            optimizer_tokens_saved=run.optimizer_saved, optimizer_cost_saved=optimizer_cost_saved,
+            cached_tokens=usage.cached_tokens if usage else None,
+            cache_write_tokens=usage.cache_write_tokens if usage else None,
+            reasoning_tokens=usage.reasoning_tokens if usage else None,
+            token_source=result.token_source if usage else None, finish_reason=result.finish_reason)
         return self.history.add(record)
 
 

@@ -54,8 +54,9 @@ def m001_initial(db) -> None:
 
 # Per-row contributions to the hourly rollup, as SQL over one `requests` row (``{r}`` is
 # ``new.``/``old.`` in the triggers, empty in queries over raw rows). Frozen with m002:
-# changing a column means a new migration that rebuilds the rollup.
-ROLLUP_SUMS = (
+# changing a column means a new migration that rebuilds the rollup (m006 did, see
+# ROLLUP_SUMS below).
+ROLLUP_SUMS_M002 = (
     ("requests", "1"),
     ("ok", "{r}outcome = 'ok'"),
     ("failed", "{r}outcome IN ('error', 'circuit_open')"),
@@ -79,10 +80,10 @@ ROLLUP_ERROR_KIND = "coalesce({r}error_kind, {r}outcome)"
 ROLLUP_IS_ERROR = "{r}outcome IN ('error', 'circuit_open')"
 
 
-def _rollup_add(r: str) -> str:
-    cols = ", ".join(c for c, _ in ROLLUP_SUMS)
-    values = ", ".join(e.format(r=r) for _, e in ROLLUP_SUMS)
-    updates = ", ".join(f"{c} = {c} + excluded.{c}" for c, _ in ROLLUP_SUMS)
+def _rollup_add(r: str, sums=ROLLUP_SUMS_M002) -> str:
+    cols = ", ".join(c for c, _ in sums)
+    values = ", ".join(e.format(r=r) for _, e in sums)
+    updates = ", ".join(f"{c} = {c} + excluded.{c}" for c, _ in sums)
     return (f"INSERT INTO request_hours (hour, model, source, {cols}) "
             f"VALUES (CAST({r}ts / 3600 AS INTEGER), {r}model, {r}source, {values}) "
             f"ON CONFLICT (hour, model, source) DO UPDATE SET {updates};\n"
@@ -92,10 +93,10 @@ def _rollup_add(r: str) -> str:
             f"ON CONFLICT (hour, model, source, kind) DO UPDATE SET n = n + 1;\n")
 
 
-def _rollup_remove(r: str) -> str:
+def _rollup_remove(r: str, sums=ROLLUP_SUMS_M002) -> str:
     # `IS` and one rowid, because a NULL model or source never conflicts, so such rows
     # may be spread over several rollup rows.
-    updates = ", ".join(f"{c} = {c} - ({e.format(r=r)})" for c, e in ROLLUP_SUMS)
+    updates = ", ".join(f"{c} = {c} - ({e.format(r=r)})" for c, e in sums)
     hour = f"CAST({r}ts / 3600 AS INTEGER)"
     return (f"UPDATE request_hours SET {updates} WHERE rowid = (SELECT rowid FROM request_hours "
             f"WHERE hour = {hour} AND model IS {r}model AND source IS {r}source LIMIT 1);\n"
@@ -114,13 +115,13 @@ def m002_hourly_rollup(db) -> None:
     only the hours cut by a boundary (range ends, half-hour zones) from the raw rows.
     """
     real = {"cost", "cost_saved", "optimizer_cost_saved", "retry_wait_s"}
-    sums = ", ".join(f"{c} {'REAL' if c in real else 'INTEGER'} NOT NULL DEFAULT 0" for c, _ in ROLLUP_SUMS)
+    sums = ", ".join(f"{c} {'REAL' if c in real else 'INTEGER'} NOT NULL DEFAULT 0" for c, _ in ROLLUP_SUMS_M002)
     db.execute(f"CREATE TABLE request_hours (hour INTEGER NOT NULL, model TEXT, source TEXT, {sums}, "
                "PRIMARY KEY (hour, model, source))")
     db.execute("CREATE TABLE request_hour_errors (hour INTEGER NOT NULL, model TEXT, source TEXT, "
                "kind TEXT, n INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (hour, model, source, kind))")
-    cols = ", ".join(c for c, _ in ROLLUP_SUMS)
-    exprs = ", ".join(f"sum({e.format(r='')})" for _, e in ROLLUP_SUMS)
+    cols = ", ".join(c for c, _ in ROLLUP_SUMS_M002)
+    exprs = ", ".join(f"sum({e.format(r='')})" for _, e in ROLLUP_SUMS_M002)
     db.execute(f"INSERT INTO request_hours (hour, model, source, {cols}) "
                f"SELECT CAST(ts / 3600 AS INTEGER), model, source, {exprs} FROM requests GROUP BY 1, 2, 3")
     db.execute("INSERT INTO request_hour_errors (hour, model, source, kind, n) "
@@ -166,3 +167,44 @@ def m005_pacing(db) -> None:
     db.execute("CREATE TABLE pacing (key TEXT NOT NULL, dim TEXT NOT NULL, lim REAL NOT NULL, "
                "remaining REAL NOT NULL, reset_at REAL NOT NULL, window_s REAL NOT NULL, "
                "learned INTEGER NOT NULL DEFAULT 0, updated_at REAL, PRIMARY KEY (key, dim))")
+
+
+# The rollup's sums since m006: m002's, plus the usage details (cached prompt tokens,
+# cache writes, reasoning tokens), the prompt tokens the upstream answered (not our cache:
+# the base of the provider's prompt-cache hit rate) and the rows with estimated counts.
+ROLLUP_SUMS = ROLLUP_SUMS_M002 + (
+    ("cached_tokens", "coalesce({r}cached_tokens, 0)"),
+    ("cache_write_tokens", "coalesce({r}cache_write_tokens, 0)"),
+    ("reasoning_tokens", "coalesce({r}reasoning_tokens, 0)"),
+    ("upstream_prompt_tokens",
+     "CASE WHEN coalesce({r}from_cache, 0) = 0 THEN coalesce({r}prompt_tokens, 0) ELSE 0 END"),
+    ("estimated", "coalesce({r}tokens_estimated, 0)"),
+)
+
+
+@migrations()
+def m006_usage_details(db) -> None:
+    """Usage details per request (cached, cache-write and reasoning tokens; where the counts
+    came from: 'reported', 'tokenizer' (the server's /tokenize) or 'estimated'; the finish
+    reason), summed in the hourly rollup, whose triggers are rebuilt with the new sums."""
+    for col, kind in (("cached_tokens", "INTEGER"), ("cache_write_tokens", "INTEGER"),
+                      ("reasoning_tokens", "INTEGER"), ("token_source", "TEXT"),
+                      ("finish_reason", "TEXT")):
+        db.execute(f"ALTER TABLE requests ADD COLUMN {col} {kind}")
+    added = ROLLUP_SUMS[len(ROLLUP_SUMS_M002):]
+    for col, _ in added:
+        db.execute(f"ALTER TABLE request_hours ADD COLUMN {col} INTEGER NOT NULL DEFAULT 0")
+    sets = ", ".join(f"{c} = coalesce(s.{c}, 0)" for c, _ in added)
+    exprs = ", ".join(f"sum({e.format(r='')}) AS {c}" for c, e in added)
+    db.execute(f"""UPDATE request_hours SET {sets} FROM (
+        SELECT CAST(ts / 3600 AS INTEGER) AS hour, model, source, {exprs} FROM requests GROUP BY 1, 2, 3
+        ) AS s WHERE s.hour = request_hours.hour AND s.model IS request_hours.model
+        AND s.source IS request_hours.source""")
+    for name in ("insert", "delete", "update"):
+        db.execute(f"DROP TRIGGER requests_rollup_{name}")
+    db.execute(f"CREATE TRIGGER requests_rollup_insert AFTER INSERT ON requests BEGIN\n"
+               f"{_rollup_add('new.', ROLLUP_SUMS)}END")
+    db.execute(f"CREATE TRIGGER requests_rollup_delete AFTER DELETE ON requests BEGIN\n"
+               f"{_rollup_remove('old.', ROLLUP_SUMS)}END")
+    db.execute(f"CREATE TRIGGER requests_rollup_update AFTER UPDATE ON requests BEGIN\n"
+               f"{_rollup_remove('old.', ROLLUP_SUMS)}{_rollup_add('new.', ROLLUP_SUMS)}END")

@@ -96,6 +96,11 @@ def _model_list(value: str) -> None:
         check_model_name(model.strip(), "Each of provider.extra_models")
 
 
+def _upstream_prices(value: str) -> None:
+    from .prices import check_upstreams   # genai-prices' table loads only when a price is set
+    check_upstreams(value)
+
+
 def _type_words(t: type) -> str:
     return {bool: "true or false", int: "a whole number", float: "a number",
             str: "text"}.get(t, t.__name__)
@@ -152,6 +157,10 @@ SETTINGS: tuple[Setting, ...] = (
             0, 1_000_000, " $"),
     Setting("batch.max_file_mb", float, 20.0, "Largest input file a batch job accepts.", "Batch", 0.001, 1024, " MB"),
     Setting("batch.max_rows", int, 100_000, "Most rows in one batch job.", "Batch", 1, 10_000_000),
+    Setting("prices.upstreams", str, "", "How each upstream is priced, as JSON: {base URL or provider: "
+            "'free' | 'unknown' | a genai-prices provider such as 'openai' | {model: {input, cached, "
+            "output} USD per 1M tokens}}. Unlisted: the simulator as OpenAI, known provider hosts by "
+            "their table, other hosts unknown (docs/metrics.md).", "Prices", check=_upstream_prices),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(s.group for s in SETTINGS))

@@ -11,7 +11,7 @@ import zoneinfo
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from core import charts
+from core import charts, cost_charts
 from core.demo import fill_history
 from core.errors import GyroscopeError
 from core.history import Filters
@@ -120,6 +120,7 @@ def show_charts(data: dict, filters: Filters, infos: list[dict]) -> None:
     now = {i["name"]: i["state"] for i in infos}
     right.plotly_chart(charts.breaker_timeline(events, filters.start, min(filters.end, time.time()),
                                                now, filters.tz), key="chart_breakers")
+    left.plotly_chart(cost_charts.prompt_cache(series), key="chart_prompt_cache")
 
 
 def show_exports(data: dict, filters: Filters) -> None:
@@ -165,6 +166,9 @@ def body() -> None:
                 "dates, or clear the model and source filters.", icon=":material/search_off:")
         return
     show_headline(data["totals"], infos)
+    drop = cost_charts.prompt_cache_warning(gyro.history, tz, time.time())
+    if drop:
+        st.warning(drop, icon=":material/trending_down:")
     show_charts(data, filters, infos)
     show_exports(data, filters)
 

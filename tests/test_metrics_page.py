@@ -76,7 +76,7 @@ def test_demo_button_fills_history_and_the_page_shows_figures_and_charts(page):
     assert int(figs["Requests"].replace(",", "")) > 0 and figs["p95 latency"].endswith(" ms")
     assert set(figures(at)) == {"Cost per day by model", "Requests and errors",
                                 "Latency (answers from the AI service)", "Cache", "Retries",
-                                "Circuit breakers"}
+                                "Circuit breakers", "Provider prompt cache"}
     assert at.download_button(key="export_daily").label == "Daily table (CSV)"
     assert at.download_button(key="export_rows").label.startswith("Requests (CSV, newest ")
 

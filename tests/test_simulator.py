@@ -171,7 +171,8 @@ def test_truncate_keeps_a_word_prefix_within_budget(max_tokens, seed):
 def test_models_route_lists_served_models(simulator):
     client = client_for(simulator)
     assert [m.id for m in client.models.list()] == list(MODELS)
-    assert MODELS == {"gpt-4o-mini": 128000, "gpt-4o": 128000, "gpt-4.1-mini": 1047576, "gpt-4.1-nano": 1047576}
+    assert MODELS == {"gpt-4o-mini": 128000, "gpt-4o": 128000, "gpt-4.1-mini": 1047576, "gpt-4.1-nano": 1047576,
+                      "o4-mini": 200000}
     assert client.models.retrieve("gpt-4.1-nano").id == "gpt-4.1-nano"
 
 

@@ -34,10 +34,15 @@ class Timeouts:
 
 @dataclass
 class Usage:
-    """Token usage as the API reported it."""
+    """Token usage as the API reported it. The details are parts of the two counts (as
+    OpenAI reports them): ``cached_tokens`` and ``cache_write_tokens`` of the prompt,
+    ``reasoning_tokens`` of the completion."""
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

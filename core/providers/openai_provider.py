@@ -112,6 +112,28 @@ def _reasoning(part) -> str:
     return text if isinstance(text, str) else ""
 
 
+def _detail(part, *names: str) -> int:
+    """The first of ``names`` that ``part`` (an SDK object, a dict, or None) carries, as an int."""
+    for name in names:
+        value = part.get(name) if isinstance(part, dict) else getattr(part, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
+
+
+def usage_of(u) -> Usage:
+    """Usage with its details: cached prompt tokens (OpenAI, vLLM), cache writes (OpenRouter's
+    ``cache_write_tokens``, Anthropic-style ``cache_creation_input_tokens`` through proxies),
+    reasoning tokens; each detail is part of the prompt or completion count."""
+    prompt = getattr(u, "prompt_tokens_details", None)
+    completion = getattr(u, "completion_tokens_details", None)
+    return Usage(u.prompt_tokens or 0, u.completion_tokens or 0,
+                 cached_tokens=_detail(prompt, "cached_tokens"),
+                 cache_write_tokens=(_detail(prompt, "cache_write_tokens", "cache_creation_tokens")
+                                     or _detail(u, "cache_creation_input_tokens")),
+                 reasoning_tokens=_detail(completion, "reasoning_tokens"))
+
+
 def _completion(resp, headers=None) -> Completion:
     """A Completion from the SDK's answer; an answer with no message is a plain error."""
     if isinstance(resp, (str, bytes)):    # the SDK hands back a body that was not JSON as text
@@ -119,7 +141,7 @@ def _completion(resp, headers=None) -> Completion:
     if not resp.choices or resp.choices[0].message is None:
         raise errors.ServerError("The AI service sent an answer with no text. Try again.")
     choice = resp.choices[0]
-    usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens) if resp.usage else None
+    usage = usage_of(resp.usage) if resp.usage else None
     # finish_reason stays None when the server did not say the answer is complete, so
     # such an answer is never cached.
     return Completion(content=choice.message.content or "", model=resp.model,
@@ -171,7 +193,7 @@ class _OpenAIStream(Stream):
             async for chunk in self._sdk:
                 usage = None
                 if chunk.usage is not None:
-                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    usage = usage_of(chunk.usage)
                 if chunk.choices:
                     for choice in chunk.choices:   # one each, but n > 1 interleaves indexes
                         delta = choice.delta

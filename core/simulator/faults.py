@@ -32,6 +32,7 @@ _STAT_NAMES = (
     "streams_dropped",
     "in_flight",
     "rate_limited",
+    "tokenize_requests",
 )
 
 
@@ -154,6 +155,12 @@ _FAULTS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "rate_limit_requests": (None, _optional(_count)),
     "rate_limit_tokens": (None, _optional(_count)),
     "rate_limit_window_s": (60.0, _number),
+    # Usage details (core/simulator/usage.py): OpenAI's prompt cache (0 = off), and
+    # llama.cpp's server, which ignores stream_options.include_usage and may lack /tokenize.
+    "prompt_cache_min_tokens": (1024, _count),
+    "prompt_cache_step": (128, _count),
+    "ignore_include_usage": (False, _flag),
+    "tokenize_route": (True, _flag),
 }
 
 
@@ -190,6 +197,8 @@ class Simulator:
         self._latency = {"ttft_ms": 0.0, "tokens_per_s": None}
         self._stats = dict.fromkeys(_STAT_NAMES, 0)
         self._window = (0.0, 0, 0)       # the rate limit's window: (start, requests, tokens)
+        from core.simulator.usage import PromptCache   # usage imports core.tokens: load lazily
+        self.prompt_cache = PromptCache()
         self.set_latency(ttft_ms=ttft_ms, tokens_per_s=tokens_per_s)
 
     # ----- faults

@@ -13,12 +13,14 @@ from typing import Any
 from core import tokens
 from core.simulator import textgen, tools
 from core.simulator.faults import ApiError
+from core.simulator.usage import hidden_reasoning
 
 MODELS: dict[str, int] = {
     "gpt-4o-mini": 128_000,
     "gpt-4o": 128_000,
     "gpt-4.1-mini": 1_047_576,
     "gpt-4.1-nano": 1_047_576,
+    "o4-mini": 200_000,          # a reasoning model: hidden reasoning tokens (simulator/usage.py)
 }
 DEFAULT_MODEL = "gpt-4o-mini"
 ROLES = ("system", "assistant", "user", "function", "tool", "developer")
@@ -242,12 +244,14 @@ class Completion:
     content: str
     finish_reason: str
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int          # includes reasoning_tokens, as OpenAI counts them
     choices: list[Choice] | None = None
 
     def __post_init__(self) -> None:
         if self.choices is None:
             self.choices = [Choice(self.content, self.finish_reason)]
+    cached_tokens: int = 0          # part of prompt_tokens
+    reasoning_tokens: int = 0       # part of completion_tokens
 
     @property
     def pieces(self) -> list[str]:
@@ -263,8 +267,8 @@ class Completion:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
         }
 
@@ -299,6 +303,10 @@ def complete(request: ChatRequest) -> Completion:
         message = f"This model's maximum context length is {window} tokens. However, {detail}"
         raise ApiError(400, message, param="messages", code="context_length_exceeded")
     choices = [_choice(request, i) for i in range(request.n)]
+    visible = sum(tokens.count_text(c.content or "", request.model)
+                  + sum(tokens.count_text(t["function"]["arguments"], request.model)
+                        for t in c.tool_calls or ()) for c in choices)
+    hidden = hidden_reasoning(request.model, visible, request.max_tokens)
     alphabet = string.ascii_letters + string.digits
     return Completion(
         id="chatcmpl-" + "".join(secrets.choice(alphabet) for _ in range(29)),
@@ -307,9 +315,8 @@ def complete(request: ChatRequest) -> Completion:
         content=choices[0].content or "",
         finish_reason=choices[0].finish_reason,
         prompt_tokens=prompt,
-        completion_tokens=sum(tokens.count_text(c.content or "", request.model)
-                              + sum(tokens.count_text(t["function"]["arguments"], request.model)
-                                    for t in c.tool_calls or ()) for c in choices),
+        completion_tokens=visible + hidden,
+        reasoning_tokens=hidden,
         choices=choices,
     )
 

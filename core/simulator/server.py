@@ -22,8 +22,10 @@ from starlette.routing import Route
 from core import tokens
 from core.simulator import textgen
 from core.simulator.faults import ApiError, FaultError, Simulator
-from core.simulator.protocol import (_BAD_JSON, MODELS, ChatRequest, Completion, _bad_type, complete,
-                                     parse_chat_request)
+from core.simulator.protocol import (_BAD_JSON, MODELS, ChatRequest, Completion, _bad_type, _messages,
+                                     _missing, DEFAULT_MODEL,
+                                     complete, parse_chat_request)
+from core.simulator.usage import message_token_ids, prompt_token_ids
 
 _MODEL_CREATED = 1_715_367_049  # model objects carry a fixed creation time, as OpenAI's do
 # Idle connections are kept longer than clients keep them (httpx: 5 s), as real servers do
@@ -121,9 +123,15 @@ class _Link:
         await self.finish(body)
 
 
-def _prepare(raw: bytes) -> tuple[ChatRequest, Completion]:
+def _prepare(raw: bytes, sim: Simulator, faults: dict) -> tuple[ChatRequest, Completion]:
     request = parse_chat_request(raw)
-    return request, complete(request)
+    completion = complete(request)
+    least = faults["prompt_cache_min_tokens"]
+    if least and completion.prompt_tokens >= least:   # short prompts are never cached: skip the work
+        ids = prompt_token_ids(request.messages, request.model)
+        cached = sim.prompt_cache.lookup_and_store(request.model, ids, least, faults["prompt_cache_step"])
+        completion.cached_tokens = min(cached, completion.prompt_tokens)
+    return request, completion
 
 
 def _sse(payload: dict | str) -> bytes:
@@ -172,7 +180,7 @@ class _ChatEndpoint:
         if error is None:
             try:
                 # Off the event loop: counting a huge prompt's tokens would stall every other stream.
-                request, completion = await asyncio.to_thread(_prepare, raw)
+                request, completion = await asyncio.to_thread(_prepare, raw, sim, faults)
             except ApiError as exc:
                 error = exc
         limits: dict[str, str] = {}
@@ -185,6 +193,10 @@ class _ChatEndpoint:
             return await link.send_json(error.status, error.body(), error.headers)
         malformed = sim.draw_malformed()
         thinking = textgen.thinking(faults["reasoning_chunks"])
+        if thinking:    # visible thinking is billed as completion (reasoning) tokens too
+            thought = tokens.count_text("".join(thinking), completion.model)
+            completion.reasoning_tokens += thought
+            completion.completion_tokens += thought
         if request.stream:
             return await self._stream(request, completion, latency, faults, link, thinking, malformed,
                                       limits)
@@ -208,7 +220,8 @@ class _ChatEndpoint:
 
     async def _stream(self, request: ChatRequest, c: Completion, latency: dict, faults: dict, link: _Link,
                       thinking: list[str], malformed: bool, limits: dict[str, str]) -> None:
-        sim, usage, drop_after = self.sim, request.include_usage, faults["drop_after_chunks"]
+        sim, drop_after = self.sim, faults["drop_after_chunks"]
+        usage = request.include_usage and not faults["ignore_include_usage"]   # llama.cpp ignores it
         garble_at = faults["malformed_after_chunks"] if malformed else None
         sim.count(streams_started=1)
         await link.start(200, {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
@@ -308,6 +321,29 @@ async def _json_object(request: Request) -> dict:
     return body
 
 
+def _tokenize_route(sim: Simulator):
+    """POST /tokenize as vLLM serves it ({"model", "messages"} -> {"count", "tokens",
+    "max_model_len"}; {"prompt"} -> the same for text) and llama.cpp ({"content"} ->
+    {"tokens"}). The count of messages is the prompt_tokens a chat answer reports."""
+    async def tokenize(request: Request) -> JSONResponse:
+        if not sim.faults()["tokenize_route"]:
+            raise HTTPException(404)
+        sim.count(tokenize_requests=1)
+        body = await _json_object(request)
+        model = body.get("model") or DEFAULT_MODEL
+        if not isinstance(model, str) or model not in MODELS:
+            raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        if "messages" in body:
+            ids = message_token_ids(_messages(body), model)
+        else:
+            text = body.get("prompt", body.get("content"))
+            if not isinstance(text, str):
+                raise _missing("prompt")
+            ids = tokens.encoding_for(model).encode(text, disallowed_special=())
+        return JSONResponse({"count": len(ids), "max_model_len": MODELS[model], "tokens": ids})
+    return Route("/tokenize", tokenize, methods=["POST"])
+
+
 def _control_routes(sim: Simulator) -> list[Route]:
     async def faults(request: Request) -> JSONResponse:
         if request.method == "DELETE":
@@ -362,6 +398,7 @@ def build_app(sim: Simulator) -> Starlette:
         Route("/v1/chat/completions", _ChatEndpoint(sim, shutdown), methods=["POST"]),
         Route("/v1/models", _list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", _get_model, methods=["GET"]),
+        _tokenize_route(sim),
         *_control_routes(sim),
     ]
     app = Starlette(routes=routes, exception_handlers={ApiError: _api_error, HTTPException: _http_error})
