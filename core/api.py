@@ -180,8 +180,9 @@ async def stats(request: Request) -> JSONResponse:
 
 def routes() -> list[Route]:
     """The API's routes, for st.App; the last answers unknown /api and /v1 paths in JSON."""
+    from .http import openai_compat     # imports this module: imported when routes are built
     api = [Route("/api/health", health), Route("/api/generate", generate, methods=["POST"]),
-           Route("/api/stats", stats)]
+           Route("/api/stats", stats), *openai_compat.routes()]
     return [*api, guard.JsonForUnknown(api)]
 
 

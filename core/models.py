@@ -223,6 +223,7 @@ class GenerationResult:
     attempts: int = 0
     retry_wait_s: float = 0.0
     latency_ms: float = 0.0
+    upstream_ms: float = 0.0    # spent in provider calls (up to a stream's first piece)
     ttft_ms: float | None = None
     outcome: str = "ok"
     prompt_sent: str = ""
@@ -245,6 +246,7 @@ class GenerationResult:
                 del out[name]
         out["usage"] = usage
         out["latency_ms"] = round(self.latency_ms, 3)
+        out["upstream_ms"] = round(self.upstream_ms, 3)
         if self.error is not None:
             out["error"] = self.error.as_dict()
         return out

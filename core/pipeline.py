@@ -420,11 +420,12 @@ class Pipeline:
             pace_key = f"{self.provider.upstream_id}|{run.result.model}"
             ticket = await pacer.acquire(
                 pace_key, run.req.source, tuning.pacing,
-                lambda: run.prompt_tokens_est + (params.get("max_tokens") or 0),
+                lambda: run.prompt_tokens_est + (params.get("max_tokens") or params.get("max_completion_tokens") or 0),
                 deadline_at - self.clock.monotonic(), blocking)
         permit = breaker.acquire()
         run.result.attempts += 1
-        left = max(0.01, deadline_at - self.clock.monotonic())
+        started = self.clock.monotonic()
+        left = max(0.01, deadline_at - started)
         timeout = tuning.timeouts(left)
         try:
             if blocking:        # sync callers: the provider's blocking call, bounded by `left`
@@ -459,6 +460,8 @@ class Pipeline:
                 pacer.observe(pace_key, None, ticket)
             breaker.release(permit)
             raise
+        finally:    # time spent waiting on the upstream, apart from our own (/v1's overhead header)
+            run.result.upstream_ms += (self.clock.monotonic() - started) * 1000.0
 
     async def _retry(self, run: _Run, breaker, params: dict, tuning: "_Tuning", deadline_at: float,
                      streaming: bool, blocking: bool, on_retry, first: errors.RetryableError):

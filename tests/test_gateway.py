@@ -9,8 +9,11 @@ import json
 import openai
 import pytest
 
+import core.service
+
 from core.cache import cache_key
 from core.models import GenerationRequest
+from tests.test_foundation import _post, _serve
 from tests.test_pipeline import make_gyro
 from tests.support import FakeClock
 
@@ -173,3 +176,147 @@ def test_a_tools_round_trip_through_the_pipeline_plain_and_streamed(gyro):
     again = gyro.generate(GenerationRequest(**ask))
     assert not again.from_cache          # tool calls are never stored, so never a hit
     assert [r["outcome"] for r in rows(gyro)] == ["ok"] * 4
+
+
+# -- /v1 over real HTTP with the official SDK -------------------------------------------------
+@pytest.fixture
+def gateway(app_env):
+    """Gyroscope's routes on a free port, the app's own simulator behind them."""
+    from core.api import asgi_app
+    gyro = core.service.default_service()
+    url, server = _serve(asgi_app())      # behind the guard, as streamlit_app.py serves it
+    yield url, gyro
+    server.should_exit = True
+
+
+def _sdk(url, **kw):
+    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+
+def _rows(gyro):
+    gyro.db.flush()
+    return gyro.db.query("SELECT source, outcome, from_cache, error_kind FROM requests ORDER BY id")
+
+
+def test_sdk_plain_and_streamed_with_the_usage_chunk_and_answer_headers(gateway):
+    url, gyro = gateway
+    client = _sdk(url)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=ASK, max_tokens=20)
+    plain = raw.parse()
+    assert plain.object == "chat.completion" and plain.choices[0].message.content
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+    assert (raw.headers["x-gyroscope-cache"], raw.headers["x-gyroscope-attempts"]) == ("miss", "1")
+    assert float(raw.headers["x-gyroscope-cost"]) > 0 and float(raw.headers["x-gyroscope-overhead-ms"]) >= 0
+    again = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=ASK, max_tokens=20)
+    assert again.headers["x-gyroscope-cache"] == "hit" and again.headers["x-gyroscope-cost"] == "0.00000000"
+    assert again.parse().choices[0].message.content == plain.choices[0].message.content
+    off = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=ASK, max_tokens=20, extra_headers={"x-gyroscope-cache": "off"})
+    assert off.headers["x-gyroscope-cache"] == "off"
+    fresh = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=ASK, max_tokens=20, extra_headers={"x-gyroscope-cache": "refresh"})
+    assert fresh.headers["x-gyroscope-cache"] == "miss"
+
+    with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=ASK, max_tokens=25, stream=True, seed=7,
+            stream_options={"include_usage": True}) as response:
+        assert response.headers["x-gyroscope-cache"] == "miss"
+        chunks = list(response.parse())
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    no_usage = list(client.chat.completions.create(model="gpt-4o-mini", messages=ASK, max_tokens=25, stream=True,
+                                                   seed=7))
+    assert no_usage[-1].choices and all(c.usage is None for c in no_usage)
+    assert text == "".join(c.choices[0].delta.content or "" for c in no_usage)   # the second one was a hit
+    assert _rows(gyro) == [{"source": "v1", "outcome": "ok", "from_cache": hit, "error_kind": None}
+                           for hit in (0, 1, 0, 0, 0, 1)]
+
+
+def test_async_sdk_multi_turn_and_tools_round_trip(gateway):
+    url, gyro = gateway
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        convo = await client.chat.completions.create(model="gpt-4o-mini", messages=TURNS, max_tokens=30)
+        assert "lighthouse" in convo.choices[0].message.content.lower()
+        called = await client.chat.completions.create(model="gpt-4o-mini", messages=ASK, tools=[WEATHER])
+        call = called.choices[0].message.tool_calls[0]
+        assert called.choices[0].finish_reason == "tool_calls" and called.choices[0].message.content is None
+        pieces, finish = [], None
+        async for chunk in await client.chat.completions.create(model="gpt-4o-mini", messages=ASK, tools=[WEATHER],
+                                                                stream=True):
+            pieces += chunk.choices[0].delta.tool_calls or []
+            finish = chunk.choices[0].finish_reason or finish
+        assert finish == "tool_calls" and pieces[0].id == call.id and pieces[0].function.name == "get_weather"
+        assert "".join(p.function.arguments or "" for p in pieces) == call.function.arguments
+        turns = [*ASK, called.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
+        text = ""
+        async for chunk in await client.chat.completions.create(model="gpt-4o-mini", messages=turns,
+                                                                tools=[WEATHER], max_tokens=30, stream=True):
+            text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+        assert "18 C and sunny" in text
+        listed = [m.id async for m in client.models.list()]
+        assert "gpt-4o-mini" in listed and (await client.models.retrieve("gpt-4o")).id == "gpt-4o"
+        await client.close()
+    asyncio.run(main())
+    assert [r["outcome"] for r in _rows(gyro)] == ["ok"] * 4
+
+
+def test_errors_are_the_sdks_own_classes_and_bad_input_leaves_no_row(gateway):
+    url, gyro = gateway
+    client = _sdk(url)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="gpt-4o-mini", messages=ASK, temperature="hot")
+    assert bad.value.body["param"] == "temperature" and bad.value.status_code == 400
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": 5}])
+    assert bad.value.body["param"] == "messages[0].content"
+    with pytest.raises(openai.BadRequestError, match="x-gyroscope-cache"):
+        client.chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"x-gyroscope-cache": "no"})
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-5-imaginary", messages=ASK)
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-5-imaginary")
+    for body in (b"{nope", b"[1, 2]", b'{"model": "gpt-4o-mini"}', b"\xff\xfe"):
+        status, answer = _post(url + "/v1/chat/completions", body)
+        error = json.loads(answer)["error"]
+        assert status == 400 and set(error) == {"message", "type", "param", "code"}
+    assert _rows(gyro) == []            # no bad input wrote a row
+
+    gyro.settings.set_many({"retry.max_retries": 0}, actor="test")
+    gyro.provider.sim.set_faults(fail_next=1, fail_status=429, retry_after_s=30)
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"x-gyroscope-cache": "off"})
+    assert limited.value.response.headers["retry-after"] == "30" and limited.value.code == "rate_limit_exceeded"
+    gyro.provider.sim.set_faults(quota_exhausted=True, fail_next=1, fail_status=429)
+    with pytest.raises(openai.RateLimitError) as quota:
+        client.chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"x-gyroscope-cache": "off"})
+    assert quota.value.code == "insufficient_quota" and quota.value.response.headers["x-should-retry"] == "false"
+    gyro.provider.sim.clear_faults()
+    gyro.breakers.get("simulator", "gpt-4o-mini").force_open(actor="test")
+    with pytest.raises(openai.APIStatusError) as circuit:
+        client.chat.completions.create(model="gpt-4o-mini", messages=ASK, stream=True)
+    assert circuit.value.status_code == 503 and int(circuit.value.response.headers["retry-after"]) >= 1
+    assert [(r["outcome"], r["error_kind"]) for r in _rows(gyro)] == [
+        ("error", "rate_limited"), ("error", "quota_exhausted"), ("circuit_open", "circuit_open")]
+
+
+def test_the_sdk_api_key_is_the_gateway_token(app_env, monkeypatch):
+    monkeypatch.setenv("GYROSCOPE_API_TOKEN", "t0ken-123")
+    from core.api import asgi_app
+    core.service.default_service()
+    url, server = _serve(asgi_app())
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            _sdk(url, api_key="wrong").chat.completions.create(model="gpt-4o-mini", messages=ASK)
+        with pytest.raises(openai.AuthenticationError):
+            _sdk(url, api_key="wrong").models.list()
+        ok = _sdk(url, api_key="t0ken-123").chat.completions.create(model="gpt-4o-mini", messages=ASK, max_tokens=5)
+        assert ok.choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.should_exit = True
