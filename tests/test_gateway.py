@@ -320,3 +320,38 @@ def test_the_sdk_api_key_is_the_gateway_token(app_env, monkeypatch):
         assert ok.choices[0].finish_reason in ("stop", "length")
     finally:
         server.should_exit = True
+
+
+def test_langchain_chat_openai_works_unchanged(gateway):
+    """LangChain's ChatOpenAI (the optional `langchain` extra): plain, streamed and a tool call."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    url, gyro = gateway
+    llm = langchain_openai.ChatOpenAI(base_url=url + "/v1", api_key="unused", model="gpt-4o-mini",
+                                      max_tokens=20, max_retries=0)
+    answer = llm.invoke("Write a tagline for a lighthouse museum")
+    assert answer.content and answer.usage_metadata["total_tokens"] > 0
+    streamed = "".join(chunk.content for chunk in llm.stream("Name a river"))
+    assert streamed
+    called = llm.bind_tools([WEATHER]).invoke("What is the weather in Lisbon today?")
+    assert called.tool_calls[0]["name"] == "get_weather" and called.tool_calls[0]["args"]["unit"] == "celsius"
+    assert [r["source"] for r in _rows(gyro)] == ["v1"] * 3
+
+
+def test_n_choices_stop_and_a_stream_that_breaks(gateway):
+    url, gyro = gateway
+    client = _sdk(url)
+    many = client.chat.completions.create(model="gpt-4o-mini", messages=ASK, n=2, max_tokens=15, seed=3,
+                                          stop="zzz", extra_body={"my_server_knob": True})
+    assert [c.index for c in many.choices] == [0, 1] and many.choices[0].message.content != many.choices[1].message.content
+    streamed = list(client.chat.completions.create(model="gpt-4o-mini", messages=ASK, n=2, max_tokens=15, seed=3,
+                                                   stop="zzz", stream=True))
+    for i in range(2):
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices and c.choices[0].index == i)
+        assert text == many.choices[i].message.content
+    gyro.provider.sim.set_faults(drop_after_chunks=3)
+    with pytest.raises(openai.APIError, match="cut off"):
+        for _ in client.chat.completions.create(model="gpt-4o-mini", messages=TURNS, stream=True):
+            pass
+    gyro.provider.sim.clear_faults()
+    assert [(r["outcome"], r["error_kind"]) for r in _rows(gyro)] == [
+        ("ok", None), ("ok", None), ("error", "stream_interrupted")]
