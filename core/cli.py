@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     si.add_argument("--ttft-ms", type=float, default=250)
     si.add_argument("--tokens-per-s", type=float, default=40)
 
+    from .batch.cli import add_commands
+    add_commands(sub)
+
     d = sub.add_parser("demo-history", help="fill the database with synthetic history")
     d.add_argument("--rows", type=int, default=5000)
     d.add_argument("--days", type=int, default=30)
@@ -126,6 +129,9 @@ def _command(gyro, args) -> int:
         return 0
     if args.command == "settings":
         return _settings(gyro, args)
+    if args.command in ("batch", "jobs"):
+        from .batch import cli as batch_cli
+        return (batch_cli.batch_command if args.command == "batch" else batch_cli.jobs_command)(gyro, args)
     if args.command == "demo-history":
         from .demo import fill_history
         n = fill_history(gyro.db, rows=args.rows, days=args.days, seed=args.seed)

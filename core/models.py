@@ -65,6 +65,7 @@ class GenerationRequest:
     source: str = "api"
     messages: list[dict] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    job_id: str | None = None         # the batch job a row belongs to (history keeps it)
 
     def conversation(self) -> list[dict]:
         """The messages sent upstream (built from the prompt shortcut when not given)."""
@@ -79,7 +80,7 @@ class GenerationRequest:
         if not isinstance(data, dict):
             raise InvalidParameter("The request body must be a JSON object with a \"prompt\".")
         # /api takes the prompt shortcut only; conversations come through /v1.
-        allowed = set(cls.__dataclass_fields__) - {"source", "messages", "extra"}
+        allowed = set(cls.__dataclass_fields__) - {"source", "messages", "extra", "job_id"}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise InvalidParameter(f"Unknown field(s): {', '.join(unknown)}. Allowed: "

@@ -586,7 +586,7 @@ class Pipeline:
             pass
         usage = result.usage
         record = RequestRecord(
-            ts=self.clock.time(), request_id=result.request_id, source=req.source,
+            ts=self.clock.time(), request_id=result.request_id, source=req.source, job_id=req.job_id,
             provider=self.provider.name, base_url=self.provider.base_url,
             upstream=self.provider.upstream_id, model=result.model, outcome=outcome,
             error_kind=exc.kind if exc is not None else None,

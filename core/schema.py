@@ -208,3 +208,22 @@ def m006_usage_details(db) -> None:
                f"{_rollup_remove('old.', ROLLUP_SUMS)}END")
     db.execute(f"CREATE TRIGGER requests_rollup_update AFTER UPDATE ON requests BEGIN\n"
                f"{_rollup_remove('old.', ROLLUP_SUMS)}{_rollup_add('new.', ROLLUP_SUMS)}END")
+
+
+@migrations()
+def m007_batch(db) -> None:
+    """Batch jobs and their rows (core.batch.ledger): each row pending, running, done (with
+    its result) or failed (with the reason); history rows of a job carry its id."""
+    db.execute("CREATE TABLE batch_jobs (id TEXT PRIMARY KEY, created_at REAL NOT NULL, "
+               "updated_at REAL NOT NULL, name TEXT, status TEXT NOT NULL, total INTEGER NOT NULL, "
+               "concurrency INTEGER, max_cost REAL, owner TEXT, lease_until REAL, note TEXT, "
+               "options TEXT)")
+    db.execute("CREATE INDEX idx_batch_jobs_created ON batch_jobs (created_at)")
+    db.execute("CREATE TABLE batch_rows (job_id TEXT NOT NULL, idx INTEGER NOT NULL, "
+               "line INTEGER, status TEXT NOT NULL DEFAULT 'pending', request TEXT NOT NULL, "
+               "content TEXT, result TEXT, error TEXT, error_kind TEXT, cost REAL, "
+               "max_cost REAL, tries INTEGER NOT NULL DEFAULT 0, started_at REAL, "
+               "finished_at REAL, request_id TEXT, PRIMARY KEY (job_id, idx))")
+    db.execute("CREATE INDEX idx_batch_rows_status ON batch_rows (job_id, status, idx)")
+    db.execute("ALTER TABLE requests ADD COLUMN job_id TEXT")
+    db.execute("CREATE INDEX idx_requests_job ON requests (job_id) WHERE job_id IS NOT NULL")

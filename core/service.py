@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 import os
 import queue
@@ -155,6 +156,12 @@ class Gyroscope:
         self.settings.snapshot()
         _freeze_startup_heap()
 
+    @functools.cached_property
+    def batch(self):
+        """Batch jobs (core.batch.BatchJobs) over this service's pipeline and database."""
+        from .batch import BatchJobs
+        return BatchJobs(self)
+
     @property
     def is_simulated(self) -> bool:
         return self.provider.name == "simulator"
@@ -230,6 +237,8 @@ class Gyroscope:
 
     def close(self) -> None:
         """Commit pending writes and release connections."""
+        if "batch" in self.__dict__:    # jobs running here stop, resumable
+            self.batch.stop_all()
         try:
             portal.run(self.provider.aclose(), timeout=5)
         except Exception:  # noqa: BLE001 - closing is best effort

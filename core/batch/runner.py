@@ -1,0 +1,208 @@
+"""Runs a job's rows through the one pipeline (``Gyroscope.agenerate``, source ``batch``)
+with bounded concurrency, keeping the ledger up to date.
+
+What a failed row means for the job:
+- breaker open (CircuitOpen, or a failure that opened it): the row goes back to pending
+  uncounted and the job *waits* until the breaker's next probe, then goes on by itself;
+- the upstream or pacing asks to wait past the deadline (RetryLater): the same, for that long;
+- quota exhausted or the key refused: the row goes back and the job *pauses* (every row
+  would fail the same way) with the reason in its note;
+- a transient failure (5xx, 429, timeout, connection) after the pipeline's own retries:
+  the row goes back and is tried again later, up to ``batch.row_attempts`` runs;
+- anything else (a bad request, a prompt too long, an unknown model): the row fails with
+  the message the user would see.
+
+The cost cap counts what done rows cost plus the *maximum* cost of every row in flight: a
+row whose maximum would pass the cap is not sent, and the job stops as ``capped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from .. import errors, portal
+from ..models import GenerationRequest
+from .ledger import JobBusy, Ledger, owner_id
+
+POLL_S = 0.25           # how often a pause or cancel from elsewhere (the page) is looked for
+RENEW_S = 5.0           # how often the job's lease is renewed
+MAX_HOLD_STEP_S = 1.0   # a wait for the breaker is taken in steps, so a pause is noticed
+
+
+class JobRunner:
+    """One run of one job in this process (``run`` is a coroutine on any event loop)."""
+
+    def __init__(self, gyro, job_id: str, concurrency: int | None = None) -> None:
+        self.gyro = gyro
+        self.job_id = job_id
+        self.ledger = Ledger(gyro.db, clock=gyro.clock.time)
+        self.owner = owner_id()
+        self.concurrency = concurrency
+        self.finished = threading.Event()
+        self.final: str | None = None
+        self.error: Exception | None = None
+        self.requeued_at_start = 0
+        self._hold_until = 0.0
+        self._stop_note: str | None = None
+        self._exhausted = False
+        self._task: asyncio.Task | None = None
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def run(self) -> str:
+        """Run until no row is left, or a pause, cancel, cost cap or Ctrl-C; the final status."""
+        self._task = asyncio.current_task()
+        clock, ledger = self.gyro.clock, self.ledger
+        status, note = "paused", "interrupted"
+        tasks: dict[asyncio.Task, dict] = {}
+        try:
+            self.requeued_at_start = await portal.off_loop(ledger.take, self.job_id, self.owner)
+        except JobBusy as exc:      # another live process runs it: leave it alone
+            self.error, self.final = exc, "busy"
+            self.finished.set()
+            return "busy"
+        try:
+            job = await portal.off_loop(ledger.job, self.job_id)
+            concurrency = (self.concurrency or job["concurrency"]
+                           or self.gyro.settings.get("batch.concurrency"))
+            cap = job["max_cost"] or None
+            spent = await portal.off_loop(ledger.spent, self.job_id)
+            in_flight_max = 0.0
+            capped = waiting = False
+            next_poll = next_renew = clock.monotonic()
+            while True:
+                now = clock.monotonic()
+                if now >= next_poll:
+                    next_poll = now + POLL_S
+                    asked = self._asked()
+                    if asked in ("paused", "cancelled"):
+                        status, note = asked, None
+                        break
+                if self._stop_note:
+                    status, note = "paused", self._stop_note
+                    break
+                if now >= next_renew:
+                    next_renew = now + RENEW_S
+                    await ledger.renew(self.job_id, self.owner)
+                hold = self._hold_until - clock.time()
+                if hold > 0 and not waiting:
+                    waiting = True
+                    await portal.off_loop(ledger.set_status, self.job_id, "waiting",
+                                          f"upstream paused; going on in {hold:.0f} s", ("running",))
+                elif hold <= 0 and waiting:
+                    waiting = False
+                    await portal.off_loop(ledger.set_status, self.job_id, "running", None, ("waiting",))
+                while hold <= 0 and len(tasks) < concurrency and not self._exhausted and not capped:
+                    row = await ledger.claim(self.job_id)
+                    if row is None:
+                        self._exhausted = True
+                        break
+                    worst = row["max_cost"] or 0.0
+                    if cap is not None and spent + in_flight_max + worst > cap:
+                        await ledger.back(self.job_id, row["idx"], tried=False)
+                        capped = True
+                        break
+                    in_flight_max += worst
+                    tasks[asyncio.ensure_future(self._row(row))] = row
+                if not tasks:
+                    if hold > 0:
+                        await clock.sleep(min(hold, MAX_HOLD_STEP_S))
+                        continue
+                    if capped:
+                        status = "capped"
+                        note = (f"stopped before the cost cap of ${cap:.4f}: ${spent:.4f} spent; "
+                                "raise the cap to go on")
+                    else:
+                        status, note = "done", None
+                    break
+                finished, _ = await asyncio.wait(tasks, timeout=POLL_S,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    row = tasks.pop(task)
+                    in_flight_max -= row["max_cost"] or 0.0
+                    spent += task.result()
+            if tasks:                     # a pause lets the rows in flight finish (they are paid)
+                if status == "cancelled":
+                    for task in tasks:
+                        task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:     # Ctrl-C, or the service stopping: rows go back
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            self.final = status
+            try:
+                await portal.off_loop(self.ledger.release, self.job_id, self.owner, status, note)
+            finally:
+                self.finished.set()
+        return status
+
+    def _asked(self) -> str | None:
+        """The status somebody else set (the page's Pause or Cancel), read without waiting."""
+        try:
+            row = self.gyro.db.query_one_nowait("SELECT status FROM batch_jobs WHERE id = ?",
+                                                (self.job_id,))
+        except errors.StorageError:
+            return None
+        return row["status"] if row else None
+
+    def _hold(self, seconds: float | None) -> None:
+        until = self.gyro.clock.time() + max(0.05, seconds or 1.0)
+        self._hold_until = max(self._hold_until, until)
+
+    # -- one row -------------------------------------------------------------------------------
+    async def _row(self, row: dict) -> float:
+        """Run one row; what it cost."""
+        ledger, job_id, idx = self.ledger, self.job_id, row["idx"]
+        req = GenerationRequest(**row["request"], source="batch", job_id=job_id)
+        try:
+            result = await self.gyro.agenerate(req)
+        except errors.CircuitOpen as exc:
+            self._hold(exc.retry_in_s)
+            return await self._back(row, exc, tried=False)
+        except errors.RetryLater as exc:
+            self._hold(exc.retry_in_s)
+            return await self._back(row, exc, tried=False)
+        except (errors.QuotaExhausted, errors.AuthFailed) as exc:
+            self._stop_note = exc.user_message
+            return await self._back(row, exc, tried=False)
+        except (errors.RetryableError, errors.StreamInterrupted) as exc:
+            open_for = self._breaker_open_for(req)
+            if open_for:
+                self._hold(open_for)
+                return await self._back(row, exc, tried=False)
+            if row["tries"] + 1 < self.gyro.settings.get("batch.row_attempts"):
+                return await self._back(row, exc, tried=True)
+            return await self._fail(row, exc)
+        except errors.GyroscopeError as exc:
+            return await self._fail(row, exc)
+        await ledger.done(job_id, idx, result.as_dict())
+        return result.cost or 0.0
+
+    async def _back(self, row: dict, exc: errors.GyroscopeError, tried: bool) -> float:
+        await self.ledger.back(self.job_id, row["idx"], tried)
+        self._exhausted = False
+        return _cost_of(exc)
+
+    async def _fail(self, row: dict, exc: errors.GyroscopeError) -> float:
+        result = getattr(exc, "result", None)
+        await self.ledger.failed(self.job_id, row["idx"], exc.kind, exc.user_message,
+                                 result.request_id if result is not None else None)
+        return _cost_of(exc)
+
+    def _breaker_open_for(self, req: GenerationRequest) -> float:
+        model = req.model or self.gyro.settings.get("provider.default_model")
+        return self.gyro.breakers.get(self.gyro.provider.upstream_id, model).retry_in()
+
+    def cancel(self) -> None:
+        """Stop now from any thread (Ctrl-C): rows in flight go back to pending."""
+        task = self._task
+        if task is not None and not task.done():
+            task.get_loop().call_soon_threadsafe(task.cancel)
+
+
+def _cost_of(exc: errors.GyroscopeError) -> float:
+    result = getattr(exc, "result", None)
+    return (result.cost or 0.0) if result is not None else 0.0
