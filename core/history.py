@@ -60,7 +60,7 @@ class RequestRecord:
     reasoning_tokens: int | None = None
     token_source: str | None = None       # 'reported', 'tokenizer' or 'estimated'
     finish_reason: str | None = None
-    job_id: str | None = None         # the batch job of a batch row (m006)
+    job_id: str | None = None         # the batch job of a batch row (m007)
 
 
 _COLUMNS = [f.name for f in dataclasses.fields(RequestRecord)]
