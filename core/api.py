@@ -33,6 +33,7 @@ from .service import current_service, default_service
 
 _STATUS = {"rejected": 400, "invalid_parameter": 400, "prompt_too_long": 400, "config": 400,
            "circuit_open": 503, "rate_limited": 429, "quota_exhausted": 402, "retry_later": 503,
+           "budget_exceeded": 402,
            "model_not_found": 404, "bad_request": 400, "auth": 502, "cancelled": 499,
            "storage": 503}
 

@@ -56,3 +56,58 @@ def prompt_cache_warning(history, tz: str, now: float) -> str | None:
     start = dt.datetime.combine(today - dt.timedelta(days=1), dt.time(), zone).timestamp()
     end = dt.datetime.combine(today + dt.timedelta(days=1), dt.time(), zone).timestamp()
     return prompt_cache_drop(history.series(Filters(start, end, tz=tz), "day", by_model=False))
+
+
+# -- budgets ----------------------------------------------------------------------------------
+def month_end_forecast(spent: float, start: float, end: float, now: float) -> float:
+    """The month's spend at its end if it goes on at the rate so far (linear)."""
+    elapsed = min(max(now - start, 0.0), end - start)
+    if elapsed <= 0:
+        return spent
+    return spent * (end - start) / elapsed
+
+
+def budget_rows(history, plan, now: float) -> tuple[list[dict], float, float]:
+    """Cost per local day of this budget month (budget.timezone), and the month's bounds."""
+    from .budgets import period_bounds
+    _, start, end = period_bounds("month", now, plan.tz)
+    days = history.series(Filters(start, min(end, max(now, start + 1)), tz=plan.tz), "day", by_model=False)
+    return days, start, end
+
+
+def budget(days: list[dict], limit: float | None, start: float, end: float, now: float,
+           tz: str = "UTC") -> go.Figure:
+    """Spend this month so far (cumulative, per day), the monthly limit as a line and the
+    month-end forecast as a dashed line from today to the month's last day."""
+    fig = go.Figure()
+    x, total, cumulative = [], 0.0, []
+    for d in days:
+        total += d["cost"] or 0.0
+        x.append(d["bucket"])
+        cumulative.append(total)
+    fig.add_scatter(name="spent this month", mode="lines+markers", x=x, y=cumulative,
+                    hovertemplate="$%{y:,.4f}")
+    zone = ZoneInfo(tz)
+    first = dt.datetime.fromtimestamp(start, zone).date().isoformat()
+    last = (dt.datetime.fromtimestamp(end, zone) - dt.timedelta(days=1)).date().isoformat()
+    forecast = month_end_forecast(total, start, end, now)
+    today = dt.datetime.fromtimestamp(now, zone).date().isoformat()
+    fig.add_scatter(name=f"forecast ${forecast:,.2f}", mode="lines", line=dict(dash="dash"),
+                    x=[today, last], y=[total, forecast], hovertemplate="$%{y:,.4f}")
+    if limit:
+        fig.add_scatter(name=f"monthly limit ${limit:,.2f}", mode="lines", x=[first, last],
+                        y=[limit, limit], line=dict(color="#c62828"))
+    fig.update_layout(title="Budget this month", yaxis_title="USD", legend_orientation="h",
+                      xaxis=dict(range=[first, last]))
+    return fig
+
+
+def budget_warnings(status: list[dict]) -> list[str]:
+    """One line per limit past its warning share, for the page."""
+    out = []
+    for s in status:
+        if s["warn"]:
+            out.append(f"The {s['name']} is {s['used']:.0%} used (${s['spent_usd']:,.4f} spent, "
+                       f"${s['held_usd']:,.4f} held, limit ${s['limit_usd']:,.2f}); it resets at "
+                       f"{dt.datetime.fromtimestamp(s['resets_at'], dt.timezone.utc).isoformat()}.")
+    return out

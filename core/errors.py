@@ -7,6 +7,7 @@
     │   ├── PromptTooLong               prompt_too_long
     │   └── InvalidParameter            invalid_parameter
     ├── CircuitOpen                     circuit_open    circuit_open (fail fast, carries retry_in_s)
+    ├── BudgetExceeded                  budget_exceeded rejected   (a spend limit; says when it resets)
     ├── Cancelled                       cancelled       cancelled
     └── UpstreamError                   (the provider failed)     error
         ├── RetryableError              (worth another attempt)
@@ -102,6 +103,27 @@ class CircuitOpen(GyroscopeError):
         at = time.strftime("%H:%M:%S", time.localtime(time.time() + wait))
         return (f"The AI service is paused after repeated failures — next try in {wait:.0f} s "
                 f"(at {at}). Nothing was sent; try again then.")
+
+
+class BudgetExceeded(GyroscopeError):
+    """A spend limit would be passed (core/budgets.py): refused before anything is sent."""
+
+    kind = "budget_exceeded"
+    outcome = "rejected"
+
+    def __init__(self, message: str = "", *, resets_at: float | None = None,
+                 retry_in_s: float | None = None) -> None:
+        super().__init__(message, retry_in_s=retry_in_s)
+        self.resets_at = resets_at
+
+    def default_message(self) -> str:
+        return "The spending budget is used up. Nothing was sent."
+
+    def as_dict(self) -> dict:
+        out = super().as_dict()
+        if self.resets_at is not None:     # viewer-neutral: ISO 8601 in UTC
+            out["resets_at"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(self.resets_at))
+        return out
 
 
 class Cancelled(GyroscopeError):

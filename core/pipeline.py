@@ -19,13 +19,14 @@ answer (or error) leaves only once that row is committed or spooled (see History
 from __future__ import annotations
 
 import asyncio
+import logging
 import time as _time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 import tenacity
 
-from . import errors, prices, tokens
+from . import budgets, errors, prices, tokens
 from .history import RequestRecord
 from .cache import cache_key
 from .models import (NOT_OUTPUT_PARAMS, GenerationRequest, GenerationResult, RetryNotice, chat_messages,
@@ -36,6 +37,7 @@ from .settings import BY_NAME
 from .retry import RetryPolicy, is_retryable, wait_backoff_or_retry_after
 from .resilience.pacing import PacingConf
 
+_log = logging.getLogger(__name__)
 CACHE_CHUNK_CHARS = 24
 # The most tokens a request may ask for, whatever the model: the bound of the
 # generate.max_tokens setting (and the page's input). Without it a model with no known
@@ -86,6 +88,7 @@ class _Run:
         self.deltas = False
         self._prompt_tokens: int | None = None
         self.pricing: prices.Pricing = prices.OPENAI
+        self.hold = None            # what the budget holds for this request (core/budgets.py)
 
     @property
     def prompt_tokens_est(self) -> int:
@@ -97,6 +100,11 @@ class _Run:
 
 class Pipeline:
     """Runs requests against one provider with the cache, the breaker, retries and history."""
+
+    budgets = None      # core.budgets.Budgets, or None: no spend limits
+    # Called with (record, result, messages) as each history row is handed over: the one
+    # point telemetry (core/telemetry.py) is fed from, whatever the outcome.
+    observers: tuple = ()
 
     def __init__(self, provider, *, settings, cache, breakers, history, clock: Clock | None = None,
                  optimizer: Callable | None = None, rng=None, pacer=None) -> None:
@@ -161,6 +169,7 @@ class Pipeline:
                         yield piece
                     await self._durable(self._record(run, "ok"), blocking)
                     return
+            run.hold = self._reserve(run, params, s)     # refuses past a limit: nothing sent
             breaker, permit, got = await self._call_upstream(run, params, s, streaming, on_retry, blocking)
             if not streaming:
                 self._settle_answer(run, breaker, permit, got)
@@ -316,6 +325,18 @@ class Pipeline:
             await asyncio.sleep(0)  # let the page draw between pieces
         if run.deltas:
             yield Delta(finish_reason=hit.finish_reason)
+
+    def _reserve(self, run: _Run, params: dict, s):
+        """Hold the request's most possible cost against every budget it falls in."""
+        if self.budgets is None:
+            return None
+        plan = budgets.plan_of(s)
+        if not plan.limits:
+            return None
+        most = params.get("max_completion_tokens") or params.get("max_tokens") or 0
+        most *= params.get("n") or 1
+        amount = prices.price(run.result.model, run.pricing, run.prompt_tokens_est, most)
+        return self.budgets.reserve(plan, run.result.model, run.req.source, amount)
 
     def _tuning(self, s) -> "_Tuning":
         """What a settings snapshot means for attempts, worked out once per snapshot."""
@@ -585,6 +606,9 @@ class Pipeline:
         except Exception:  # noqa: BLE001
             pass
         usage = result.usage
+        if run.hold is not None:    # settle to the real cost (the hold itself when unknown)
+            self.budgets.settle(run.hold, result.cost if result.cost is not None
+                                else run.hold.amount if usage is not None else 0.0)
         record = RequestRecord(
             ts=self.clock.time(), request_id=result.request_id, source=req.source, job_id=req.job_id,
             provider=self.provider.name, base_url=self.provider.base_url,
@@ -605,6 +629,11 @@ class Pipeline:
             cache_write_tokens=usage.cache_write_tokens if usage else None,
             reasoning_tokens=usage.reasoning_tokens if usage else None,
             token_source=result.token_source if usage else None, finish_reason=result.finish_reason)
+        for observe in self.observers:
+            try:
+                observe(record, result, run.messages)
+            except Exception:  # noqa: BLE001 - telemetry must never cost the request its row
+                _log.exception("a history observer failed")
         return self.history.add(record)
 
 

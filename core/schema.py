@@ -227,3 +227,12 @@ def m007_batch(db) -> None:
     db.execute("CREATE INDEX idx_batch_rows_status ON batch_rows (job_id, status, idx)")
     db.execute("ALTER TABLE requests ADD COLUMN job_id TEXT")
     db.execute("CREATE INDEX idx_requests_job ON requests (job_id) WHERE job_id IS NOT NULL")
+
+
+@migrations()
+def m008_budget_ledger(db) -> None:
+    """Spend per budget scope ('all', 'model:NAME', 'source:NAME') and period ('d:2026-12-03',
+    'm:2026-12'): what was spent and what requests in flight hold (core/budgets.py)."""
+    db.execute("CREATE TABLE budget_ledger (scope TEXT NOT NULL, period TEXT NOT NULL, "
+               "spent REAL NOT NULL DEFAULT 0, reserved REAL NOT NULL DEFAULT 0, "
+               "PRIMARY KEY (scope, period))")

@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from . import portal, prices, providers, tokens
 from .breaker import Breakers
+from .budgets import Budgets
 from .cache import ResponseCache
 from .config import Config, load_config
 from .db import Database
@@ -152,6 +153,7 @@ class Gyroscope:
         self.pipeline = Pipeline(self.provider, settings=self.settings, cache=self.cache,
                                  breakers=self.breakers, history=self.history, clock=self.clock,
                                  optimizer=_optimizer, rng=rng, pacer=self.pacer)
+        self.budgets = self.pipeline.budgets = Budgets(self.db, self.history, clock=self.clock.time)
         # The first settings read waits for the file; later ones (on the event loop) never do.
         self.settings.snapshot()
         _freeze_startup_heap()

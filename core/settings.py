@@ -101,6 +101,16 @@ def _upstream_prices(value: str) -> None:
     check_upstreams(value)
 
 
+def _budget_limits(value: str) -> None:
+    from .budgets import check_limits
+    check_limits(value)
+
+
+def _budget_zone(value: str) -> None:
+    from .budgets import check_zone
+    check_zone(value)
+
+
 def _type_words(t: type) -> str:
     return {bool: "true or false", int: "a whole number", float: "a number",
             str: "text"}.get(t, t.__name__)
@@ -161,6 +171,20 @@ SETTINGS: tuple[Setting, ...] = (
             "'free' | 'unknown' | a genai-prices provider such as 'openai' | {model: {input, cached, "
             "output} USD per 1M tokens}}. Unlisted: the simulator as OpenAI, known provider hosts by "
             "their table, other hosts unknown (docs/metrics.md).", "Prices", check=_upstream_prices),
+    Setting("budget.daily_usd", float, 0.0, "Most spent per day, all requests (0 = no limit).", "Budget",
+            0, 1e9, " $"),
+    Setting("budget.monthly_usd", float, 0.0, "Most spent per month, all requests (0 = no limit).", "Budget",
+            0, 1e9, " $"),
+    Setting("budget.limits", str, "", "Limits per model or source as JSON, e.g. {\"model:gpt-4o\": {\"day\": 5, "
+            "\"month\": 100}, \"source:batch\": {\"day\": 2}} (USD; sources page, api, v1, batch, cli).",
+            "Budget", check=_budget_limits),
+    Setting("budget.warn_percent", float, 80.0, "Warn when this share of a limit is spent or held.", "Budget",
+            1, 100, " %"),
+    Setting("budget.timezone", str, "UTC", "Time zone whose midnight starts a budget's day and month.",
+            "Budget", check=_budget_zone),
+    Setting("budget.unknown_price", str, "refuse", "A request with no known price while a budget applies: "
+            "'refuse' it, or 'allow' it uncounted (the limit may then be passed).", "Budget",
+            choices=("refuse", "allow")),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(s.group for s in SETTINGS))

@@ -11,7 +11,7 @@ import zoneinfo
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from core import charts, cost_charts
+from core import budgets, charts, cost_charts
 from core.demo import fill_history
 from core.errors import GyroscopeError
 from core.history import Filters
@@ -123,6 +123,18 @@ def show_charts(data: dict, filters: Filters, infos: list[dict]) -> None:
     left.plotly_chart(cost_charts.prompt_cache(series), key="chart_prompt_cache")
 
 
+def show_budget(now: float) -> None:
+    plan = budgets.plan_of(gyro.settings.snapshot())
+    if not plan.limits:
+        return
+    status = gyro.budgets.status(plan, now)
+    for line in cost_charts.budget_warnings(status):
+        st.warning(line, icon=":material/savings:")
+    monthly = next((s["limit_usd"] for s in status if s["scope"] == "all" and s["period"] == "month"), None)
+    days, start, end = cost_charts.budget_rows(gyro.history, plan, now)
+    st.plotly_chart(cost_charts.budget(days, monthly, start, end, now, plan.tz), key="chart_budget")
+
+
 def show_exports(data: dict, filters: Filters) -> None:
     daily = charts.daily_table(data["daily_cost_by_model"])
     zone = zoneinfo.ZoneInfo(tz)
@@ -169,6 +181,7 @@ def body() -> None:
     drop = cost_charts.prompt_cache_warning(gyro.history, tz, time.time())
     if drop:
         st.warning(drop, icon=":material/trending_down:")
+    show_budget(time.time())
     show_charts(data, filters, infos)
     show_exports(data, filters)
 

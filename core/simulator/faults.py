@@ -161,6 +161,7 @@ _FAULTS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "prompt_cache_step": (128, _count),
     "ignore_include_usage": (False, _flag),
     "tokenize_route": (True, _flag),
+    "prompt_tokens_extra": (0, _count),         # a chat template's tokens the server adds to the prompt
 }
 
 

@@ -126,6 +126,7 @@ class _Link:
 def _prepare(raw: bytes, sim: Simulator, faults: dict) -> tuple[ChatRequest, Completion]:
     request = parse_chat_request(raw)
     completion = complete(request)
+    completion.prompt_tokens += faults["prompt_tokens_extra"]
     least = faults["prompt_cache_min_tokens"]
     if least and completion.prompt_tokens >= least:   # short prompts are never cached: skip the work
         ids = prompt_token_ids(request.messages, request.model)
@@ -333,8 +334,8 @@ def _tokenize_route(sim: Simulator):
         model = body.get("model") or DEFAULT_MODEL
         if not isinstance(model, str) or model not in MODELS:
             raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-        if "messages" in body:
-            ids = message_token_ids(_messages(body), model)
+        if "messages" in body:   # the server's own count: its chat template's tokens too
+            ids = message_token_ids(_messages(body), model) + [0] * sim.faults()["prompt_tokens_extra"]
         else:
             text = body.get("prompt", body.get("content"))
             if not isinstance(text, str):

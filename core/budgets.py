@@ -1,0 +1,261 @@
+"""Spend limits that hold under load: reserve each request's most possible cost before it is
+sent, settle to its real cost after.
+
+Limits (settings ``budget.*``): daily and monthly, global (``budget.daily_usd``,
+``budget.monthly_usd``) and per model or source (``budget.limits``, JSON). Days and months
+are those of ``budget.timezone``.
+
+The ledger (table ``budget_ledger``, migration m008) holds, per scope and period, what was
+``spent`` and what is ``reserved`` by requests in flight. ``reserve`` checks every scope a
+request falls in and adds its hold in one short write transaction on the shared SQLite file,
+so the sum ``spent + reserved`` never passes a limit, whatever the concurrency, in one
+process or many. ``settle`` takes the hold back and adds the real cost.
+
+Worst case (docs/metrics.md): a request's real cost exceeds its hold only when the upstream
+counts more prompt tokens than tiktoken does here (a chat template, another tokenizer), so
+the overshoot is at most the sum, over requests in flight when the limit is reached, of
+(reported - estimated prompt tokens) x input rate. Completions are capped by max_tokens.
+Unknown prices are refused while a budget applies (``budget.unknown_price`` = refuse) or let
+through uncounted (allow: then the overshoot is unbounded, and the docs say so).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+from zoneinfo import ZoneInfo
+
+from . import errors
+from .errors import BudgetExceeded, InvalidParameter
+
+_log = logging.getLogger(__name__)
+SOURCES = ("page", "api", "v1", "batch", "cli")
+PERIODS = ("day", "month")
+
+
+def iso(ts: float) -> str:
+    """A viewer-neutral time: ISO 8601 in UTC."""
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- the settings ---------------------------------------------------------------------------
+def parse_limits(text: str) -> dict[str, dict[str, float]]:
+    """``budget.limits`` as {scope: {period: USD}}; scopes 'model:NAME' or 'source:NAME'."""
+    if not text.strip():
+        return {}
+    example = '{"model:gpt-4o": {"day": 5, "month": 100}, "source:batch": {"day": 2}}'
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise InvalidParameter(f"budget.limits must be a JSON object, e.g. {example}.") from None
+    if not isinstance(data, dict):
+        raise InvalidParameter(f"budget.limits must be a JSON object, e.g. {example}.")
+    out = {}
+    for scope, limits in data.items():
+        kind, _, name = scope.partition(":")
+        if kind not in ("model", "source") or not name:
+            raise InvalidParameter(f"budget.limits key {scope!r} must be 'model:NAME' or "
+                                   f"'source:NAME' (sources: {', '.join(SOURCES)}), e.g. {example}.")
+        if not isinstance(limits, dict) or not limits or set(limits) - set(PERIODS):
+            raise InvalidParameter(f"budget.limits[{scope!r}] must give 'day' and/or 'month' in "
+                                   f"USD, e.g. {{\"day\": 5, \"month\": 100}}.")
+        for period, usd in limits.items():
+            if isinstance(usd, bool) or not isinstance(usd, (int, float)) or not 0 < usd < 1e9:
+                raise InvalidParameter(f"budget.limits[{scope!r}][{period!r}] must be a positive "
+                                       "number of USD (remove the entry for no limit).")
+        out[scope] = {p: float(v) for p, v in limits.items()}
+    return out
+
+
+def check_limits(text: str) -> None:
+    parse_limits(text)
+
+
+def check_zone(name: str) -> None:
+    try:
+        ZoneInfo(name)
+    except Exception:
+        raise InvalidParameter(f"budget.timezone {name!r} is not a time zone; use a name like "
+                               "UTC or Europe/Berlin.") from None
+
+
+@dataclass(frozen=True)
+class Limit:
+    scope: str         # 'all', 'model:NAME', 'source:NAME'
+    period: str        # 'day' or 'month'
+    usd: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The limits of one settings snapshot."""
+
+    limits: tuple[Limit, ...]
+    tz: str
+    warn: float         # share of a limit that warns (0.8)
+    refuse_unknown: bool
+
+    def applying(self, model: str, source: str) -> list[Limit]:
+        wanted = ("all", f"model:{model}", f"source:{source}")
+        return [lim for lim in self.limits if lim.scope in wanted]
+
+
+_plans: dict[tuple, Plan] = {}
+
+
+def plan_of(s) -> Plan:
+    """The Plan of a settings snapshot (worked out once per distinct value)."""
+    key = (s["budget.daily_usd"], s["budget.monthly_usd"], s["budget.limits"], s["budget.timezone"],
+           s["budget.warn_percent"], s["budget.unknown_price"])
+    plan = _plans.get(key)
+    if plan is None:
+        limits = [Limit("all", "day", key[0]), Limit("all", "month", key[1])]
+        for scope, periods in parse_limits(key[2]).items():
+            limits += [Limit(scope, p, usd) for p, usd in periods.items()]
+        plan = _plans[key] = Plan(tuple(lim for lim in limits if lim.usd > 0), key[3], key[4] / 100.0,
+                                  key[5] == "refuse")
+    return plan
+
+
+# -- periods ----------------------------------------------------------------------------------
+def period_bounds(period: str, ts: float, tz: str) -> tuple[str, float, float]:
+    """(ledger key, start, end) of the day or month holding ``ts`` in zone ``tz``."""
+    zone = ZoneInfo(tz)
+    local = dt.datetime.fromtimestamp(ts, zone)
+    if period == "day":
+        first = local.date()
+        nxt = first + dt.timedelta(days=1)
+        key = f"d:{first.isoformat()}"
+    else:
+        first = local.date().replace(day=1)
+        nxt = (first + dt.timedelta(days=32)).replace(day=1)
+        key = f"m:{first.isoformat()[:7]}"
+    start = dt.datetime.combine(first, dt.time(), zone).timestamp()
+    return key, start, dt.datetime.combine(nxt, dt.time(), zone).timestamp()
+
+
+@dataclass
+class Hold:
+    """What one request reserved: (scope, period key) rows and the amount on each."""
+
+    rows: tuple[tuple[str, str], ...]
+    amount: float
+    settled: bool = False
+
+
+class Budgets:
+    """Reserve and settle against the ledger on the SQLite file (shared by every process)."""
+
+    BUSY_S = 0.25      # a reservation waits at most this long for the file, then refuses
+
+    def __init__(self, db, history=None, clock: Callable[[], float] | None = None) -> None:
+        import time
+        self.db = db
+        self.history = history
+        self.clock = clock or time.time
+        self._warned: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self.refused = 0
+
+    def reserve(self, plan: Plan, model: str, source: str, amount: float | None) -> Hold | None:
+        """Hold ``amount`` USD on every limit the request falls in; None when no limit applies.
+        Raises BudgetExceeded (nothing is held) when a limit would be passed."""
+        limits = plan.applying(model, source)
+        if not limits:
+            return None
+        now = self.clock()
+        if amount is None:
+            if not plan.refuse_unknown:
+                return None
+            key, _, end = period_bounds(limits[0].period, now, plan.tz)
+            raise BudgetExceeded(
+                f"{model} has no known price here, so it cannot be held against the budget "
+                f"({_name(limits[0])}). Set its price in prices.upstreams, or set "
+                "budget.unknown_price to allow.", resets_at=end, retry_in_s=max(0.0, end - now))
+        bounds = [(lim, *period_bounds(lim.period, now, plan.tz)) for lim in limits]
+
+        def run(conn):
+            for lim, key, _, end in bounds:
+                row = conn.execute("SELECT spent, reserved FROM budget_ledger WHERE scope = ? AND "
+                                   "period = ?", (lim.scope, key)).fetchone()
+                spent, held = (row[0], row[1]) if row else (0.0, 0.0)
+                if spent + held + amount > lim.usd + 1e-12:
+                    return lim, spent, held, end
+            for lim, key, _, _ in bounds:
+                conn.execute("INSERT INTO budget_ledger (scope, period, spent, reserved) VALUES "
+                             "(?, ?, 0, ?) ON CONFLICT (scope, period) DO UPDATE SET reserved = "
+                             "reserved + excluded.reserved", (lim.scope, key, amount))
+            return None
+
+        try:
+            over = self.db.write_now(run, busy_timeout_s=self.BUSY_S)
+        except errors.StorageError as exc:
+            raise errors.StorageError(
+                "The budget could not be checked: the database file is busy. Nothing was sent; "
+                "try again in a moment.", retry_in_s=1.0, detail=exc.detail) from exc
+        if over is not None:
+            lim, spent, held, end = over
+            self.refused += 1
+            raise BudgetExceeded(
+                f"The {_name(lim)} of ${lim.usd:,.2f} would be passed (${spent:,.4f} spent, "
+                f"${held:,.4f} held by requests in flight, this one needs up to ${amount:,.4f}). "
+                f"Nothing was sent. It resets at {iso(end)} (in {max(0, end - now):,.0f} s); "
+                "or raise the limit in Settings.", resets_at=end, retry_in_s=max(0.0, end - now))
+        self._maybe_warn(plan, bounds, amount)
+        return Hold(tuple((lim.scope, key) for lim, key, _, _ in bounds), amount)
+
+    def settle(self, hold: Hold | None, cost: float) -> None:
+        """Give the hold back and count the real cost (queued to the writer: never waits)."""
+        if hold is None or hold.settled:
+            return
+        hold.settled = True
+        values = [(cost, hold.amount, scope, key) for scope, key in hold.rows]
+        self.db.submit(lambda conn: conn.executemany(
+            "UPDATE budget_ledger SET spent = spent + ?, reserved = max(0, reserved - ?) "
+            "WHERE scope = ? AND period = ?", values))
+
+    def _maybe_warn(self, plan: Plan, bounds, amount: float) -> None:
+        for lim, key, _, _ in bounds:
+            if (lim.scope, key) in self._warned:
+                continue
+            row = self.db.query_one_nowait("SELECT spent + reserved AS used FROM budget_ledger "
+                                           "WHERE scope = ? AND period = ?", (lim.scope, key))
+            if row and row["used"] >= plan.warn * lim.usd:
+                with self._lock:
+                    if (lim.scope, key) in self._warned:
+                        continue
+                    self._warned.add((lim.scope, key))
+                _log.warning("Budget %s: %.0f%% of $%.2f used or held", _name(lim),
+                             100 * row["used"] / lim.usd, lim.usd)
+                if self.history is not None:
+                    self.history.event("budget_warning", f"{lim.scope}|{key}", None,
+                                       f"{row['used']:.6f}", f"{plan.warn:.0%} of ${lim.usd:,.2f}")
+
+    def status(self, plan: Plan, now: float | None = None) -> list[dict]:
+        """Every limit now: spent, held, left, share used, when it resets (for the Metrics page
+        and Prometheus)."""
+        now = self.clock() if now is None else now
+        out = []
+        for lim in plan.limits:
+            key, start, end = period_bounds(lim.period, now, plan.tz)
+            row = self.db.query_one("SELECT spent, reserved FROM budget_ledger WHERE scope = ? AND "
+                                    "period = ?", (lim.scope, key))
+            spent, held = (row["spent"], row["reserved"]) if row else (0.0, 0.0)
+            out.append({"scope": lim.scope, "period": lim.period, "limit_usd": lim.usd,
+                        "spent_usd": spent, "held_usd": held,
+                        "left_usd": max(0.0, lim.usd - spent - held),
+                        "used": (spent + held) / lim.usd, "warn": (spent + held) >= plan.warn * lim.usd,
+                        "starts_at": start, "resets_at": end, "name": _name(lim)})
+        return out
+
+
+def _name(lim: Limit) -> str:
+    what = {"day": "daily", "month": "monthly"}[lim.period]
+    if lim.scope == "all":
+        return f"{what} budget"
+    kind, _, name = lim.scope.partition(":")
+    return f"{what} budget of {kind} {name}"
