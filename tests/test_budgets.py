@@ -260,3 +260,24 @@ def test_metrics_page_shows_the_budget_line_and_a_warning(app_env):
     assert not at.exception
     assert "Budget this month" in figures(at)
     assert any("monthly budget is" in w.value for w in at.warning)
+
+
+def test_v1_and_api_refuse_past_the_budget_with_402_and_when_it_resets(app_env):
+    """The real openai client against /v1 and a plain POST to /api/generate, on the app."""
+    import openai
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+    import core.service
+    from core import api
+    gyro = core.service.default_service()
+    gyro.settings.set("budget.daily_usd", 1e-9, actor="test")
+    with TestClient(Starlette(routes=api.routes())) as client:
+        got = client.post("/api/generate", json={"prompt": "Hello"})
+        assert got.status_code == 402 and got.json()["error"]["kind"] == "budget_exceeded"
+        assert got.json()["error"]["resets_at"].endswith("+00:00") and int(got.headers["retry-after"]) >= 1
+        sdk = openai.OpenAI(api_key="x", base_url="http://testserver/v1", http_client=client, max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+        assert refused.value.status_code == 402 and "resets at" in refused.value.message
+    assert [r["error_kind"] for r in gyro.db.query("SELECT error_kind FROM requests")] == [
+        "budget_exceeded", "budget_exceeded"]

@@ -52,6 +52,7 @@ _ERRORS: dict[str, tuple[int, str, str | None]] = {
     "model_not_found": (404, "invalid_request_error", "model_not_found"),
     "rate_limited": (429, "requests", "rate_limit_exceeded"),
     "quota_exhausted": (429, "insufficient_quota", "insufficient_quota"),
+    "budget_exceeded": (402, "insufficient_quota", "budget_exceeded"),     # core/budgets.py
     "circuit_open": (503, "service_unavailable", "circuit_open"),
     "retry_later": (503, "service_unavailable", "retry_later"),
     "storage": (503, "service_unavailable", "storage"),
@@ -75,8 +76,10 @@ def _error_body(exc: errors.GyroscopeError) -> tuple[int, dict, dict]:
     headers = {}
     if status in (429, 503):        # the SDK waits this long before its own retry
         headers["Retry-After"] = str(max(1, round(exc.retry_in_s or 1)))
-    if exc.kind == "quota_exhausted":
+    if exc.kind in ("quota_exhausted", "budget_exceeded"):
         headers["x-should-retry"] = "false"     # waiting does not bring quota back
+    if exc.kind == "budget_exceeded":           # ...except a budget, at its reset
+        headers["Retry-After"] = str(max(1, round(exc.retry_in_s or 1)))
     body = {"error": {"message": exc.user_message, "type": type_,
                       "param": "model" if exc.kind == "model_not_found" else None, "code": code}}
     return status, body, headers
