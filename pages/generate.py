@@ -9,6 +9,7 @@ import streamlit as st
 from core import prices
 from core.errors import CircuitOpen, GyroscopeError
 from core.models import GenerationRequest, RetryNotice, Thinking
+from core.ui_batch import render as render_batch_tab
 from core.ui import get_gyro, provider_badge, show_error, show_thinking
 
 gyro = get_gyro()
@@ -19,6 +20,14 @@ state.setdefault("paused_until", 0.0)
 
 st.title("Generate")
 provider_badge(gyro)
+
+# Lazy tabs (on_change="rerun"): only the open tab's code runs. The single-prompt part of
+# the page draws below the tab bar, so it needs no indenting into the first tab.
+_single_tab, batch_tab = st.tabs(["Single prompt", "Batch"], key="generate_tab", on_change="rerun")
+if batch_tab.open:
+    with batch_tab:
+        render_batch_tab(gyro)
+    st.stop()
 
 prompt = st.text_area("Prompt", key="prompt", height=160,
                       placeholder="What should be written? e.g. A friendly launch email for our new app")
