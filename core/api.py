@@ -4,6 +4,7 @@
     POST /api/generate            JSON in, JSON out; {"stream": true} answers with SSE
                                   (events: retry, reasoning, delta, then done or error)
     GET  /api/stats               the totals `python -m core stats --json` prints
+    GET  /api/metrics             Prometheus exposition (core/telemetry.py)
 
 The guard (core/http/guard.py) wraps these routes at the edge: the API token, Host and
 Origin checks, JSON-only bodies, size and nesting limits. ``asgi_app()`` is the API alone
@@ -20,7 +21,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .config import load_config
@@ -30,6 +31,7 @@ from .http import guard
 from .models import GenerationRequest, check_json_type
 from .portal import off_loop
 from .service import current_service, default_service
+from .telemetry import CONTENT_TYPE
 
 _STATUS = {"rejected": 400, "invalid_parameter": 400, "prompt_too_long": 400, "config": 400,
            "circuit_open": 503, "rate_limited": 429, "quota_exhausted": 402, "retry_later": 503,
@@ -179,11 +181,24 @@ async def stats(request: Request) -> JSONResponse:
             retry_in_s=5.0))
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition (core/telemetry.py; docs/metrics.md says why not /metrics)."""
+    try:
+        gyro = await _service()
+        body = await off_loop(gyro.prometheus.exposition, timeout=STATS_TIMEOUT_S)
+    except GyroscopeError as exc:
+        return _error(exc)
+    except TimeoutError:
+        return _error(StorageError("The metrics could not be read: the database file is busy. "
+                                   "Try again in a few seconds.", retry_in_s=5.0))
+    return Response(body, media_type=CONTENT_TYPE)
+
+
 def routes() -> list[Route]:
     """The API's routes, for st.App; the last answers unknown /api and /v1 paths in JSON."""
     from .http import openai_compat     # imports this module: imported when routes are built
     api = [Route("/api/health", health), Route("/api/generate", generate, methods=["POST"]),
-           Route("/api/stats", stats), *openai_compat.routes()]
+           Route("/api/stats", stats), Route("/api/metrics", metrics), *openai_compat.routes()]
     return [*api, guard.JsonForUnknown(api)]
 
 

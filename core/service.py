@@ -14,7 +14,8 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from . import portal, prices, providers, tokens
 from .breaker import Breakers
-from .budgets import Budgets
+from . import telemetry
+from .budgets import Budgets, plan_of as budgets_plan
 from .cache import ResponseCache
 from .config import Config, load_config
 from .db import Database
@@ -154,6 +155,10 @@ class Gyroscope:
                                  breakers=self.breakers, history=self.history, clock=self.clock,
                                  optimizer=_optimizer, rng=rng, pacer=self.pacer)
         self.budgets = self.pipeline.budgets = Budgets(self.db, self.history, clock=self.clock.time)
+        # Telemetry is fed where history rows are handed over (Pipeline.observers).
+        self.prometheus = telemetry.Prometheus(self._scrape)
+        self.otel = telemetry.OTel.from_env(telemetry.provider_name(self.provider))
+        self.pipeline.observers = (self.prometheus.observe, *((self.otel.observe,) if self.otel else ()))
         # The first settings read waits for the file; later ones (on the event loop) never do.
         self.settings.snapshot()
         _freeze_startup_heap()
@@ -225,6 +230,14 @@ class Gyroscope:
         return _optimizer(prompt, self.settings.snapshot(), model)
 
     # -- numbers ---------------------------------------------------------------------------
+    def _scrape(self) -> dict:
+        """What Prometheus reads when it scrapes: breakers, budgets left, pacing waits."""
+        plan = budgets_plan(self.settings.snapshot())
+        pacer = getattr(self, "pacer", None)
+        return {"breakers": self.breakers.all_info(),
+                "budgets": self.budgets.status(plan) if plan.limits else [],
+                "pacing_waits": getattr(pacer, "waits", 0), "pacing_wait_s": getattr(pacer, "waited_s", 0.0)}
+
     def stats(self, filters: Filters = Filters()) -> dict:
         """Totals for a range plus each breaker's state (what `stats --json` prints)."""
         totals = self.history.totals(filters)
@@ -245,6 +258,8 @@ class Gyroscope:
             portal.run(self.provider.aclose(), timeout=5)
         except Exception:  # noqa: BLE001 - closing is best effort
             pass
+        if self.otel is not None:
+            self.otel.shutdown()
         self.db.close()
         self.history.journal.close()
 
