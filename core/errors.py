@@ -30,6 +30,7 @@ Pages, the API and the CLI show ``user_message``; nobody writes their own wordin
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import time
 
@@ -61,6 +62,10 @@ class GyroscopeError(Exception):
     def user_message(self) -> str:
         """Plain words for a person: what happened and what to do."""
         return str(self)
+
+    def message_in(self, zone=None) -> str:
+        """``user_message`` with any clock time in ``zone`` (a tzinfo; None = the server's)."""
+        return self.user_message
 
     def as_dict(self) -> dict:
         """JSON-friendly form used by the API and `--json` CLI output."""
@@ -99,8 +104,11 @@ class CircuitOpen(GyroscopeError):
 
     @property
     def user_message(self) -> str:
+        return self.message_in(None)
+
+    def message_in(self, zone=None) -> str:
         wait = max(0.0, self.retry_in_s or 0.0)
-        at = time.strftime("%H:%M:%S", time.localtime(time.time() + wait))
+        at = dt.datetime.fromtimestamp(time.time() + wait, zone).strftime("%H:%M:%S")
         return (f"The AI service is paused after repeated failures — next try in {wait:.0f} s "
                 f"(at {at}). Nothing was sent; try again then.")
 

@@ -203,7 +203,13 @@ class Gyroscope:
         return GenerationStream(self.pipeline, req, events=events)
 
     def models(self) -> list[str]:
-        """The provider's models plus the configured extras; never raises."""
+        """The models to offer, the default first when the provider offers it; never raises."""
+        return self.model_menu()[0]
+
+    def model_menu(self) -> tuple[list[str], str | None]:
+        """(models to offer, a note or None): the provider's list (asked at most once a
+        minute) plus the configured extras. The configured default comes first only if it
+        is offered; otherwise the provider's first model does, and the note says why."""
         extra = [m.strip() for m in self.settings.get("provider.extra_models").split(",") if m.strip()]
         cached = self._models
         if cached is not None and self.clock.monotonic() - cached[0] < 60:
@@ -215,7 +221,13 @@ class Gyroscope:
                 listed = []
             self._models = (self.clock.monotonic(), listed)
         default = self.settings.get("provider.default_model")
-        return list(dict.fromkeys([default, *listed, *extra]))
+        offered = list(dict.fromkeys([*listed, *extra]))
+        if not listed:      # the provider lists nothing (or could not be asked)
+            return list(dict.fromkeys([default, *extra])), None
+        if default in offered:
+            return list(dict.fromkeys([default, *offered])), None
+        return offered, (f"The configured default model, {default}, is not offered by this "
+                         f"AI service; {offered[0]} (its first model) is used instead.")
 
     def estimate(self, prompt: str, system: str | None, model: str, max_tokens: int) -> dict:
         """Prompt tokens, the model's limit and the most the request can cost, before sending."""

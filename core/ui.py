@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import streamlit as st
 
+from .display import safe_markdown, viewer_zone as _zone
 from .errors import CircuitOpen, GyroscopeError
 from .service import Gyroscope, default_service
 
@@ -30,14 +33,28 @@ def provider_badge(gyro: Gyroscope) -> None:
         st.caption(f"Provider: **{gyro.provider.name}** at `{gyro.provider.base_url}`")
 
 
-def show_error(exc: GyroscopeError) -> None:
-    """An error in plain words with what to do — never a traceback."""
+def viewer_zone() -> dt.tzinfo:
+    """The browser's time zone (its IANA name, else its UTC offset; UTC when unknown)."""
+    try:
+        return _zone(st.context.timezone, st.context.timezone_offset)
+    except Exception:  # noqa: BLE001 - no browser context (a bare script run): UTC
+        return dt.timezone.utc
+
+
+def show_error(exc: GyroscopeError, where=st) -> None:
+    """An error in plain words with what to do, times in the viewer's zone — never a traceback."""
+    message = exc.message_in(viewer_zone())
     if isinstance(exc, CircuitOpen):
-        st.warning(exc.user_message, icon=":material/pause_circle:")
+        where.warning(message, icon=":material/pause_circle:")
     elif exc.kind in ("invalid_parameter", "prompt_too_long", "rejected", "config"):
-        st.warning(exc.user_message, icon=":material/edit:")
+        where.warning(message, icon=":material/edit:")
     else:
-        st.error(exc.user_message, icon=":material/error:")
+        where.error(message, icon=":material/error:")
+
+
+def show_answer(where, text: str) -> None:
+    """An answer as Markdown: maths off, remote images as links, code blocks with a copy button."""
+    where.markdown(safe_markdown(text) if text else "_(nothing arrived)_")
 
 
 def show_thinking(where, reasoning: str, live: bool = False) -> None:
@@ -46,4 +63,4 @@ def show_thinking(where, reasoning: str, live: bool = False) -> None:
     if not reasoning:
         return
     label = "Thinking…" if live else "Thinking"
-    where.expander(label, expanded=live, icon=":material/psychology:").markdown(reasoning)
+    where.expander(label, expanded=live, icon=":material/psychology:").markdown(safe_markdown(reasoning))

@@ -6,17 +6,28 @@ import time
 
 import streamlit as st
 
-from core import prices
+from core import display, prices
 from core.errors import CircuitOpen, GyroscopeError
 from core.models import GenerationRequest, RetryNotice, Thinking
+from core.ui import get_gyro, provider_badge, show_answer, show_error, show_thinking, viewer_zone
 from core.ui_batch import render as render_batch_tab
-from core.ui import get_gyro, provider_badge, show_error, show_thinking
 
 gyro = get_gyro()
 s = gyro.settings.snapshot()
 state = st.session_state
 state.setdefault("generations", [])   # this session's results, oldest first
 state.setdefault("paused_until", 0.0)
+zone = viewer_zone()
+
+
+def _start(refresh: bool = False) -> None:
+    # A callback, so the click counts in the very run it starts: the Generate button is
+    # never disabled waiting for the prompt box to commit its text (one click generates).
+    state.start = {"refresh": refresh}
+
+
+# Set only in the run that streams: any other run (a Stop, any widget) is idle again.
+starting = state.pop("start", None)
 
 st.title("Generate")
 provider_badge(gyro)
@@ -30,17 +41,32 @@ if batch_tab.open:
     st.stop()
 
 prompt = st.text_area("Prompt", key="prompt", height=160,
-                      placeholder="What should be written? e.g. A friendly launch email for our new app")
+                      placeholder="What should be written? e.g. A friendly launch email for our new app",
+                      help="Press Ctrl+Enter (⌘+Enter on a Mac) or click Generate to send it.")
 with st.expander("Options"):
-    models = gyro.models()
-    model = st.selectbox("Model", models, index=0, key="model")
+    models, model_note = gyro.model_menu()
+    model = st.selectbox("Model", models, index=0, key="model",
+                         help="Which AI model writes the answer; the list comes from the AI service.")
+    if model_note:
+        st.caption(model_note)
     c1, c2 = st.columns(2)
-    temperature = c1.slider("Temperature", 0.0, 2.0, float(s["generate.temperature"]), 0.05, key="temperature")
-    max_tokens = c2.number_input("Max tokens", 1, 128_000, int(s["generate.max_tokens"]), key="max_tokens")
-    system = st.text_area("System prompt (optional)", key="system", height=80)
+    temperature = c1.slider("Temperature", 0.0, 2.0, float(s["generate.temperature"]), 0.05, key="temperature",
+                            help="How adventurous the wording is: 0 gives the most predictable answer, "
+                                 "higher values more varied (and sometimes odd) ones. 0.7 suits most writing.")
+    max_tokens = c2.number_input("Max tokens", 1, 128_000, int(s["generate.max_tokens"]), key="max_tokens",
+                                 help="The longest the answer may be, in tokens (a token is about ¾ of a "
+                                      "word, so 500 tokens ≈ 375 words). The answer stops there, which "
+                                      "also caps its cost.")
+    system = st.text_area("System prompt (optional)", key="system", height=80,
+                          help="Standing instructions for the answer, e.g. \"You write for a bakery; "
+                               "be warm and brief.\"")
     c3, c4 = st.columns(2)
-    seed_text = c3.text_input("Seed (optional, whole number)", key="seed")
-    use_cache = c4.toggle("Use the response cache", value=bool(s["cache.enabled"]), key="use_cache")
+    seed_text = c3.text_input("Seed (optional, whole number)", key="seed",
+                              help="The same seed with the same prompt and options usually gives the "
+                                   "same answer again (where the AI service supports it). Leave empty "
+                                   "for a fresh answer each time.")
+    use_cache = c4.toggle("Use saved answers", value=bool(s["cache.enabled"]), key="use_cache",
+                          help="Answer a request made before from the saved answers, at no cost.")
 
 optimize = st.toggle("Optimize prompt", value=bool(s["optimizer.enabled"]), key="optimize",
                      help="Removes filler, repeats and extra whitespace; never touches code, "
@@ -50,27 +76,41 @@ if preview is not None:
     if preview.changed:
         saved_cost = prices.cost(model, preview.tokens_saved, 0) or 0.0
         st.caption(f"Optimized prompt saves **{preview.tokens_saved} tokens** "
-                   f"({preview.saved_ratio:.0%}, ${saved_cost:.6f} per request).")
+                   f"({preview.saved_ratio:.0%}, {display.money(saved_cost)} per request).")
         with st.expander("Optimized prompt and changes"):
-            st.code(preview.optimized, language=None, wrap_lines=True)
-            st.code(preview.diff(), language="diff")
+            before, after = st.columns(2)
+            before.markdown("**Your prompt**")
+            before.code(preview.original, language=None, wrap_lines=True)
+            after.markdown("**What is sent**")
+            after.code(preview.optimized, language=None, wrap_lines=True)
+            st.markdown("**Changes**")
+            for removed, added in display.prompt_changes(preview.original, preview.optimized):
+                if not removed.strip() and not added.strip():
+                    st.caption("· extra spacing tidied")
+                elif not added.strip():
+                    st.caption(f"· removed “{removed.strip()}”")
+                else:
+                    st.caption(f"· “{removed.strip()}” → “{added.strip()}”")
     else:
         st.caption("The optimizer found nothing to remove.")
 
 seed = None
+bad_seed = False
 if seed_text.strip():
     try:
         seed = int(seed_text)
     except ValueError:
+        bad_seed = True
         st.warning("The seed must be a whole number, like 42. Leave it empty for none.")
 
 sent_prompt = preview.optimized if preview is not None else prompt
 too_long = False
 if prompt.strip():
     est = gyro.estimate(sent_prompt, system or None, model, int(max_tokens))
-    cost_text = "unknown price for this model" if est["max_cost"] is None else f"at most ${est['max_cost']:.6f}"
-    limit = f" of {est['context_window']:,}" if est["context_window"] else ""
-    st.caption(f"About **{est['prompt_tokens']:,}** prompt tokens{limit} · {cost_text}")
+    cost_text = ("unknown price for this model" if est["max_cost"] is None
+                 else f"costs at most {display.money(est['max_cost'])}")
+    limit = f" (this model takes up to {est['context_window']:,})" if est["context_window"] else ""
+    st.caption(f"About **{est['prompt_tokens']:,}** tokens to send{limit} · {cost_text}")
     too_long = est["too_long"]
     if too_long:
         st.warning(f"The prompt has {est['prompt_tokens']:,} tokens; with up to {int(max_tokens):,} tokens "
@@ -82,18 +122,34 @@ if prompt.strip():
 def paused_countdown() -> None:
     left = state.paused_until - time.time()
     if left > 0:
-        st.warning(CircuitOpen(retry_in_s=left).user_message, icon=":material/pause_circle:")
+        st.warning(CircuitOpen(retry_in_s=left).message_in(zone), icon=":material/pause_circle:")
 
 
 paused_countdown()
 
-col_go, col_stop, _ = st.columns([1, 1, 4])
-go = col_go.button("Generate", type="primary", disabled=not prompt.strip() or too_long or
-                   (seed_text.strip() != "" and seed is None), key="go")
-col_stop.button("Stop", key="stop", help="Stops the answer at once; what arrived stays.")
-regenerate = state.pop("regenerate", False)
-if not prompt.strip():
+refusal = None
+if starting:
+    if not prompt.strip():
+        refusal = "Type a prompt first, then Generate."
+    elif bad_seed:
+        refusal = "Fix the seed first (a whole number, or empty)."
+    elif too_long:
+        refusal = "Shorten the prompt or lower Max tokens first."
+    if refusal:
+        starting = None
+elif not prompt.strip() and not state.generations:
     st.caption("Type a prompt to start.")
+
+col_go, col_stop, _ = st.columns([1, 1, 4])
+# While an answer streams, Generate shows it is busy and Stop is the one action to take.
+col_go.button("Writing…" if starting else "Generate", key="go", type="secondary" if starting else "primary",
+              disabled=bool(starting), on_click=_start, shortcut="Ctrl+Enter",
+              icon=":material/hourglass_top:" if starting else None)
+col_stop.button("Stop", key="stop", type="primary" if starting else "secondary", disabled=not starting,
+                icon=":material/stop_circle:", help="Stops the answer at once; what arrived stays.")
+if refusal:
+    st.warning(refusal, icon=":material/edit:")
+
 
 
 def run(refresh: bool) -> None:
@@ -101,14 +157,14 @@ def run(refresh: bool) -> None:
                             temperature=float(temperature), max_tokens=int(max_tokens), seed=seed,
                             cache=use_cache, refresh=refresh, optimize=optimize, source="page")
     entry = {"prompt": prompt, "model": model, "content": "", "reasoning": "", "result": None,
-             "error": None, "at": time.strftime("%H:%M:%S")}
+             "error": None, "at": time.time()}
     state.generations.append(entry)
     notice_box = st.empty()
     thinking_box = st.empty()      # a reasoning model's thinking, above (and apart from) the answer
+    answer_box = st.empty()
     heartbeat = st.empty()
     stream = gyro.stream(req, events=True)
-
-    def text():
+    try:
         for piece in stream:
             if piece is None:          # nothing yet: touching the page lets a Stop get through
                 heartbeat.empty()
@@ -123,64 +179,65 @@ def run(refresh: bool) -> None:
             if not entry["content"] and entry["reasoning"]:   # the answer starts: fold the thinking
                 show_thinking(thinking_box.container(), entry["reasoning"])
             entry["content"] += piece
-            yield piece
-        notice_box.empty()
-
-    try:
-        st.write_stream(text())
+            show_answer(answer_box, entry["content"])
     except GyroscopeError as exc:
-        notice_box.empty()
         entry["error"] = exc
         if isinstance(exc, CircuitOpen):
             state.paused_until = time.time() + (exc.retry_in_s or 0)
-            st.rerun()
-        show_error(exc)
     finally:
         stream.close()      # a Stop (rerun) lands here: upstream closed, row 'cancelled'
         entry["result"] = stream.result
+    # Draw the page again idle: Generate back, and the answer in "This session" at once.
+    st.rerun()
 
 
-if go or regenerate:
-    run(refresh=bool(regenerate))
+if starting:
+    run(refresh=bool(starting.get("refresh")))
 
 latest = state.generations[-1] if state.generations else None
-if latest is not None and not (go or regenerate):
+if latest is not None:
     # A rerun while a generation runs (Stop, or any widget) interrupts it; Streamlit may start
     # this run before the interrupted one has finished closing, so show what arrived so far.
     r = latest["result"]
     show_thinking(st, latest.get("reasoning", ""))
-    st.markdown(latest["content"] or "_(nothing arrived)_")
+    if latest["content"] or latest["error"] is None:
+        show_answer(st, latest["content"])
     if r is None or r.outcome == "cancelled":
         st.caption("Stopped — the text above is what arrived.")
     elif latest["error"] is not None:
         show_error(latest["error"])
 if latest is not None and latest["result"] is not None:
     r = latest["result"]
-    if r.usage is not None:
-        cost = "unknown" if r.cost is None else f"${r.cost:.6f}"
-        est = " (estimated)" if r.tokens_estimated else ""
-        st.caption(f"{r.usage.prompt_tokens:,} + {r.usage.completion_tokens:,} tokens{est} · {cost} · "
-                   f"{r.latency_ms:,.0f} ms · {r.attempts} attempt(s)")
+    if r.outcome in ("ok", "cancelled") and (r.usage is not None or r.from_cache):
+        st.caption(display.result_line(r))
     if r.from_cache:
-        st.success(f"From cache — saved ${r.cost_saved:.6f}", icon=":material/bolt:")
-        if st.button("Regenerate (bypass the cache)", key="regen"):
-            state.regenerate = True
-            st.rerun()
+        st.success(f"From the saved answers — no cost (saved {display.money(r.cost_saved)}).",
+                   icon=":material/bolt:")
+        st.button("Write a new answer instead", key="regen", on_click=_start, kwargs={"refresh": True},
+                  help="Asks the AI service again instead of using the saved answer.")
 if latest is not None and latest["content"]:
     d1, d2, _ = st.columns([1, 1, 4])
     d1.download_button("Download .md", latest["content"], file_name="generation.md", key="dl_md")
     d2.download_button("Download .txt", latest["content"], file_name="generation.txt", key="dl_txt")
-    with st.expander("Copy"):
+    with st.expander("Copy the whole answer"):
         st.code(latest["content"], language=None, wrap_lines=True)
 
-if len(state.generations) > 1:
+if state.generations:
     st.subheader("This session")
-    for i, g in enumerate(reversed(state.generations[:-1])):
+    st.caption(f"Newest first; times in {display.zone_name(zone)}.")
+    for g in reversed(state.generations):
         r = g["result"]
-        label = f"{g['at']} · {g['model']} · {g['prompt'][:60]}"
-        if r is not None and r.outcome != "ok":
-            label += f" · {r.outcome}"
+        label = f"{display.clock_time(g['at'], zone)} · {g['model']} · {g['prompt'][:60]}"
+        words = display.outcome_words(r.outcome if r is not None else "cancelled")
+        if words:
+            label += f" · {words}"
         with st.expander(label):
-            if g.get("reasoning"):      # expanders do not nest: the thinking as a caption
-                st.caption(f"Thinking: {g['reasoning']}")
-            st.markdown(g["content"] or "_(nothing arrived)_")
+            if g.get("reasoning"):      # expanders do not nest: the thinking in a popover
+                st.popover("Thinking", icon=":material/psychology:").markdown(
+                    display.safe_markdown(g["reasoning"]))
+            if g["content"] or g["error"] is None:
+                show_answer(st, g["content"])
+            if g["error"] is not None:
+                show_error(g["error"])
+            if r is not None and r.outcome in ("ok", "cancelled") and (r.usage is not None or r.from_cache):
+                st.caption(display.result_line(r))

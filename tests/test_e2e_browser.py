@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import wait_idle
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -90,10 +92,10 @@ def test_type_generate_watch_it_grow_then_stop(server):
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(server["url"], wait_until="domcontentloaded")
         expect(page.get_by_text("Simulated responses")).to_be_visible(timeout=30_000)
+        wait_idle(page)
         box = page.get_by_label("Prompt", exact=True)
         box.fill("Write a long friendly welcome email for new members of a rowing club")
-        box.press("Control+Enter")     # commit the text area's value
-        page.locator(".st-key-go button").click()
+        page.locator(".st-key-go button").click()     # one click, straight after typing
 
         output = page.locator('[data-testid="stMarkdownContainer"]').filter(has_text="welcome email").last
         expect(output).to_be_visible(timeout=30_000)

@@ -480,3 +480,21 @@ def test_python_api_validates_fault_settings():
     assert sim.faults()["fail_next"] == 2  # patch semantics: earlier fields stay
     sim.clear_faults()
     assert sim.faults()["fail_next"] == 0 and sim.faults()["slow_s"] == 0
+
+
+def test_reply_text_answers_verbatim_streamed_or_not_and_is_cut_at_max_tokens(simulator):
+    reply = "Plans cost $5 or $10.\n\n![chart](http://127.0.0.1:9/x.png)\n\n```\necho $HOME\n```"
+    simulator.sim.set_faults(reply_text=reply)
+    client = client_for(simulator)
+    plain = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert plain.choices[0].message.content == reply
+    chunks = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
+    short = client.chat.completions.create(model="gpt-4o-mini", max_tokens=3,
+                                           messages=[{"role": "user", "content": "hi"}])
+    assert reply.startswith(short.choices[0].message.content) and short.choices[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="reply_text must be text"):
+        simulator.sim.set_faults(reply_text=42)
+    simulator.sim.clear_faults()
+    assert simulator.sim.faults()["reply_text"] is None

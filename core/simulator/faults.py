@@ -111,6 +111,12 @@ def _reasoning_field(name: str, value: Any) -> str:
     return value
 
 
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 100_000:
+        raise FaultError(name, f"{name} must be text of at most 100,000 characters, got {value!r:.60}")
+    return value
+
+
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     return lambda name, value: None if value is None else check(name, value)
 
@@ -162,6 +168,9 @@ _FAULTS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "ignore_include_usage": (False, _flag),
     "tokenize_route": (True, _flag),
     "prompt_tokens_extra": (0, _count),         # a chat template's tokens the server adds to the prompt
+    # Real models answer anything, markdown images and "$5" included: this text verbatim
+    # (cut at max_tokens) instead of the generated reply, so tests can show what a page does.
+    "reply_text": (None, _optional(_text)),
 }
 
 

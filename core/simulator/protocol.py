@@ -290,8 +290,9 @@ class Completion:
         return {**self._envelope("chat.completion.chunk"), "choices": [], "usage": self.usage()}
 
 
-def complete(request: ChatRequest) -> Completion:
-    """Generate the reply for a validated request; raises ApiError when the prompt does not fit."""
+def complete(request: ChatRequest, reply: str | None = None) -> Completion:
+    """Generate the reply for a validated request (``reply``: this text instead); raises
+    ApiError when the prompt does not fit."""
     window = MODELS[request.model]
     prompt = tokens.count_messages(request.messages, request.model)
     wanted = prompt + (request.max_tokens or 0)
@@ -302,7 +303,7 @@ def complete(request: ChatRequest) -> Completion:
                   "completion). Please reduce the length of the messages or completion.")
         message = f"This model's maximum context length is {window} tokens. However, {detail}"
         raise ApiError(400, message, param="messages", code="context_length_exceeded")
-    choices = [_choice(request, i) for i in range(request.n)]
+    choices = [_choice(request, i, reply) for i in range(request.n)]
     visible = sum(tokens.count_text(c.content or "", request.model)
                   + sum(tokens.count_text(t["function"]["arguments"], request.model)
                         for t in c.tool_calls or ()) for c in choices)
@@ -321,7 +322,7 @@ def complete(request: ChatRequest) -> Completion:
     )
 
 
-def _choice(request: ChatRequest, index: int) -> Choice:
+def _choice(request: ChatRequest, index: int, reply: str | None = None) -> Choice:
     """Reply number ``index``: the first is what n=1 would answer; later ones differ."""
     function = tools.chosen_tool(request.tools, request.tool_choice, request.messages)
     if function is not None:
@@ -329,8 +330,8 @@ def _choice(request: ChatRequest, index: int) -> Choice:
                 "function": {"name": function["name"], "arguments": tools.arguments(function, request.messages)}}
         return Choice(None, "tool_calls", [call])
     seed = request.seed if index == 0 else [request.seed, index]
-    text = textgen.generate(request.model, request.messages, seed=seed,
-                            temperature=request.temperature, top_p=request.top_p)
+    text = reply if reply is not None else textgen.generate(
+        request.model, request.messages, seed=seed, temperature=request.temperature, top_p=request.top_p)
     if request.messages[-1].get("role") == "tool":
         text = tools.after_tool(request.messages) + text
     for stop in request.stop or ():      # the answer ends before a stop sequence, which is not sent

@@ -125,7 +125,7 @@ class _Link:
 
 def _prepare(raw: bytes, sim: Simulator, faults: dict) -> tuple[ChatRequest, Completion]:
     request = parse_chat_request(raw)
-    completion = complete(request)
+    completion = complete(request, faults["reply_text"])
     completion.prompt_tokens += faults["prompt_tokens_extra"]
     least = faults["prompt_cache_min_tokens"]
     if least and completion.prompt_tokens >= least:   # short prompts are never cached: skip the work

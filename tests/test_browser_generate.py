@@ -1,0 +1,116 @@
+"""Generate in a real Chromium: one click after typing, Ctrl+Enter, busy while streaming,
+safe Markdown (dollars literal, no remote image fetched), times in the browser's zone.
+
+One app server for the module, on the openai provider pointed at a simulator this test
+process controls (its reply and its speed)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from core.simulator import Simulator, start_in_background
+from tests.browser import chromium, free_port, needs_chromium, streamlit_app, wait_idle
+
+pytestmark = needs_chromium
+ANSWER = '[data-testid="stMarkdownContainer"]'
+
+
+@pytest.fixture(scope="module")
+def sim():
+    running = start_in_background(Simulator(ttft_ms=0, tokens_per_s=None))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def url(sim, tmp_path_factory):
+    with streamlit_app(tmp_path_factory.mktemp("gen"), OPENAI_BASE_URL=sim.base_url,
+                       OPENAI_API_KEY="sk-test-browser") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture
+def fresh(sim):
+    sim.sim.clear_faults()
+    sim.sim.set_latency(ttft_ms=0, tokens_per_s=None)
+    yield sim.sim
+
+
+def open_generate(browser, url, **context):
+    from playwright.sync_api import expect
+
+    page = browser.new_context(viewport={"width": 1280, "height": 900}, **context).new_page()
+    page.goto(url, wait_until="domcontentloaded")
+    expect(page.get_by_label("Prompt", exact=True)).to_be_visible(timeout=30_000)
+    wait_idle(page)
+    return page
+
+
+def test_one_click_after_typing_generates_a_safe_answer(browser, url, fresh):
+    from playwright.sync_api import expect
+
+    leak = f"http://127.0.0.1:{free_port()}/leak.png"
+    fresh.set_faults(reply_text=f"Plans cost $5 or $10 a month.\n\n![our chart]({leak})\n\n"
+                                "```bash\necho $HOME\n```\n")
+    page = open_generate(browser, url)
+    fetched = []
+    page.route("**/leak.png*", lambda route: (fetched.append(route.request.url), route.abort()))
+    page.get_by_label("Prompt", exact=True).fill("A price list for a bakery")   # no blur, no Ctrl+Enter
+    page.locator(".st-key-go button").click()                                   # one click
+    answer = page.locator(ANSWER).filter(has_text="Plans cost").first
+    expect(answer).to_contain_text("Plans cost $5 or $10 a month.", timeout=30_000)
+    assert page.locator(".katex").count() == 0                                  # no maths
+    expect(answer.get_by_role("link", name="image: our chart")).to_be_visible()
+    assert page.locator(f'img[src="{leak}"]').count() == 0
+    code = page.locator('[data-testid="stCode"]').filter(has_text="echo $HOME").first
+    expect(code).to_be_visible()
+    code.hover()
+    expect(code.get_by_role("button", name=re.compile("copy", re.I))).to_be_visible()
+    page.wait_for_timeout(500)
+    assert fetched == []
+    page.context.close()
+
+
+def test_ctrl_enter_generates_and_streaming_shows_busy_then_stop(browser, url, fresh):
+    from playwright.sync_api import expect
+
+    fresh.set_latency(ttft_ms=50, tokens_per_s=15)
+    page = open_generate(browser, url)
+    box = page.get_by_label("Prompt", exact=True)
+    box.fill("Write a long friendly welcome email for new members of a rowing club")
+    box.press("Control+Enter")
+    go, stop = page.locator(".st-key-go button").first, page.locator(".st-key-stop button").first
+    expect(go).to_be_disabled(timeout=30_000)           # busy while the answer streams
+    expect(stop).to_be_enabled()
+    assert stop.get_attribute("data-testid") == "stBaseButton-primary"
+    expect(page.locator(ANSWER).filter(has_text="welcome email").first).to_be_visible(timeout=30_000)
+    stop.click()
+    expect(page.get_by_text("Stopped — the text above is what arrived.")).to_be_visible(timeout=15_000)
+    expect(go).to_be_enabled()
+    assert go.get_attribute("data-testid") == "stBaseButton-primary"
+    page.context.close()
+
+
+def test_times_are_in_the_browsers_zone(browser, url, fresh):
+    from playwright.sync_api import expect
+
+    page = open_generate(browser, url, timezone_id="Pacific/Kiritimati")
+    page.get_by_label("Prompt", exact=True).fill("A tagline for a surf school")
+    page.locator(".st-key-go button").click()
+    expect(page.get_by_text("times in Pacific/Kiritimati")).to_be_visible(timeout=30_000)
+    label = page.locator('[data-testid="stExpander"] summary').filter(has_text="surf school").first
+    hhmm = re.search(r"(\d\d):(\d\d):\d\d · ", label.inner_text()).groups()
+    now = dt.datetime.now(ZoneInfo("Pacific/Kiritimati"))
+    shown = now.replace(hour=int(hhmm[0]), minute=int(hhmm[1]))
+    assert abs((now - shown).total_seconds()) < 180, (label.inner_text(), now)
+    page.context.close()
