@@ -88,6 +88,7 @@ def test_ctrl_enter_generates_and_streaming_shows_busy_then_stop(browser, url, f
     page = open_generate(browser, url)
     box = page.get_by_label("Prompt", exact=True)
     box.fill("Write a long friendly welcome email for new members of a rowing club")
+    page.wait_for_timeout(400)     # a person's pause: a key pressed within 1 ms of fill() can be lost
     box.press("Control+Enter")
     go, stop = page.locator(".st-key-go button").first, page.locator(".st-key-stop button").first
     expect(go).to_be_disabled(timeout=30_000)           # busy while the answer streams
