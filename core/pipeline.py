@@ -429,8 +429,23 @@ class Pipeline:
         finally:
             breaker.release(permit)             # no-op once settled
             await upstream_stream.aclose()      # idempotent: a no-op when already closed
-        if result.usage is None:
+        if result.usage is None:    # a complete stream without usage (llama.cpp): ask the server
+            await self._count_on_server(run)
             self._settle_usage(run, None)
+
+    async def _count_on_server(self, run: _Run) -> None:
+        """Usage from the upstream's own tokenizer, both counts or neither (never mixed with
+        an estimate); left unset when it has none, so ``_settle_usage`` estimates."""
+        result = run.result
+        try:
+            counted = await self.provider.count_tokens(result.model, run.messages,
+                                                       result.reasoning + result.content)
+        except Exception:  # noqa: BLE001 - counting must never cost the answer
+            counted = None
+        if counted is not None:
+            result.usage = Usage(*counted)
+            result.tokens_estimated = False
+            result.token_source = "tokenizer"
 
     async def _attempt(self, run: _Run, breaker, params: dict, tuning: "_Tuning", deadline_at: float,
                        streaming: bool, blocking: bool):

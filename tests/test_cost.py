@@ -225,3 +225,37 @@ def test_prompt_cache_warning_reads_yesterday_and_today_from_history(tmp_path, s
             gyro.history, "UTC", now)
     finally:
         gyro.close()
+
+
+# -- streams without usage: the server's /tokenize, else an estimate -----------------------------
+@pytest.mark.parametrize("style", ["vllm", "llama.cpp"])
+def test_a_stream_without_usage_is_counted_by_the_servers_tokenize(gyro, simulator, style):
+    # llama.cpp ignores include_usage, and its chat template adds tokens tiktoken cannot see
+    simulator.sim.set_faults(ignore_include_usage=True, prompt_tokens_extra=40, tokenize_style=style)
+    simulator.sim.reset_stats()
+    ask = GenerationRequest(prompt="Name a bread", model="gpt-4o-mini", cache=False, source="test")
+    result, text = streamed(gyro, ask)
+    plain = gyro.generate(GenerationRequest(prompt="Name a bread", model="gpt-4o-mini", cache=False,
+                                            source="test"))     # a plain answer reports usage
+    assert result.token_source == "tokenizer" and not result.tokens_estimated
+    assert result.usage.prompt_tokens == plain.usage.prompt_tokens        # the server's count, template too
+    assert result.usage.completion_tokens == plain.usage.completion_tokens
+    assert simulator.sim.stats()["tokenize_requests"] >= 2
+    assert result.cost == pytest.approx(genai_cost("gpt-4o-mini", result.usage))
+    row = rows(gyro)[0]
+    assert row["token_source"] == "tokenizer" and row["tokens_estimated"] == 0
+
+
+def test_without_tokenize_the_stream_is_estimated_and_flagged(gyro, simulator):
+    simulator.sim.set_faults(ignore_include_usage=True, prompt_tokens_extra=40, tokenize_route=False)
+    ask = GenerationRequest(prompt="Name a bread", model="gpt-4o-mini", cache=False, source="test")
+    result, _ = streamed(gyro, ask)
+    assert result.token_source == "estimated" and result.tokens_estimated
+    row = rows(gyro)[0]
+    assert row["token_source"] == "estimated" and row["tokens_estimated"] == 1
+    assert gyro.stats()["estimated_token_requests"] == 1
+    # the server is not asked again for a while: a second stream goes straight to the estimate
+    simulator.sim.set_faults(tokenize_route=True)
+    simulator.sim.reset_stats()
+    again, _ = streamed(gyro, ask)
+    assert again.token_source == "estimated" and simulator.sim.stats()["tokenize_requests"] == 0

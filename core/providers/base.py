@@ -128,6 +128,11 @@ class Provider(ABC):
         """Tokens the model accepts, when known."""
         return None
 
+    async def count_tokens(self, model: str, messages: list[dict], text: str) -> tuple[int, int] | None:
+        """Optional: (prompt tokens, tokens of ``text``) by the upstream's own tokenizer, for
+        answers that came without usage; None when it has none (then the pipeline estimates)."""
+        return None
+
     async def aclose(self) -> None:
         """Release connections."""
 

@@ -283,6 +283,14 @@ class OpenAIProvider(Provider):
         stream.headers = rate_headers(raw.headers)
         return stream
 
+    async def count_tokens(self, model: str, messages: list[dict], text: str) -> tuple[int, int] | None:
+        """The server's POST /tokenize (vLLM, llama.cpp); see providers/tokenize.py."""
+        tokenizer = self.__dict__.get("_tokenizer")
+        if tokenizer is None:
+            from .tokenize import ServerTokenizer
+            tokenizer = self.__dict__["_tokenizer"] = ServerTokenizer()
+        return await tokenizer.count(self.client(), self._url, model, messages, text)
+
     async def models(self) -> list[str]:
         try:
             page = await self.client().models.list(timeout=10)

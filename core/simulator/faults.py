@@ -117,6 +117,12 @@ def _text(name: str, value: Any) -> str:
     return value
 
 
+def _tokenize_style(name: str, value: Any) -> str:
+    if value not in ("vllm", "llama.cpp"):
+        raise FaultError(name, f"{name} must be 'vllm' or 'llama.cpp', got {value!r}")
+    return value
+
+
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     return lambda name, value: None if value is None else check(name, value)
 
@@ -167,6 +173,7 @@ _FAULTS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     "prompt_cache_step": (128, _count),
     "ignore_include_usage": (False, _flag),
     "tokenize_route": (True, _flag),
+    "tokenize_style": ("vllm", _tokenize_style),   # /tokenize as vLLM or llama.cpp serves it
     "prompt_tokens_extra": (0, _count),         # a chat template's tokens the server adds to the prompt
     # Real models answer anything, markdown images and "$5" included: this text verbatim
     # (cut at max_tokens) instead of the generated reply, so tests can show what a page does.

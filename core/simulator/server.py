@@ -322,27 +322,54 @@ async def _json_object(request: Request) -> dict:
     return body
 
 
-def _tokenize_route(sim: Simulator):
+def _tokenize_routes(sim: Simulator) -> list[Route]:
     """POST /tokenize as vLLM serves it ({"model", "messages"} -> {"count", "tokens",
-    "max_model_len"}; {"prompt"} -> the same for text) and llama.cpp ({"content"} ->
-    {"tokens"}). The count of messages is the prompt_tokens a chat answer reports."""
+    "max_model_len"}, the count a chat answer reports as prompt_tokens; {"prompt"} -> the same
+    for a text), or with the ``tokenize_style`` fault "llama.cpp" as llama.cpp's server does:
+    {"content"} -> {"tokens"} only (other fields ignored), and POST /apply-template
+    {"messages"} -> {"prompt"}: the chat template applied, whose tokens are the prompt's."""
     async def tokenize(request: Request) -> JSONResponse:
-        if not sim.faults()["tokenize_route"]:
+        faults = sim.faults()
+        if not faults["tokenize_route"]:
             raise HTTPException(404)
         sim.count(tokenize_requests=1)
         body = await _json_object(request)
         model = body.get("model") or DEFAULT_MODEL
         if not isinstance(model, str) or model not in MODELS:
             raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        if faults["tokenize_style"] == "llama.cpp":
+            content = body.get("content", "")
+            if not isinstance(content, str):
+                raise _bad_type("content", "a string", content)
+            return JSONResponse({"tokens": _template_ids(content, model, faults)})
         if "messages" in body:   # the server's own count: its chat template's tokens too
-            ids = message_token_ids(_messages(body), model) + [0] * sim.faults()["prompt_tokens_extra"]
+            ids = message_token_ids(_messages(body), model) + [0] * faults["prompt_tokens_extra"]
         else:
             text = body.get("prompt", body.get("content"))
             if not isinstance(text, str):
                 raise _missing("prompt")
             ids = tokens.encoding_for(model).encode(text, disallowed_special=())
         return JSONResponse({"count": len(ids), "max_model_len": MODELS[model], "tokens": ids})
-    return Route("/tokenize", tokenize, methods=["POST"])
+
+    async def apply_template(request: Request) -> JSONResponse:
+        faults = sim.faults()
+        if not faults["tokenize_route"] or faults["tokenize_style"] != "llama.cpp":
+            raise HTTPException(404)
+        return JSONResponse({"prompt": _TEMPLATE + json.dumps(_messages(await _json_object(request)))})
+
+    return [Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/apply-template", apply_template, methods=["POST"])]
+
+
+_TEMPLATE = "<|chat|>"     # marks a templated prompt, so /tokenize counts it as the chat prompt
+
+
+def _template_ids(content: str, model: str, faults: dict) -> list[int]:
+    """llama.cpp's /tokenize: a templated chat prompt counts as the answer's prompt_tokens."""
+    if content.startswith(_TEMPLATE):
+        messages = json.loads(content[len(_TEMPLATE):])
+        return message_token_ids(messages, model) + [0] * faults["prompt_tokens_extra"]
+    return tokens.encoding_for(model).encode(content, disallowed_special=())
 
 
 def _control_routes(sim: Simulator) -> list[Route]:
@@ -399,7 +426,7 @@ def build_app(sim: Simulator) -> Starlette:
         Route("/v1/chat/completions", _ChatEndpoint(sim, shutdown), methods=["POST"]),
         Route("/v1/models", _list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", _get_model, methods=["GET"]),
-        _tokenize_route(sim),
+        *_tokenize_routes(sim),
         *_control_routes(sim),
     ]
     app = Starlette(routes=routes, exception_handlers={ApiError: _api_error, HTTPException: _http_error})
