@@ -177,22 +177,26 @@ class Budgets:
                 f"({_name(limits[0])}). Set its price in prices.upstreams, or set "
                 "budget.unknown_price to allow.", resets_at=end, retry_in_s=max(0.0, end - now))
         bounds = [(lim, *period_bounds(lim.period, now, plan.tz)) for lim in limits]
+        keys = [v for lim, key, _, _ in bounds for v in (lim.scope, key)]
+        read = ("SELECT scope, period, spent, reserved FROM budget_ledger WHERE (scope, period) IN "
+                f"(VALUES {', '.join('(?, ?)' for _ in bounds)})")
 
         def run(conn):
+            have = {(r[0], r[1]): (r[2], r[3]) for r in conn.execute(read, keys)}
+            used = []
             for lim, key, _, end in bounds:
-                row = conn.execute("SELECT spent, reserved FROM budget_ledger WHERE scope = ? AND "
-                                   "period = ?", (lim.scope, key)).fetchone()
-                spent, held = (row[0], row[1]) if row else (0.0, 0.0)
+                spent, held = have.get((lim.scope, key), (0.0, 0.0))
                 if spent + held + amount > lim.usd + 1e-12:
-                    return lim, spent, held, end
-            for lim, key, _, _ in bounds:
-                conn.execute("INSERT INTO budget_ledger (scope, period, spent, reserved) VALUES "
+                    return (lim, spent, held, end), None
+                used.append(spent + held + amount)
+            conn.executemany("INSERT INTO budget_ledger (scope, period, spent, reserved) VALUES "
                              "(?, ?, 0, ?) ON CONFLICT (scope, period) DO UPDATE SET reserved = "
-                             "reserved + excluded.reserved", (lim.scope, key, amount))
-            return None
+                             "reserved + excluded.reserved",
+                             [(lim.scope, key, amount) for lim, key, _, _ in bounds])
+            return None, used
 
         try:
-            over = self.db.write_now(run, busy_timeout_s=self.BUSY_S)
+            over, used = self.db.write_now(run, busy_timeout_s=self.BUSY_S)
         except errors.StorageError as exc:
             raise errors.StorageError(
                 "The budget could not be checked: the database file is busy. Nothing was sent; "
@@ -205,7 +209,9 @@ class Budgets:
                 f"${held:,.4f} held by requests in flight, this one needs up to ${amount:,.4f}). "
                 f"Nothing was sent. It resets at {iso(end)} (in {max(0, end - now):,.0f} s); "
                 "or raise the limit in Settings.", resets_at=end, retry_in_s=max(0.0, end - now))
-        self._maybe_warn(plan, bounds, amount)
+        for (lim, key, _, _), total in zip(bounds, used):
+            if total >= plan.warn * lim.usd:
+                self._warn(lim, key, total, plan.warn)
         return Hold(tuple((lim.scope, key) for lim, key, _, _ in bounds), amount)
 
     def settle(self, hold: Hold | None, cost: float) -> None:
@@ -218,22 +224,16 @@ class Budgets:
             "UPDATE budget_ledger SET spent = spent + ?, reserved = max(0, reserved - ?) "
             "WHERE scope = ? AND period = ?", values))
 
-    def _maybe_warn(self, plan: Plan, bounds, amount: float) -> None:
-        for lim, key, _, _ in bounds:
+    def _warn(self, lim: Limit, key: str, used: float, share: float) -> None:
+        """Log and record (once per limit and period in this process) a limit past its share."""
+        with self._lock:
             if (lim.scope, key) in self._warned:
-                continue
-            row = self.db.query_one_nowait("SELECT spent + reserved AS used FROM budget_ledger "
-                                           "WHERE scope = ? AND period = ?", (lim.scope, key))
-            if row and row["used"] >= plan.warn * lim.usd:
-                with self._lock:
-                    if (lim.scope, key) in self._warned:
-                        continue
-                    self._warned.add((lim.scope, key))
-                _log.warning("Budget %s: %.0f%% of $%.2f used or held", _name(lim),
-                             100 * row["used"] / lim.usd, lim.usd)
-                if self.history is not None:
-                    self.history.event("budget_warning", f"{lim.scope}|{key}", None,
-                                       f"{row['used']:.6f}", f"{plan.warn:.0%} of ${lim.usd:,.2f}")
+                return
+            self._warned.add((lim.scope, key))
+        _log.warning("Budget %s: %.0f%% of $%.2f spent or held", _name(lim), 100 * used / lim.usd, lim.usd)
+        if self.history is not None:
+            self.history.event("budget_warning", f"{lim.scope}|{key}", None, f"{used:.6f}",
+                               f"{share:.0%} of ${lim.usd:,.2f}")
 
     def status(self, plan: Plan, now: float | None = None) -> list[dict]:
         """Every limit now: spent, held, left, share used, when it resets (for the Metrics page
