@@ -177,31 +177,31 @@ class Ledger:
         self.db.write(write)
 
     # -- rows ----------------------------------------------------------------------------------
-    async def claim(self, job_id: str) -> dict | None:
-        """The next pending row, now ``running``; None when there is none."""
+    async def claim(self, job_id: str, n: int = 1) -> list[dict]:
+        """Up to ``n`` pending rows (lowest first), now ``running``, in one transaction."""
         now = self.clock()
 
         def write(conn):
             return conn.execute(
-                "UPDATE batch_rows SET status = 'running', started_at = ? WHERE rowid = ("
+                "UPDATE batch_rows SET status = 'running', started_at = ? WHERE rowid IN ("
                 "SELECT rowid FROM batch_rows WHERE job_id = ? AND status = 'pending' "
-                "ORDER BY idx LIMIT 1) RETURNING idx, line, request, max_cost, tries",
-                (now, job_id)).fetchone()
-        row = await self.db.awrite(write)
-        if row is None:
-            return None
-        return {"idx": row[0], "line": row[1], "request": json.loads(row[2]), "max_cost": row[3],
-                "tries": row[4]}
+                "ORDER BY idx LIMIT ?) RETURNING idx, line, request, max_cost, tries",
+                (now, job_id, n)).fetchall()
+        rows = sorted(await self.db.awrite(write), key=lambda r: r[0])
+        return [{"idx": r[0], "line": r[1], "request": json.loads(r[2]), "max_cost": r[3],
+                 "tries": r[4]} for r in rows]
 
-    async def done(self, job_id: str, idx: int, result: dict) -> None:
+    def done(self, job_id: str, idx: int, result: dict) -> None:
+        """Mark a row done with its result, without waiting for the commit: a crash before it
+        leaves the row ``running``, so a resume asks it again (it was in flight)."""
         now = self.clock()
-        await self.db.awrite(lambda conn: conn.execute(
+        self.db.post(lambda conn: conn.execute(
             "UPDATE batch_rows SET status = 'done', content = ?, result = ?, cost = ?, error = NULL, "
             "error_kind = NULL, finished_at = ?, request_id = ?, tries = tries + 1 "
             "WHERE job_id = ? AND idx = ?",
             (result.get("content"), json.dumps({k: result.get(k) for k in (
                 "model", "finish_reason", "usage", "cost", "from_cache", "attempts", "latency_ms")}),
-             result.get("cost") or 0.0, now, result.get("request_id"), job_id, idx)))
+             result.get("cost") or 0.0, now, result.get("request_id"), job_id, idx)), lazy=False)
 
     async def failed(self, job_id: str, idx: int, kind: str, message: str, request_id: str | None) -> None:
         now = self.clock()

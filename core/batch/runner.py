@@ -5,8 +5,8 @@ What a failed row means for the job:
 - breaker open (CircuitOpen, or a failure that opened it): the row goes back to pending
   uncounted and the job *waits* until the breaker's next probe, then goes on by itself;
 - the upstream or pacing asks to wait past the deadline (RetryLater): the same, for that long;
-- quota exhausted or the key refused: the row goes back and the job *pauses* (every row
-  would fail the same way) with the reason in its note;
+- quota exhausted, the key refused or a spending budget used up: the row goes back and the
+  job *pauses* (every row would fail the same way) with the reason in its note;
 - a transient failure (5xx, 429, timeout, connection) after the pipeline's own retries:
   the row goes back and is tried again later, up to ``batch.row_attempts`` runs;
 - anything else (a bad request, a prompt too long, an unknown model): the row fails with
@@ -19,6 +19,7 @@ row whose maximum would pass the cap is not sent, and the job stops as ``capped`
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 
 from .. import errors, portal
@@ -55,6 +56,7 @@ class JobRunner:
         clock, ledger = self.gyro.clock, self.ledger
         status, note = "paused", "interrupted"
         tasks: dict[asyncio.Task, dict] = {}
+        ready: collections.deque[dict] = collections.deque()    # claimed, not sent yet
         try:
             self.requeued_at_start = await portal.off_loop(ledger.take, self.job_id, self.owner)
         except JobBusy as exc:      # another live process runs it: leave it alone
@@ -92,17 +94,21 @@ class JobRunner:
                 elif hold <= 0 and waiting:
                     waiting = False
                     await portal.off_loop(ledger.set_status, self.job_id, "running", None, ("waiting",))
-                while hold <= 0 and len(tasks) < concurrency and not self._exhausted and not capped:
-                    row = await ledger.claim(self.job_id)
-                    if row is None:
-                        self._exhausted = True
-                        break
-                    worst = row["max_cost"] or 0.0
+                free = concurrency - len(tasks)
+                if hold <= 0 and not capped and free > len(ready) and not self._exhausted:
+                    # Claimed ahead, half a round at a time: a claim per free slot, each
+                    # waiting for its commit, left slots empty for milliseconds per row.
+                    want = free - len(ready) + concurrency // 2
+                    claimed = await ledger.claim(self.job_id, want)
+                    self._exhausted = len(claimed) < want
+                    ready.extend(claimed)
+                while hold <= 0 and not capped and ready and len(tasks) < concurrency:
+                    worst = ready[0]["max_cost"] or 0.0
                     if cap is not None and spent + in_flight_max + worst > cap:
-                        await ledger.back(self.job_id, row["idx"], tried=False)
-                        capped = True
+                        capped = True       # claimed rows left go back when the job is released
                         break
                     in_flight_max += worst
+                    row = ready.popleft()
                     tasks[asyncio.ensure_future(self._row(row))] = row
                 if not tasks:
                     if hold > 0:
@@ -165,7 +171,7 @@ class JobRunner:
         except errors.RetryLater as exc:
             self._hold(exc.retry_in_s)
             return await self._back(row, exc, tried=False)
-        except (errors.QuotaExhausted, errors.AuthFailed) as exc:
+        except (errors.QuotaExhausted, errors.AuthFailed, errors.BudgetExceeded) as exc:
             self._stop_note = exc.user_message
             return await self._back(row, exc, tried=False)
         except (errors.RetryableError, errors.StreamInterrupted) as exc:
@@ -178,7 +184,7 @@ class JobRunner:
             return await self._fail(row, exc)
         except errors.GyroscopeError as exc:
             return await self._fail(row, exc)
-        await ledger.done(job_id, idx, result.as_dict())
+        ledger.done(job_id, idx, result.as_dict())
         return result.cost or 0.0
 
     async def _back(self, row: dict, exc: errors.GyroscopeError, tried: bool) -> float:

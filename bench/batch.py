@@ -1,0 +1,128 @@
+"""Batch jobs: throughput against the ideal, and pacing against a rate limit.
+
+    python bench/batch.py [--rows 1000] [--latency-ms 200] [--concurrency 32]
+                          [--paced-rows 120] [--limit 20] [--window-s 1]
+
+Throughput: every row through the whole pipeline and the ledger (claim, history row, result)
+against a simulator in its own process answering after ``latency-ms``; the ideal is
+rows / concurrency x latency. Pacing: the simulator allows ``limit`` requests per
+``window-s`` (x-ratelimit-* headers, 429 + Retry-After past it); the same job with pacing
+on and off, against the limit's ideal (the windows the rows need, the first one free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._sim import simulator_process  # noqa: E402
+from core.batch import JobRunner  # noqa: E402
+from core.batch.files import parse_lines  # noqa: E402
+from core.config import Config  # noqa: E402
+from core.models import GenerationRequest  # noqa: E402
+from core.providers.openai_provider import OpenAIProvider  # noqa: E402
+from core.service import Gyroscope  # noqa: E402
+
+
+def _sim(base: str, path: str, body: dict | None = None) -> dict:
+    url = base.removesuffix("/v1") + path
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data else "GET",
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _gyro(base: str, db: Path, **settings) -> Gyroscope:
+    cfg = Config(provider="openai", base_url=base, db_path=db, api_key="sk-bench")
+    gyro = Gyroscope(cfg, provider=OpenAIProvider("sk-bench", base))
+    gyro.settings.set_many({"cache.enabled": False, "generate.max_tokens": 16, **settings},
+                           actor="bench")
+    return gyro
+
+
+def _run(gyro: Gyroscope, rows: int, concurrency: int, tag: str) -> tuple[float, dict]:
+    parsed = parse_lines("\n".join(f"{tag}: write line {i}" for i in range(rows)))
+    job = gyro.batch.create(parsed, concurrency=concurrency)
+    runner = JobRunner(gyro, job)
+    t0 = time.perf_counter()
+    asyncio.run(runner.run())
+    return time.perf_counter() - t0, gyro.batch.progress(job)
+
+
+def _plain(gyro: Gyroscope, rows: int, concurrency: int) -> float:
+    """The same requests through the pipeline with a semaphore and no ledger: what the
+    machine does without batch, so the ledger's own cost shows apart from the machine's load."""
+    async def main() -> None:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with gate:
+                await gyro.agenerate(GenerationRequest(prompt=f"plain: write line {i}", source="batch"))
+        await asyncio.gather(*(one(i) for i in range(rows)))
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    return time.perf_counter() - t0
+
+
+def throughput(rows: int, latency_ms: float, concurrency: int, tmp: Path) -> None:
+    with simulator_process(ttft_ms=latency_ms) as base:
+        gyro = _gyro(base, tmp / "throughput.db")
+        try:
+            _run(gyro, concurrency, concurrency, "warm-up")      # connections, tokenizer
+            wall, p = _run(gyro, rows, concurrency, "throughput")
+            plain = _plain(gyro, rows, concurrency)
+        finally:
+            gyro.close()
+    ideal = rows / concurrency * latency_ms / 1000
+    print(f"throughput: {rows} rows, {latency_ms:.0f} ms latency, concurrency {concurrency}: "
+          f"{wall:.2f} s (ideal {ideal:.2f} s, {wall / ideal:.3f}x; {rows / wall:.0f} rows/s); "
+          f"done {p['done']}, failed {p['failed']}")
+    print(f"  the same requests without the ledger (pipeline + semaphore): {plain:.2f} s "
+          f"({plain / ideal:.3f}x of the ideal)")
+
+
+def pacing(rows: int, limit: int, window_s: float, concurrency: int, tmp: Path) -> None:
+    ideal = (math.ceil(rows / limit) - 1) * window_s
+    for paced, reserve in ((True, 0.1), (True, 0.0), (False, 0.1)):
+        with simulator_process(ttft_ms=20) as base:
+            _sim(base, "/_sim/faults", {"rate_limit_requests": limit, "rate_limit_window_s": window_s})
+            gyro = _gyro(base, tmp / f"pacing-{paced}-{reserve}.db", **{
+                "pacing.enabled": paced, "pacing.interactive_reserve": reserve, "retry.max_retries": 10, "retry.base_delay_s": 0.05,
+                "breaker.mode": "consecutive", "breaker.fail_max": 1000})
+            try:
+                wall, p = _run(gyro, rows, concurrency, f"paced-{paced}")
+            finally:
+                gyro.close()
+            stats = _sim(base, "/_sim/stats")
+        print(f"pacing {f'on (reserve {reserve:g})' if paced else 'off'}: {rows} rows under {limit} requests per "
+              f"{window_s:g} s, concurrency {concurrency}: {wall:.2f} s (limit's ideal {ideal:.2f} s, "
+              f"{wall / ideal:.2f}x); 429s {stats['rate_limited']}; requests {stats['chat_requests']}; "
+              f"done {p['done']}, failed {p['failed']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1000)
+    ap.add_argument("--latency-ms", type=float, default=200)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--paced-rows", type=int, default=120)
+    ap.add_argument("--limit", type=int, default=20)
+    ap.add_argument("--window-s", type=float, default=1.0)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        throughput(args.rows, args.latency_ms, args.concurrency, Path(tmp))
+        pacing(args.paced_rows, args.limit, args.window_s, 16, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
