@@ -17,6 +17,7 @@ of /v1 requests have source ``v1``, so /v1 traffic can be told apart from ``/api
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import weakref
@@ -91,19 +92,28 @@ def _gyro_error(exc: errors.GyroscopeError) -> JSONResponse:
 
 
 # -- models ----------------------------------------------------------------------------------
+MODELS_RECHECK_S = 5.0      # an unknown name re-reads the list at most this often
 _models: "weakref.WeakKeyDictionary[Any, tuple[float, list[str]]]" = weakref.WeakKeyDictionary()
+_reading: "weakref.WeakKeyDictionary[Any, asyncio.Task]" = weakref.WeakKeyDictionary()
 
 
-async def _listed(gyro, fresh: bool = False) -> list[str]:
-    """The upstream's models plus the configured extras, remembered for MODELS_TTL_S."""
+async def _listed(gyro, max_age_s: float = MODELS_TTL_S) -> list[str]:
+    """The upstream's models plus the configured extras, read at most every ``max_age_s``;
+    concurrent callers share one read (1000 requests arriving at once ask upstream once)."""
     known = _models.get(gyro)
-    now = time.monotonic()
-    if known is not None and not fresh and now - known[0] < MODELS_TTL_S:
+    if known is not None and time.monotonic() - known[0] < max_age_s:
         return known[1]
+    task = _reading.get(gyro)
+    if task is None or task.done():
+        task = _reading[gyro] = asyncio.ensure_future(_read_models(gyro))
+    return await asyncio.shield(task)     # a caller that goes away does not cancel the others' read
+
+
+async def _read_models(gyro) -> list[str]:
     listed = await gyro.provider.models()
     extra = [m.strip() for m in gyro.settings.get("provider.extra_models").split(",") if m.strip()]
     names = list(dict.fromkeys([*listed, *extra]))
-    _models[gyro] = (now, names)
+    _models[gyro] = (time.monotonic(), names)
     return names
 
 
@@ -111,10 +121,11 @@ async def _unknown_model(gyro, model: str) -> bool:
     """True only when the upstream's list is known and lacks ``model`` (a list that cannot
     be read refuses nothing: the upstream then answers for itself)."""
     try:
-        names = await _listed(gyro)
-        if model in names:
+        if model in await _listed(gyro):
             return False
-        names = await _listed(gyro, fresh=True)     # a model added since the last look
+        # A model added since the last look (re-read at most every few seconds, so a
+        # stream of made-up names does not become a stream of upstream calls).
+        names = await _listed(gyro, MODELS_RECHECK_S)
     except errors.GyroscopeError:
         return False
     return model not in names and model != gyro.settings.get("provider.default_model")
