@@ -150,7 +150,7 @@ class Hold:
 class Budgets:
     """Reserve and settle against the ledger on the SQLite file (shared by every process)."""
 
-    BUSY_S = 0.25      # a reservation waits at most this long for the file, then refuses
+    BUSY_S = 0.05      # on the event loop: wait at most this long for the file, then refuse
 
     def __init__(self, db, history=None, clock: Callable[[], float] | None = None) -> None:
         import time

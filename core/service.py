@@ -235,7 +235,9 @@ class Gyroscope:
         window = self.provider.context_window(model)
         return {"prompt_tokens": prompt_tokens, "context_window": window,
                 "too_long": window is not None and prompt_tokens + max_tokens > window,
-                "max_cost": prices.cost(model, prompt_tokens, max_tokens)}
+                # priced as this upstream is (prices.upstreams); None when unknown
+                "max_cost": prices.price(model, self.pipeline.pricing(self.settings.snapshot()),
+                                         prompt_tokens, max_tokens)}
 
     def optimize_preview(self, prompt: str, model: str):
         """The optimizer's report for a prompt with the current rules."""

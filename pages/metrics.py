@@ -128,6 +128,8 @@ def show_budget(now: float) -> None:
     if not plan.limits:
         return
     status = gyro.budgets.status(plan, now)
+    st.caption(" · ".join(f"{b['name'].capitalize()}: **{charts.money(b['left_usd'], 2)}** left of "
+                          f"{charts.money(b['limit_usd'], 2)}" for b in status))
     for line in cost_charts.budget_warnings(status):
         st.warning(line, icon=":material/savings:")
     monthly = next((s["limit_usd"] for s in status if s["scope"] == "all" and s["period"] == "month"), None)

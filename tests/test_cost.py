@@ -259,3 +259,17 @@ def test_without_tokenize_the_stream_is_estimated_and_flagged(gyro, simulator):
     simulator.sim.reset_stats()
     again, _ = streamed(gyro, ask)
     assert again.token_source == "estimated" and simulator.sim.stats()["tokenize_requests"] == 0
+
+
+def test_estimates_before_sending_use_the_upstreams_pricing(tmp_path, simulator):
+    gyro = self_hosted(tmp_path, simulator)
+    try:
+        assert gyro.estimate("Name a bread", None, "gpt-4o-mini", 50)["max_cost"] is None
+        gyro.settings.set("prices.upstreams", f'{{"{simulator.base_url}": "free"}}', actor="test")
+        assert gyro.estimate("Name a bread", None, "gpt-4o-mini", 50)["max_cost"] == 0.0
+        rows_in = [{"line": 1, "prompt": "Name a bread"}]
+        assert gyro.batch.estimate(rows_in)["unpriced_rows"] == 0 and rows_in[0]["_estimate"][2] == 0.0
+        gyro.settings.set("prices.upstreams", "", actor="test")
+        assert gyro.batch.estimate(rows_in)["unpriced_rows"] == 1       # unknown, not $0
+    finally:
+        gyro.close()

@@ -37,6 +37,7 @@ class BatchJobs:
         """Per row and in all: prompt tokens, the most tokens asked for and the most it can
         cost (rows whose model has no known price are counted apart)."""
         s = self.gyro.settings.snapshot()
+        pricing = self.gyro.pipeline.pricing(s)
         total_prompt = total_out = 0
         total_cost = 0.0
         unpriced = 0
@@ -45,7 +46,7 @@ class BatchJobs:
             messages = row.get("messages") or chat_messages(row.get("prompt", ""), row.get("system"))
             n_prompt = tokens.count_messages(messages, model)
             n_out = row.get("max_tokens") or s["generate.max_tokens"]
-            worst = prices.cost(model, n_prompt, n_out)
+            worst = prices.price(model, pricing, n_prompt, n_out)   # as this upstream is priced
             row["_estimate"] = (n_prompt, n_out, worst)
             total_prompt += n_prompt
             total_out += n_out
