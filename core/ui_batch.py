@@ -10,7 +10,7 @@ import streamlit as st
 
 from .batch import InputRefused, files
 
-ACTIVE = ("running", "waiting")
+ACTIVE = ("starting", "running", "waiting")
 PREVIEW_ROWS = 20
 RESULT_ROWS = 500       # rows shown in the table; the downloads have every row
 
@@ -34,7 +34,8 @@ def render(gyro) -> None:
     by_id = {j["id"]: j for j in listed}
     job_id = st.selectbox("Job", ids, key="batch_job",
                           format_func=lambda i: _label(by_id[i]))
-    active = by_id[job_id]["status"] in ACTIVE and by_id[job_id]["alive"]
+    # Just started here, the runner may not have taken the job yet ('pending'): live already.
+    active = jobs.running_here(job_id) or (by_id[job_id]["status"] in ACTIVE and by_id[job_id]["alive"])
     st.fragment(run_every=1.0 if active else None)(_progress)(gyro, job_id)
     _results(gyro, job_id)
 
@@ -117,6 +118,8 @@ def _progress(gyro, job_id: str) -> None:
     if p is None:
         return
     status = _status(p)
+    if status == "pending" and p["running_here"]:
+        status = "starting"
     st.progress(p["finished"] / p["total"] if p["total"] else 1.0,
                 text=f"{p['done']:,} done · {p['failed']:,} failed · {p['left']:,} left")
     c1, c2, c3, c4 = st.columns(4)
