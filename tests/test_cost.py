@@ -4,6 +4,7 @@ each part priced with genai-prices, prices per upstream, unknown prices flagged.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import openai
 import pytest
@@ -146,6 +147,26 @@ def test_a_self_hosted_model_is_not_priced_as_openai_and_unknown_is_flagged_not_
         assert [(r["cost"], r["cost_unknown"], r["from_cache"]) for r in got] == [
             (None, 1, 0), (0.0, 1, 1)]
         assert gyro.stats()["unknown_cost_requests"] == 2
+    finally:
+        gyro.close()
+
+
+def test_a_self_hosted_gpt_oss_20b_is_not_priced_as_openai_until_configured(tmp_path, simulator):
+    assert prices.cost("gpt-oss-20b", 14, 10) is not None       # OpenAI's table does list it
+    gyro = self_hosted(tmp_path, simulator)
+    try:
+        ask = lambda: GenerationRequest(prompt="Name a bread", model="gpt-oss-20b", source="test")
+        first = gyro.generate(ask())
+        assert first.cost is None and first.cost_unknown and first.usage.reasoning_tokens == 32
+        again = gyro.generate(ask())
+        assert again.from_cache and again.cost_unknown            # its cache hit is flagged too
+        table = {simulator.base_url: {"gpt-oss-20b": {"input": 0.05, "output": 0.2}}}
+        gyro.settings.set("prices.upstreams", json.dumps(table), actor="test")
+        priced = gyro.generate(GenerationRequest(prompt="Name a bread", model="gpt-oss-20b",
+                                                 cache=False, source="test"))
+        u = priced.usage
+        assert priced.cost == pytest.approx((u.prompt_tokens * 0.05 + u.completion_tokens * 0.2) / 1e6)
+        assert [r["cost_unknown"] for r in rows(gyro)] == [1, 1, 0]
     finally:
         gyro.close()
 

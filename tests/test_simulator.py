@@ -172,7 +172,7 @@ def test_models_route_lists_served_models(simulator):
     client = client_for(simulator)
     assert [m.id for m in client.models.list()] == list(MODELS)
     assert MODELS == {"gpt-4o-mini": 128000, "gpt-4o": 128000, "gpt-4.1-mini": 1047576, "gpt-4.1-nano": 1047576,
-                      "o4-mini": 200000}
+                      "o4-mini": 200000, "gpt-oss-20b": 131072}
     assert client.models.retrieve("gpt-4.1-nano").id == "gpt-4.1-nano"
 
 

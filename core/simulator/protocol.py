@@ -21,6 +21,7 @@ MODELS: dict[str, int] = {
     "gpt-4.1-mini": 1_047_576,
     "gpt-4.1-nano": 1_047_576,
     "o4-mini": 200_000,          # a reasoning model: hidden reasoning tokens (simulator/usage.py)
+    "gpt-oss-20b": 131_072,      # open weights, usually self-hosted (vLLM, llama.cpp); reasons too
 }
 DEFAULT_MODEL = "gpt-4o-mini"
 ROLES = ("system", "assistant", "user", "function", "tool", "developer")
