@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import openai
 import pytest
@@ -355,3 +356,30 @@ def test_n_choices_stop_and_a_stream_that_breaks(gateway):
     gyro.provider.sim.clear_faults()
     assert [(r["outcome"], r["error_kind"]) for r in _rows(gyro)] == [
         ("ok", None), ("ok", None), ("error", "stream_interrupted")]
+
+
+def test_a_client_that_goes_away_mid_stream_is_a_stop_and_optimize_is_a_header(gateway):
+    url, gyro = gateway
+    gyro.provider.sim.set_latency(ttft_ms=0, tokens_per_s=30)
+    with _sdk(url).chat.completions.create(model="gpt-4o-mini", messages=TURNS, stream=True,
+                                           extra_headers={"x-gyroscope-cache": "off"}) as stream:
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break           # leaving the with block closes the connection
+    deadline = time.time() + 5
+    while time.time() < deadline and not _rows(gyro):
+        time.sleep(0.05)
+    assert _rows(gyro)[0]["outcome"] == "cancelled"
+    deadline = time.time() + 3
+    while gyro.provider.sim.stats()["streams_disconnected"] < 1 and time.time() < deadline:
+        time.sleep(0.02)
+    assert gyro.provider.sim.stats()["streams_disconnected"] == 1
+    gyro.provider.sim.set_latency(ttft_ms=0, tokens_per_s=0)
+    wordy = [{"role": "user", "content": "I would like you to write a poem about cats."}]
+    client = _sdk(url)
+    on = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=wordy, max_tokens=10, extra_headers={"x-gyroscope-optimize": "on"})
+    off = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=wordy, max_tokens=10, extra_headers={"x-gyroscope-optimize": "off"})
+    assert on.parse().usage.prompt_tokens < off.parse().usage.prompt_tokens
+    assert off.headers["x-gyroscope-cache"] == "miss"     # a different prompt went upstream
