@@ -186,7 +186,8 @@ class Pipeline:
             # Only what a hit can give back is stored: one choice of text, no tool calls
             # or logprobs (those answers are keyed, so they are simply never hits).
             if (cache_key is not None and result.finish_reason in ("stop", "length")
-                    and result.tool_calls is None and result.choices is None and result.logprobs is None):
+                    and result.tool_calls is None and not req.extra.get("logprobs")
+                    and req.extra.get("n") in (None, 1)):
                 self.cache.put_soon(
                     cache_key, provider=self.provider.name, model=result.model,
                     content=result.content, finish_reason=result.finish_reason,

@@ -383,3 +383,20 @@ def test_a_client_that_goes_away_mid_stream_is_a_stop_and_optimize_is_a_header(g
         model="gpt-4o-mini", messages=wordy, max_tokens=10, extra_headers={"x-gyroscope-optimize": "off"})
     assert on.parse().usage.prompt_tokens < off.parse().usage.prompt_tokens
     assert off.headers["x-gyroscope-cache"] == "miss"     # a different prompt went upstream
+
+
+def test_logprobs_pass_through_plain_and_streamed(gateway):
+    url, gyro = gateway
+    client = _sdk(url)
+    plain = client.chat.completions.create(model="gpt-4o-mini", messages=ASK, max_tokens=8, seed=2,
+                                           logprobs=True, top_logprobs=2)
+    entries = plain.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == plain.choices[0].message.content
+    assert all(len(e.top_logprobs) == 2 and e.logprob < 0 for e in entries)
+    streamed = [c for c in client.chat.completions.create(model="gpt-4o-mini", messages=ASK, max_tokens=8, seed=2,
+                                                          logprobs=True, top_logprobs=2, stream=True) if c.choices]
+    tokens = [e.token for c in streamed if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert tokens == [e.token for e in entries]
+    again = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=ASK, max_tokens=8,
+                                                             seed=2, logprobs=True, top_logprobs=2)
+    assert again.headers["x-gyroscope-cache"] == "miss"       # answers with logprobs are not stored

@@ -159,6 +159,8 @@ class ChatRequest:
     stop: list[str] | None = None
     tools: list[dict] | None = None
     tool_choice: Any = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 def _stop(body: dict) -> list[str] | None:
@@ -205,12 +207,17 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
                             "instead.", param="n", code="integer_above_max_value")
     stop = _stop(body)
     tool_list, tool_choice = tools.parse_tools(body)
+    logprobs = _flag(body, "logprobs")
+    top_logprobs = _integer(body, "top_logprobs", 0)
+    if top_logprobs is not None and (top_logprobs > 20 or not logprobs):
+        raise ApiError(400, "Invalid value for 'top_logprobs': it must be between 0 and 20, and 'logprobs' "
+                            "must be true.", param="top_logprobs", code="invalid_value")
     if model not in MODELS:
         message = f"The model `{model}` does not exist or you do not have access to it."
         raise ApiError(404, message, param="model", code="model_not_found")
     max_tokens = max_completion if max_completion is not None else legacy_max
     return ChatRequest(model, messages, stream, include_usage, max_tokens, temperature, top_p, seed,
-                       n or 1, stop, tool_list, tool_choice)
+                       n or 1, stop, tool_list, tool_choice, logprobs, top_logprobs)
 
 
 # ----- completions
@@ -247,12 +254,13 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int          # includes reasoning_tokens, as OpenAI counts them
     choices: list[Choice] | None = None
+    cached_tokens: int = 0          # part of prompt_tokens
+    reasoning_tokens: int = 0       # part of completion_tokens
+    top_logprobs: int | None = None  # None: logprobs not asked for; else alternatives per token
 
     def __post_init__(self) -> None:
         if self.choices is None:
             self.choices = [Choice(self.content, self.finish_reason)]
-    cached_tokens: int = 0          # part of prompt_tokens
-    reasoning_tokens: int = 0       # part of completion_tokens
 
     @property
     def pieces(self) -> list[str]:
@@ -275,13 +283,22 @@ class Completion:
 
     def as_json(self, reasoning: dict[str, str] | None = None) -> dict[str, Any]:
         """The plain answer; ``reasoning`` ({field: text}) adds a reasoning model's thinking."""
-        choices = [{"index": i, "message": {**c.message(), **(reasoning or {})}, "logprobs": None,
+        choices = [{"index": i, "message": {**c.message(), **(reasoning or {})},
+                    "logprobs": self.logprobs(c.pieces) if c.tool_calls is None else None,
                     "finish_reason": c.finish_reason} for i, c in enumerate(self.choices)]
         return {**self._envelope("chat.completion"), "choices": choices, "usage": self.usage()}
 
+    def logprobs(self, pieces: list[str]) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for these pieces of text, when they were asked for."""
+        if self.top_logprobs is None:
+            return None
+        return {"content": [textgen.logprob(p, self.top_logprobs) for p in pieces], "refusal": None}
+
     def chunk(self, delta: dict, finish_reason: str | None = None, with_usage: bool = False,
               index: int = 0) -> dict[str, Any]:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        content = delta.get("content")
+        logprobs = self.logprobs([content]) if content else None
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         chunk = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
         if with_usage:  # with include_usage, OpenAI sends "usage": null on every chunk but the last
             chunk["usage"] = None
@@ -320,6 +337,7 @@ def complete(request: ChatRequest, reply: str | None = None) -> Completion:
         completion_tokens=visible + hidden,
         reasoning_tokens=hidden,
         choices=choices,
+        top_logprobs=(request.top_logprobs or 0) if request.logprobs else None,
     )
 
 

@@ -161,6 +161,22 @@ def pieces(text: str) -> list[str]:
     return re.findall(r"\s*\S+|\s+", text)
 
 
+_ALTERNATIVES = (" the", " a", " and", " to", " of", ".", ",", " it", " is", " for", " with", " on", " in",
+                 " that", " as", " by", " this", " be", " or", " at")
+
+
+def logprob(piece: str, top: int) -> dict:
+    """A log probability for a piece of text (the same piece, the same value) with ``top``
+    alternatives, in OpenAI's shape."""
+    value = -int(hashlib.sha256(piece.encode()).hexdigest()[:4], 16) / 65536 * 2
+
+    def entry(token: str, lp: float) -> dict:
+        return {"token": token, "logprob": round(lp, 6), "bytes": list(token.encode())}
+    alternatives = [entry(piece, value)] + [entry(t, value - 1 - i) for i, t in enumerate(
+        t for t in _ALTERNATIVES if t != piece)]
+    return {**entry(piece, value), "top_logprobs": alternatives[:top]}
+
+
 def truncate(text: str, max_tokens: int | None, model: str) -> tuple[str, bool]:
     """The longest word-boundary prefix within ``max_tokens``; second item tells whether it was cut."""
     if max_tokens is None or tokens.count_text(text, model) <= max_tokens:
