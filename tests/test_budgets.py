@@ -281,3 +281,55 @@ def test_v1_and_api_refuse_past_the_budget_with_402_and_when_it_resets(app_env):
         assert refused.value.status_code == 402 and "resets at" in refused.value.message
     assert [r["error_kind"] for r in gyro.db.query("SELECT error_kind FROM requests")] == [
         "budget_exceeded", "budget_exceeded"]
+
+
+_WORKER = """
+import asyncio, json, sys
+from core.config import Config
+from core.errors import BudgetExceeded
+from core.models import GenerationRequest
+from core.providers.openai_provider import OpenAIProvider
+from core.service import Gyroscope
+url, db, tag = sys.argv[1:4]
+gyro = Gyroscope(Config(provider="openai", base_url=url, db_path=db), provider=OpenAIProvider("sk-x", url))
+async def one(i):
+    try:
+        r = await gyro.agenerate(GenerationRequest(prompt=f"Write tagline number {i} for a bakery",
+                                 model="gpt-4o-mini", max_tokens=40, cache=False, source="api"))
+        return r.cost
+    except BudgetExceeded:
+        return None
+async def main():
+    return await asyncio.gather(*(one(f"{tag}{i}") for i in range(150)))
+costs = asyncio.run(main())
+gyro.close()
+print(json.dumps([c for c in costs if c is not None]))
+"""
+
+
+def test_two_processes_on_one_file_never_pass_the_limit_together(tmp_path, simulator):
+    """Real processes, each with 150 concurrent requests, against one ledger."""
+    import subprocess
+    import sys
+    db = tmp_path / "shared.db"
+    setup = Gyroscope(Config(provider="openai", base_url=simulator.base_url, db_path=db),
+                      provider=OpenAIProvider("sk-x", simulator.base_url))
+    limit = sum(hold_of(ask(i)) for i in range(90))
+    setup.settings.set_many({"prices.upstreams": json.dumps({simulator.base_url: "openai"}),
+                             "budget.daily_usd": limit}, actor="test")
+    setup.close()
+    guard_ledger(db, limit)
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, simulator.base_url, str(db), tag],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for tag in ("a", "b")]
+    answered = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        answered += json.loads(out.strip().splitlines()[-1])
+    check = Database(db)
+    day = check.query("SELECT spent, reserved FROM budget_ledger WHERE scope = 'all'")
+    check.close()
+    assert len(day) == 1 and day[0]["reserved"] == pytest.approx(0, abs=1e-12)
+    assert day[0]["spent"] == pytest.approx(sum(answered)) and day[0]["spent"] <= limit
+    assert 90 <= len(answered) < 300
