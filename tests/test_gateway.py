@@ -276,6 +276,10 @@ def test_errors_are_the_sdks_own_classes_and_bad_input_leaves_no_row(gateway):
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": 5}])
     assert bad.value.body["param"] == "messages[0].content"
+    with pytest.raises(openai.BadRequestError, match="tool_call_id"):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[*ASK, {"role": "tool", "content": "18 C"}])
+    with pytest.raises(openai.BadRequestError, match="user message needs content"):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user"}])
     with pytest.raises(openai.BadRequestError, match="x-gyroscope-cache"):
         client.chat.completions.create(model="gpt-4o-mini", messages=ASK, extra_headers={"x-gyroscope-cache": "no"})
     with pytest.raises(openai.NotFoundError) as missing:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..pipeline import MAX_TOKENS
 
@@ -49,6 +49,15 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ChatMessage":
+        # What OpenAI refuses too: caught here, a bad turn costs no upstream call and no row.
+        if self.content is None and self.role not in ("assistant", "function"):
+            raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
 
 class FunctionDef(BaseModel):
@@ -133,4 +142,4 @@ def first_error(exc: ValidationError) -> tuple[str, str]:
         return param, f"Missing required parameter: '{param}'."
     if error["type"] == "extra_forbidden":
         return param, f"Unrecognized request argument supplied: {param}"
-    return param, f"Invalid value for '{param}': {error['msg']}."
+    return param, f"Invalid value for '{param}': {error['msg'].removeprefix('Value error, ')}."
