@@ -31,4 +31,5 @@ else:  # imported by `streamlit run` (uvicorn) as the ASGI application
 
     # The guard wraps everything, the dashboard's websocket included: Streamlit's own
     # server.allowedHosts and XSRF checks do not cover st.App routes (see core/http/guard.py).
-    app = st.App(__file__, routes=routes(), lifespan=lifespan, middleware=guard.middleware())
+    api = routes()
+    app = st.App(__file__, routes=api, lifespan=lifespan, middleware=guard.middleware(routes=api))

@@ -70,13 +70,14 @@ class GuardConfig:
                    api_token=read_secret("GYROSCOPE_API_TOKEN", env))
 
 
-def middleware(config: GuardConfig | None = None) -> list[Middleware]:
-    """The guard, outermost first: the token before anything else learns of the request."""
+def middleware(config: GuardConfig | None = None, routes: list[BaseRoute] = ()) -> list[Middleware]:
+    """The guard, outermost first: the token before anything else learns of the request.
+    ``routes`` (the app's) lets a wrong method get its 405 before any content-type rule."""
     config = config or GuardConfig.from_env()
     return [Middleware(TokenGuard, token=config.api_token),
             Middleware(HostGuard, allowed=config.allowed_hosts),
             Middleware(OriginGuard, allowed=config.allowed_origins),
-            Middleware(JsonOnly), Middleware(BodyLimit, limit=config.max_body_bytes),
+            Middleware(JsonOnly, routes=routes), Middleware(BodyLimit, limit=config.max_body_bytes),
             Middleware(JsonLimits)]
 
 
@@ -213,13 +214,19 @@ class OriginGuard:
 
 class JsonOnly:
     """A POST/PUT/PATCH/DELETE to /api or /v1 must declare a JSON body: a form or a
-    text/plain fetch, which any page may send cross-site, never reaches a handler."""
+    text/plain fetch, which any page may send cross-site, never reaches a handler. (A method
+    no route takes is left to JsonForUnknown's 405: no handler runs for it either.)"""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, routes: list[BaseRoute] = ()) -> None:
         self.app = app
+        self.routes = [r for r in routes if not isinstance(r, JsonForUnknown)]
+
+    def _routed(self, scope) -> bool:
+        return not self.routes or any(r.matches(scope)[0] == Match.FULL for r in self.routes)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] in UNSAFE_METHODS and is_api(scope["path"]):
+        if scope["type"] == "http" and scope["method"] in UNSAFE_METHODS and is_api(scope["path"]) \
+                and self._routed(scope):
             given = header(scope, b"content-type") or ""
             if given.split(";", 1)[0].strip().lower() != "application/json":
                 await refuse(scope, send, 415, "unsupported_media_type",

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import errors
-from ..api import _service
+from .answers import service as _service
 from . import guard
 from ..models import GenerationRequest, GenerationResult
 from .openai_schemas import ChatCompletionRequest, first_error
