@@ -330,3 +330,38 @@ def test_jsonl_rows_with_messages_and_overrides(tmp_path, simulator):
         assert rows[1]["result"]["usage"]["completion_tokens"] <= 20
     finally:
         gyro.close()
+
+
+def test_ctrl_c_pauses_the_job_with_nothing_left_running_and_resume_finishes(tmp_path, simulator):
+    sim = simulator.sim
+    sim.set_latency(ttft_ms=60)
+    db = tmp_path / "g.db"
+    (tmp_path / "in.txt").write_text("".join(f"Line prompt {i}\n" for i in range(40)))
+    env = {**os.environ, "GYROSCOPE_DB": str(db), "OPENAI_BASE_URL": simulator.base_url,
+           "OPENAI_API_KEY": "sk-test", "GYROSCOPE_PROVIDER": "openai"}
+    cli = [sys.executable, "-m", "core", "batch"]
+    proc = subprocess.Popen(cli + ["in.txt", "-o", "out.jsonl", "--concurrency", "4", "--no-progress"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        job = proc.stdout.readline().strip()
+        deadline = time.monotonic() + 60
+        while _counts(db, job).get("done", 0) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and f"--resume {job}" in err
+    counts = _counts(db, job)
+    assert counts.get("running", 0) == 0 and counts.get("pending", 0) > 0
+    written = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert len(written) == 40                        # every row, whole, with its status so far
+    sim.set_latency(ttft_ms=0)
+    resumed = subprocess.run(cli + ["--resume", "last", "--no-progress"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0 and resumed.stdout.splitlines()[0] == job
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in out] == ["done"] * 40
+    assert sim.stats()["chat_requests"] <= 40 + 4   # at most the rows in flight at Ctrl-C again
