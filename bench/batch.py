@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -54,9 +55,10 @@ def _run(gyro: Gyroscope, rows: int, concurrency: int, tag: str) -> tuple[float,
     parsed = parse_lines("\n".join(f"{tag}: write line {i}" for i in range(rows)))
     job = gyro.batch.create(parsed, concurrency=concurrency)
     runner = JobRunner(gyro, job)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     asyncio.run(runner.run())
-    return time.perf_counter() - t0, gyro.batch.progress(job)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return wall, {**gyro.batch.progress(job), "cpu_s": cpu}
 
 
 def _plain(gyro: Gyroscope, rows: int, concurrency: int) -> float:
@@ -69,9 +71,9 @@ def _plain(gyro: Gyroscope, rows: int, concurrency: int) -> float:
             async with gate:
                 await gyro.agenerate(GenerationRequest(prompt=f"plain: write line {i}", source="batch"))
         await asyncio.gather(*(one(i) for i in range(rows)))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     asyncio.run(main())
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def throughput(rows: int, latency_ms: float, concurrency: int, tmp: Path) -> None:
@@ -80,15 +82,16 @@ def throughput(rows: int, latency_ms: float, concurrency: int, tmp: Path) -> Non
         try:
             _run(gyro, concurrency, concurrency, "warm-up")      # connections, tokenizer
             wall, p = _run(gyro, rows, concurrency, "throughput")
-            plain = _plain(gyro, rows, concurrency)
+            plain, plain_cpu = _plain(gyro, rows, concurrency)
         finally:
             gyro.close()
     ideal = rows / concurrency * latency_ms / 1000
     print(f"throughput: {rows} rows, {latency_ms:.0f} ms latency, concurrency {concurrency}: "
           f"{wall:.2f} s (ideal {ideal:.2f} s, {wall / ideal:.3f}x; {rows / wall:.0f} rows/s); "
-          f"done {p['done']}, failed {p['failed']}")
+          f"done {p['done']}, failed {p['failed']}; CPU {p['cpu_s'] / rows * 1000:.2f} ms a row")
     print(f"  the same requests without the ledger (pipeline + semaphore): {plain:.2f} s "
-          f"({plain / ideal:.3f}x of the ideal)")
+          f"({plain / ideal:.3f}x of the ideal); CPU {plain_cpu / rows * 1000:.2f} ms a request")
+    print(f"  load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 def pacing(rows: int, limit: int, window_s: float, concurrency: int, tmp: Path) -> None:
@@ -121,7 +124,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         throughput(args.rows, args.latency_ms, args.concurrency, Path(tmp))
-        pacing(args.paced_rows, args.limit, args.window_s, 16, Path(tmp))
+        if args.paced_rows:
+            pacing(args.paced_rows, args.limit, args.window_s, 16, Path(tmp))
 
 
 if __name__ == "__main__":
