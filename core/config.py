@@ -30,6 +30,10 @@ class Config:
     admin_password: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
     spill_path: Path | None = None     # the spill journal (GYROSCOPE_SPILL; None: beside db_path)
+    # GYROSCOPE_DATABASE_URL (postgresql://...): history, events and settings in PostgreSQL,
+    # shared by replicas (core/storage/); None keeps them in the SQLite file. It may hold a
+    # password: never in repr, and only redact_url() of it reaches a message.
+    database_url: str | None = field(default=None, repr=False)
 
     @property
     def has_api_key(self) -> bool:
@@ -110,7 +114,12 @@ def load_config(env: Mapping[str, str] | None = None,
     provider = get("GYROSCOPE_PROVIDER") or ("openai" if api_key or base_url else "simulator")
     db_path = Path(get("GYROSCOPE_DB") or DEFAULT_DB)
     spill = get("GYROSCOPE_SPILL")
+    database_url = get("GYROSCOPE_DATABASE_URL")
+    if database_url and database_url.split("://", 1)[0] not in ("postgresql", "postgres"):
+        raise ConfigError(f"GYROSCOPE_DATABASE_URL={redact_url(database_url)!r} is not a PostgreSQL URL. "
+                          "Set it to postgresql://USER@HOST:5432/DBNAME (the password from PGPASSWORD "
+                          "or ~/.pgpass), or unset it to keep everything in the SQLite file.")
     return Config(provider=provider, base_url=base_url, db_path=db_path, api_key=api_key,
-                  spill_path=Path(spill) if spill else None,
+                  spill_path=Path(spill) if spill else None, database_url=database_url,
                   admin_password=get("GYROSCOPE_ADMIN_PASSWORD"),
                   api_token=get("GYROSCOPE_API_TOKEN"))

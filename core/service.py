@@ -21,10 +21,19 @@ from .config import Config, load_config
 from .db import Database
 from .errors import GyroscopeError
 from .history import Filters, History
+from .journal import default_path as default_spill
 from .models import GenerationRequest, GenerationResult, RetryNotice, Thinking, chat_messages
 from .pipeline import Clock, Pipeline
 from .resilience.pacing import Pacer, SQLitePacingStore
 from .settings import SettingsStore
+
+
+def open_postgres(config: Config):
+    """The PostgreSQL database of GYROSCOPE_DATABASE_URL, or None when it is not set."""
+    if not config.database_url:
+        return None
+    from .storage.postgres import PgDatabase   # psycopg is imported only when configured
+    return PgDatabase(config.database_url)
 
 
 def _optimizer(prompt: str, s, model: str):
@@ -144,8 +153,17 @@ class Gyroscope:
         self.config = config or load_config()
         self.clock = clock or Clock()
         self.db = db or Database(self.config.db_path)
-        self.settings = SettingsStore(self.db)
-        self.history = History(self.db, self.config.spill_path)
+        # History, events and settings in PostgreSQL when configured (shared by replicas);
+        # cache, breakers, pacing and budgets stay in the file (or Redis).
+        self.pg = open_postgres(self.config)
+        if self.pg is not None:
+            from .storage.pg_history import PgHistory
+            from .storage.pg_settings import PgSettingsStore
+            self.settings = PgSettingsStore(self.pg)
+            self.history = PgHistory(self.pg, self.config.spill_path or default_spill(self.db.path))
+        else:
+            self.settings = SettingsStore(self.db)
+            self.history = History(self.db, self.config.spill_path)
         self.cache = ResponseCache(self.db, self.settings, clock=self.clock.time)
         self.breakers = Breakers(self.db, self.settings, self.history, clock=self.clock.time)
         self.provider = provider or providers.create(self.config.provider, self.config)
@@ -275,6 +293,8 @@ class Gyroscope:
         if self.otel is not None:
             self.otel.shutdown()
         self.db.close()
+        if self.pg is not None:
+            self.pg.close()
         self.history.journal.close()
 
 

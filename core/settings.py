@@ -263,11 +263,15 @@ class SettingsStore:
         """Validate all, then store all in one transaction (nothing half-applied)."""
         parsed = {name: spec(name).parse(v) for name, v in values.items()}
         _check_consistency({**self.snapshot(), **parsed})
-        version = self.db.write(lambda conn: _write_values(conn, parsed, actor))
+        version = self.db.write(lambda conn: self._write(conn, parsed, actor))
         with self._lock:    # set() waits for the file anyway: read what it stored now
             self._snapshot = self._read(self._snapshot, self.db.query_one)
             self._checked_at = self.clock()
         return version
+
+    @staticmethod
+    def _write(conn, parsed: dict, actor: str | None) -> int:
+        return _write_values(conn, parsed, actor)
 
     def reset(self, names: Iterable[str], actor: str | None = None) -> int:
         """Put settings back to their defaults (audited like any change)."""

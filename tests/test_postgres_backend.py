@@ -1,0 +1,251 @@
+"""History, events and settings in a real PostgreSQL (GYROSCOPE_DATABASE_URL), shared by replicas.
+
+The machine's server (127.0.0.1:5432) when it answers, else a temporary cluster started here
+(initdb + pg_ctl); each test gets a database of its own, dropped after. The restart test
+always runs its own cluster (the machine's server is never stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[dev]')")
+
+from core.config import Config, load_config  # noqa: E402
+from core.db import Database  # noqa: E402
+from core.errors import ConfigError  # noqa: E402
+from core.history import Filters, History, RequestRecord  # noqa: E402
+from core.schema import ROLLUP_SUMS  # noqa: E402
+from core.service import Gyroscope  # noqa: E402
+from core.storage.pg_history import PG_SUMS, PgHistory  # noqa: E402
+from core.storage.postgres import PgDatabase, migrate  # noqa: E402
+
+from pg_support import MACHINE_URL, TempCluster, answers, create_database, drop_database, pg_bin  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server URL (to its maintenance database)."""
+    if answers(MACHINE_URL):
+        yield MACHINE_URL
+        return
+    if not (pg_bin("initdb") and pg_bin("pg_ctl")):
+        pytest.skip("No PostgreSQL answers at 127.0.0.1:5432 and initdb/pg_ctl are not installed "
+                    "(apt-get install postgresql), so there is no server to test against.")
+    cluster = TempCluster()
+    cluster.start()
+    yield cluster.url
+    cluster.remove()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    url = create_database(pg_server)
+    yield url
+    drop_database(pg_server, url)
+
+
+def rows_for(n: int, seed: int = 7) -> list[RequestRecord]:
+    """Varied rows over ten days: models, sources, outcomes, latencies, costs, cache hits."""
+    rng = random.Random(seed)
+    start = 1_795_000_000.0
+    out = []
+    for i in range(n):
+        outcome = rng.choice(["ok"] * 6 + ["error", "circuit_open", "cancelled", "rejected"])
+        cached = outcome == "ok" and rng.random() < 0.2
+        out.append(RequestRecord(
+            ts=start + rng.uniform(0, 10 * 86400), request_id=f"r{seed}-{i}",
+            source=rng.choice(["api", "page", "batch"]), model=rng.choice(["m-a", "m-b", "m-c"]),
+            outcome=outcome, error_kind=rng.choice([None, "timeout", "rate_limited"]) if outcome == "error" else None,
+            attempts=rng.randint(1, 4), retry_wait_s=rng.random(),
+            latency_ms=None if outcome == "rejected" else rng.uniform(1, 900),
+            ttft_ms=rng.uniform(1, 300) if outcome == "ok" else None,
+            prompt_tokens=rng.randint(1, 500), completion_tokens=rng.randint(0, 900),
+            tokens_estimated=rng.random() < 0.1, cost=None if rng.random() < 0.05 else rng.random() / 100,
+            cost_unknown=rng.random() < 0.05, from_cache=cached, cost_saved=rng.random() / 100 if cached else 0.0,
+            cached_tokens=rng.randint(0, 50), reasoning_tokens=rng.randint(0, 20)))
+    return out
+
+
+def close(a, b, path=""):
+    """Equal, floats up to summation order."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), path
+    else:
+        assert a == b, path
+
+
+def test_the_sums_mirror_the_sqlite_rollup():
+    assert set(PG_SUMS) == {name for name, _ in ROLLUP_SUMS}
+
+
+def test_migrations_are_applied_once_and_recorded(pg_url):
+    db = PgDatabase(pg_url)
+    try:
+        names = [r["name"] for r in db.query("SELECT name FROM gyroscope_migrations ORDER BY name")]
+        assert names and names[0].startswith("0001_")
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            assert migrate(conn) == []                 # nothing twice
+        assert db.query_one("SELECT count(*) AS n FROM gyroscope_migrations")["n"] == len(names)
+    finally:
+        db.close()
+
+
+def test_a_url_that_is_not_postgresql_is_refused_with_what_to_do(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config({"GYROSCOPE_DATABASE_URL": "mysql://bob:hunter2@db/x"}, secrets_path=tmp_path / "none")
+    assert "postgresql://" in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_an_unreachable_server_names_it_without_the_password(tmp_path):
+    from core.errors import StorageError
+    url = "postgresql://bob:hunter2@127.0.0.1:1/x"
+    with pytest.raises(StorageError) as err:
+        PgDatabase(url)
+    assert "127.0.0.1:1" in str(err.value) and "hunter2" not in str(err.value)
+    assert "hunter2" not in repr(Config(provider="simulator", base_url=None, db_path=tmp_path / "g.db",
+                                        database_url=url))
+
+
+def test_the_same_rows_give_the_same_figures_as_sqlite(tmp_path, pg_url):
+    """Every aggregation the Metrics page and `stats --json` use, on both backends."""
+    lite_db, pg_db = Database(tmp_path / "h.db"), PgDatabase(pg_url)
+    lite, pg = History(lite_db, tmp_path / "lite-spill"), PgHistory(pg_db, tmp_path / "pg-spill")
+    try:
+        records = rows_for(600)
+        for history in (lite, pg):
+            tickets = [history.add(r) for r in records]      # the durable path: add, then wait
+            for t in tickets:
+                history.wait(t)
+        everything = Filters()
+        some = Filters(start=1_795_100_000.0, end=1_795_600_000.0, models=("m-a", "m-c"), tz="Asia/Kolkata")
+        for f in (everything, some, Filters(sources=("batch",), tz="America/New_York")):
+            close(pg.totals(f), lite.totals(f), "totals")
+            for unit in ("day", "hour"):
+                close(pg.series(f, unit), lite.series(f, unit), f"series {unit}")
+                close(pg.series(f, unit, by_model=False), lite.series(f, unit, by_model=False), "all")
+                close(pg.errors_by_kind(f, unit), lite.errors_by_kind(f, unit), "errors")
+            close(pg.daily_cost_by_model(f), lite.daily_cost_by_model(f), "cost")
+        assert pg.distinct("model") == lite.distinct("model") == ["m-a", "m-b", "m-c"]
+        assert [r["request_id"] for r in pg.rows(some)] == [r["request_id"] for r in lite.rows(some)]
+        assert pg.totals()["total_requests"] == 600
+    finally:
+        lite_db.close()
+        pg_db.close()
+
+
+def test_rows_events_and_settings_live_in_postgresql(tmp_path, pg_url, simulator):
+    """One service on PostgreSQL: its rows, events and settings are there, not in the file."""
+    from core.models import GenerationRequest
+    config = Config(provider="openai", base_url=simulator.base_url, db_path=tmp_path / "g.db",
+                    api_key="sk-test", database_url=pg_url)
+    gyro = Gyroscope(config)
+    try:
+        gyro.generate(GenerationRequest(prompt="hello", max_tokens=8, cache=False))
+        gyro.settings.set("retry.max_retries", 1, actor="tester")
+        gyro.history.event("cache", "all", None, "3 removed", "test").result(10)
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute("SELECT count(*) FROM requests").fetchone()[0] == 1
+            assert conn.execute("SELECT value FROM settings WHERE name = 'retry.max_retries'").fetchone()[0] == "1"
+            kinds = [r[0] for r in conn.execute("SELECT kind FROM events ORDER BY id")]
+        assert kinds == ["setting", "cache"]
+        assert [e["kind"] for e in gyro.history.events()] == ["setting", "cache"]
+        assert gyro.settings.audit()[0]["actor"] == "tester"
+        assert Database(tmp_path / "g.db").query_one("SELECT count(*) AS n FROM requests")["n"] == 0
+    finally:
+        gyro.close()
+
+
+# -- two replicas ---------------------------------------------------------------------------------
+SERVER = """
+import socket, uvicorn
+from starlette.applications import Starlette
+from core.api import routes, lifespan
+sock = socket.socket(); sock.bind(("127.0.0.1", 0))
+print(sock.getsockname()[1], flush=True)
+uvicorn.Server(uvicorn.Config(Starlette(routes=routes(), lifespan=lifespan), log_level="error")).run(sockets=[sock])
+"""
+
+
+def start_replica(tmp_path: Path, name: str, url: str, **extra: str):
+    """An API server process on a port of its own, its SQLite file its own, on PostgreSQL ``url``."""
+    import httpx2
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GYROSCOPE_PROVIDER", "GYROSCOPE_API_TOKEN")}
+    env.update(GYROSCOPE_DB=str(tmp_path / f"{name}.db"), GYROSCOPE_DATABASE_URL=url,
+               GYROSCOPE_SIM_TTFT_MS="1", GYROSCOPE_SIM_TOKENS_PER_S="0", PYTHONPATH=str(ROOT), **extra)
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    base = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+    for _ in range(500):
+        with contextlib.suppress(httpx2.HTTPError):
+            if httpx2.get(base + "/api/health", timeout=5).json().get("status") == "ok":
+                return proc, base
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"replica {name} did not start")
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_two_replicas_share_history_and_settings(tmp_path, pg_url):
+    import httpx2
+    (a, base_a), (b, base_b) = start_replica(tmp_path, "a", pg_url), start_replica(tmp_path, "b", pg_url)
+    try:
+        with httpx2.Client(timeout=30) as client:
+            for i in range(7):
+                assert client.post(base_a + "/api/generate", json={"prompt": f"a {i}", "max_tokens": 8}).status_code == 200
+            for i in range(5):
+                assert client.post(base_b + "/api/generate", json={"prompt": f"b {i}", "max_tokens": 8}).status_code == 200
+            for base in (base_a, base_b):     # either replica counts the requests of both
+                assert client.get(base + "/api/stats").json()["total_requests"] == 12
+            # B caches an answer; a setting changed elsewhere (a third process on the same
+            # database) turns the cache off for B within a second.
+            body = {"prompt": "cache me", "max_tokens": 8}
+            client.post(base_b + "/api/generate", json=body)
+            assert client.post(base_b + "/api/generate", json=body).json()["from_cache"] is True
+            other = Gyroscope(Config(provider="simulator", base_url=None, db_path=tmp_path / "c.db",
+                                     database_url=pg_url))
+            try:
+                other.settings.set("cache.enabled", False, actor="ops")
+            finally:
+                other.close()
+            changed = time.monotonic()
+            while client.post(base_b + "/api/generate", json=body).json()["from_cache"]:
+                assert time.monotonic() - changed < 1.5, "B still serves from its cache"
+                time.sleep(0.05)
+            assert time.monotonic() - changed < 1.5
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute("SELECT count(*) FROM settings").fetchone()[0] == 1       # stored once
+            assert conn.execute("SELECT count(*) FROM events WHERE kind = 'setting'").fetchone()[0] == 1
+            assert conn.execute("SELECT count(DISTINCT request_id) = count(*) FROM requests").fetchone()[0]
+    finally:
+        stop(a)
+        stop(b)
