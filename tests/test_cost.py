@@ -294,3 +294,35 @@ def test_estimates_before_sending_use_the_upstreams_pricing(tmp_path, simulator)
         assert gyro.batch.estimate(rows_in)["unpriced_rows"] == 1       # unknown, not $0
     finally:
         gyro.close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_cache_writes_are_recorded_and_priced_at_their_rate(tmp_path, simulator, stream):
+    simulator.sim.prompt_cache.clear()
+    simulator.sim.set_faults(report_cache_writes=True)
+    rates = {"input": 3.0, "cached": 0.3, "cache_write": 3.75, "output": 15.0}
+    gyro = self_hosted(tmp_path, simulator, **{"prices.upstreams": json.dumps({simulator.base_url: {"*": rates}})})
+    try:
+        ask = lambda: GenerationRequest(prompt=LONG, model="gpt-4o-mini", cache=False, max_tokens=30,
+                                        source="test")
+        first = streamed(gyro, ask())[0] if stream else gyro.generate(ask())
+        u = first.usage
+        assert u.cache_write_tokens >= 1024 and u.cached_tokens == 0
+        expected = ((u.prompt_tokens - u.cache_write_tokens) * 3.0 + u.cache_write_tokens * 3.75
+                    + u.completion_tokens * 15.0) / 1e6
+        assert first.cost == pytest.approx(expected)
+        second = streamed(gyro, ask())[0] if stream else gyro.generate(ask())
+        assert second.usage.cached_tokens >= 1024 and second.usage.cache_write_tokens == 0
+        assert rows(gyro)[0]["cache_write_tokens"] == u.cache_write_tokens
+    finally:
+        gyro.close()
+
+
+def test_every_part_matches_genai_prices_on_a_table_with_cache_write_prices():
+    anthropic = prices.Pricing("catalogue", "anthropic")
+    ours = prices.price("claude-3-5-haiku-latest", anthropic, 2000, 100, cached_tokens=500,
+                        cache_write_tokens=1000)
+    theirs = calc_price(PriceUsage(input_tokens=2000, output_tokens=100, cache_read_tokens=500,
+                                   cache_write_tokens=1000),
+                        model_ref="claude-3-5-haiku-latest", provider_id="anthropic").total_price
+    assert ours == pytest.approx(float(theirs), rel=1e-9)

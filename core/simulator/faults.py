@@ -171,6 +171,7 @@ _FAULTS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
     # llama.cpp's server, which ignores stream_options.include_usage and may lack /tokenize.
     "prompt_cache_min_tokens": (1024, _count),
     "prompt_cache_step": (128, _count),
+    "report_cache_writes": (False, _flag),      # prompt_tokens_details.cache_write_tokens
     "ignore_include_usage": (False, _flag),
     "tokenize_route": (True, _flag),
     "tokenize_style": ("vllm", _tokenize_style),   # /tokenize as vLLM or llama.cpp serves it

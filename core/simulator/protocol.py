@@ -256,6 +256,7 @@ class Completion:
     choices: list[Choice] | None = None
     cached_tokens: int = 0          # part of prompt_tokens
     reasoning_tokens: int = 0       # part of completion_tokens
+    cache_write_tokens: int = 0     # part of prompt_tokens; reported only with report_cache_writes
     top_logprobs: int | None = None  # None: logprobs not asked for; else alternatives per token
 
     def __post_init__(self) -> None:
@@ -276,7 +277,9 @@ class Completion:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0,
+                                      **({"cache_write_tokens": self.cache_write_tokens}
+                                         if self.cache_write_tokens else {})},
             "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
         }

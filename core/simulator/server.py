@@ -130,8 +130,10 @@ def _prepare(raw: bytes, sim: Simulator, faults: dict) -> tuple[ChatRequest, Com
     least = faults["prompt_cache_min_tokens"]
     if least and completion.prompt_tokens >= least:   # short prompts are never cached: skip the work
         ids = prompt_token_ids(request.messages, request.model)
-        cached = sim.prompt_cache.lookup_and_store(request.model, ids, least, faults["prompt_cache_step"])
+        cached, written = sim.prompt_cache.lookup_and_store(request.model, ids, least, faults["prompt_cache_step"])
         completion.cached_tokens = min(cached, completion.prompt_tokens)
+        if faults["report_cache_writes"]:   # as OpenRouter and Anthropic-style servers report them
+            completion.cache_write_tokens = min(written, completion.prompt_tokens - completion.cached_tokens)
     return request, completion
 
 

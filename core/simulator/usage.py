@@ -49,10 +49,11 @@ class PromptCache:
         with self._lock:
             self._seen.clear()
 
-    def lookup_and_store(self, model: str, ids: list[int], min_tokens: int, step: int) -> int:
-        """Cached tokens of this prompt (0 under ``min_tokens``); remembers its prefixes."""
+    def lookup_and_store(self, model: str, ids: list[int], min_tokens: int, step: int) -> tuple[int, int]:
+        """(cached tokens, tokens newly written to the cache) of this prompt, (0, 0) under
+        ``min_tokens``; remembers its prefixes."""
         if min_tokens <= 0 or len(ids) < min_tokens:
-            return 0
+            return 0, 0
         step = max(1, step)
         digest, keys, done = hashlib.sha256(model.encode()), [], 0
         for end in range(min_tokens, len(ids) + 1, step):
@@ -69,7 +70,7 @@ class PromptCache:
                     self._seen[key] = None
             while len(self._seen) > self.max_prefixes:
                 self._seen.popitem(last=False)
-        return cached
+        return cached, keys[-1][0] - cached
 
 
 def hidden_reasoning(model: str, visible_tokens: int, max_tokens: int | None) -> int:
