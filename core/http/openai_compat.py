@@ -13,6 +13,7 @@ gateway's own time: the handler's time less the upstream's and retry waits; for 
 up to its first piece). Errors come in OpenAI's shape with its status codes, so the SDK
 raises its own classes (BadRequestError, NotFoundError, RateLimitError...). History rows
 of /v1 requests have source ``v1``, so /v1 traffic can be told apart from ``/api``.
+The routes and their OpenAPI entries are in core/api.py's ``ENDPOINTS`` table.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Any, AsyncIterator
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from .. import errors
 from .answers import service as _service
@@ -334,10 +334,3 @@ async def _sse(stream, first, include_usage: bool) -> AsyncIterator[str]:
         yield _data(body)
     finally:
         await stream.aclose()
-
-
-def routes() -> list[Route]:
-    """The /v1 routes, for core.api's route list."""
-    return [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/models", list_models, methods=["GET"]),
-            Route("/v1/models/{model:path}", get_model, methods=["GET"])]
