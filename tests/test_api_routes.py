@@ -164,8 +164,12 @@ def test_cache_clear_and_breaker_reset_are_audited(api):
     url, gyro = api
     assert post(url, "/api/generate", {"prompt": "Name a river", "max_tokens": 8})[0] == 200
     assert post(url, "/api/generate", {"prompt": "Name a sea", "max_tokens": 8})[0] == 200
-    status, _, data = post(url, "/api/cache/clear", {"before": "2026-13-01"})
-    assert status == 400 and "before must be a real day" in data["error"]["message"]
+    for bad, words in (({"before": "2026-13-01"}, "before must be a real day"),
+                       ({"before": "yesterday"}, "before must look like 2026-11-30"),
+                       ({"all": True}, "Unknown field(s): all"), ([], "must be a JSON object")):
+        status, _, data = post(url, "/api/cache/clear", bad)
+        assert status == 400 and words in data["error"]["message"], data
+    assert gyro.history.events() == [] and gyro.cache.stats()["entries"] == 2   # nothing cleared
     status, _, data = call(url, "POST", "/api/cache/clear", b"", **JSON)       # no body: all
     assert status == 200 and data == {"removed": 2}
     gyro.breakers.get("simulator", "gpt-4o-mini").force_open(actor="test")

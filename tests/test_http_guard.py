@@ -150,6 +150,27 @@ def test_without_the_token_nothing_about_the_configuration_shows(app_env, monkey
         server.should_exit = True
 
 
+def test_the_openai_sdk_meets_the_token_as_its_own_errors(app_env, monkeypatch):
+    import openai
+    from core.api import asgi_app
+    monkeypatch.setenv("GYROSCOPE_API_TOKEN", "t0ken-abc")
+    url, server = _serve(asgi_app())
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        models = openai.OpenAI(base_url=url + "/v1", api_key="t0ken-abc", max_retries=0).models.list()
+        assert "gpt-4o-mini" in [m.id for m in models.data]
+        # A body over the limit is the SDK's own status error too (413), never sent upstream.
+        client = openai.OpenAI(base_url=url + "/v1", api_key="t0ken-abc", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model="gpt-4o-mini",
+                                           messages=[{"role": "user", "content": "x" * 2_000_000}])
+        assert err.value.status_code == 413
+        assert core.service.default_service().provider.sim.stats()["chat_requests"] == 0
+    finally:
+        server.should_exit = True
+
+
 @pytest.mark.parametrize("url, shown", [
     ("alice:hunter2@llm.internal/v1", "llm.internal/v1"),
     ("http://alice:hunter2@llm.internal:8000/v1?key=sk-1#x", "http://llm.internal:8000/v1"),
@@ -256,6 +277,8 @@ def test_unknown_paths_and_wrong_methods_answer_json(guarded):
     assert status == 405 and headers["Allow"] == "POST" and data["error"]["kind"] == "method_not_allowed"
     status, headers, data = call(url, "POST", "/api/health", b"{}", **JSON)
     assert status == 405 and "GET" in headers["Allow"]
+    status, headers, data = call(url, "GET", "/v1/chat/completions")
+    assert status == 405 and headers["Allow"] == "POST" and data["error"]["type"] == "invalid_request_error"
     for path in ("/api", "/v1", "/api/"):
         assert call(url, "GET", path)[0] == 404
     untouched(gyro)
