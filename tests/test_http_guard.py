@@ -112,8 +112,13 @@ def test_a_cross_site_post_never_reaches_the_upstream(guarded):
     status, _, data = call(url, "POST", "/api/generate", PROMPT)
     assert status == 415
     untouched(gyro)
-    # The server's own page, a listed origin, and a charset parameter are fine.
-    for origin in (f"http://127.0.0.1:{port}", "https://tools.example.com"):
+    # Another local web app is another site, even on a loopback name.
+    status, _, data = call(url, "POST", "/api/generate", PROMPT, Origin="http://localhost:3000", **JSON)
+    assert status == 403
+    # The server's own page, a listed origin, a page on a host the operator allowed (a proxy
+    # may pass another Host on), and a charset parameter are fine.
+    for origin in (f"http://127.0.0.1:{port}", "https://tools.example.com", "https://gyro.example.com",
+                   "https://a.corp.test:8443"):
         status, _, data = call(url, "POST", "/api/generate", PROMPT, Origin=origin,
                                Content_Type="application/json; charset=utf-8")
         assert status == 200 and data["outcome"] == "ok", (origin, data)

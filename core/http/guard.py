@@ -6,7 +6,8 @@ websocket /_stcore/stream, /api and /v1), so no handler has to remember it:
     TokenGuard    GYROSCOPE_API_TOKEN set: /api and /v1 need it, before anything else runs
     HostGuard     the Host must be a loopback name or one in GYROSCOPE_ALLOWED_HOSTS
                   (a DNS-rebinding page reaches us under its own name)
-    OriginGuard   an Origin other than the server's own (or GYROSCOPE_ALLOWED_ORIGINS) is 403
+    OriginGuard   an Origin other than the server's own, an allowed host's (not loopback's)
+                  or one in GYROSCOPE_ALLOWED_ORIGINS is 403
     JsonOnly      a POST/PUT/PATCH/DELETE to /api or /v1 must be Content-Type: application/json
                   (a web page cannot send that cross-site without a preflight we never answer)
     BodyLimit     a body past GYROSCOPE_MAX_BODY_BYTES is 413, counted as it arrives
@@ -76,7 +77,7 @@ def middleware(config: GuardConfig | None = None, routes: list[BaseRoute] = ()) 
     config = config or GuardConfig.from_env()
     return [Middleware(TokenGuard, token=config.api_token),
             Middleware(HostGuard, allowed=config.allowed_hosts),
-            Middleware(OriginGuard, allowed=config.allowed_origins),
+            Middleware(OriginGuard, allowed=config.allowed_origins, hosts=config.allowed_hosts),
             Middleware(JsonOnly, routes=routes), Middleware(BodyLimit, limit=config.max_body_bytes),
             Middleware(JsonLimits)]
 
@@ -180,12 +181,16 @@ _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 
 
 class OriginGuard:
-    """A browser's Origin must be the server itself (or listed in GYROSCOPE_ALLOWED_ORIGINS):
-    another site's page may not call /api or /v1 or open the dashboard's websocket."""
+    """A browser's Origin must be the server itself, a host the operator named in
+    GYROSCOPE_ALLOWED_HOSTS (a proxy may hand us another Host than the browser's), or an
+    origin listed in GYROSCOPE_ALLOWED_ORIGINS: another site's page may not call /api or
+    /v1 or open the dashboard's websocket. (Not any loopback origin: another local web app
+    is another site, and '*' in the hosts does not open the door to every page.)"""
 
-    def __init__(self, app, allowed: tuple[str, ...] = ()) -> None:
+    def __init__(self, app, allowed: tuple[str, ...] = (), hosts: tuple[str, ...] = ()) -> None:
         self.app = app
         self.allowed = allowed
+        self.hosts = tuple(h for h in hosts if h != "*" and h not in LOOPBACK_HOSTS)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] in ("http", "websocket"):
@@ -206,10 +211,13 @@ class OriginGuard:
             theirs = (parts.hostname, parts.port or _DEFAULT_PORTS.get(parts.scheme))
         except ValueError:
             return False          # 'null' (a sandboxed frame) lands here or below
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            return False
+        if host_allowed(parts.hostname, self.hosts):
+            return True
         ours = host_name(header(scope, b"host"))
         default = _DEFAULT_PORTS.get(scope.get("scheme", "http"), 80)
-        return ours is not None and parts.scheme in _DEFAULT_PORTS and \
-            theirs == (ours[0], ours[1] or default)
+        return ours is not None and theirs == (ours[0], ours[1] or default)
 
 
 class JsonOnly:
