@@ -14,7 +14,8 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-from typing import Callable, Iterable
+import math
+from typing import Callable, Iterable, Iterator
 from zoneinfo import ZoneInfo
 
 import plotly.graph_objects as go
@@ -57,12 +58,31 @@ def page_queries(history, filters, unit: str) -> dict[str, Callable[[], object]]
         "daily_cost_by_model": lambda: history.daily_cost_by_model(filters),
         "errors_by_kind": lambda: history.errors_by_kind(filters, unit),
         "events": lambda: history.events("breaker", filters.start, filters.end),
+        "models_seen": lambda: models_seen(history, filters),
     }
+
+
+def models_seen(history, filters) -> set[str]:
+    """Models with requests in the range (the hourly rollup's hours that touch it: a few
+    index lookups, not a scan of the rows)."""
+    start = -1 if filters.start is None else int(filters.start // 3600)
+    end = 2**62 if filters.end is None else int(-(-filters.end // 3600))
+    rows = history.db.query("SELECT DISTINCT model FROM request_hours WHERE hour >= ? AND hour < ? "
+                            "AND requests > 0", (start, end))
+    return {r["model"] for r in rows}
+
+
+def seen_breakers(infos: Iterable[dict], models: set[str]) -> list[dict]:
+    """Breakers (``upstream|model``) of the models that had requests in the range."""
+    return [i for i in infos if i["name"].partition("|")[2] in models]
 
 
 # -- headline figures -------------------------------------------------------------------
 def money(value: float, places: int = 4) -> str:
-    """Dollars with thousands separators: $1,234.5678."""
+    """Dollars that fit a headline: cents from $1 up ($1,234.57), else ``places`` decimals
+    ($0.0007)."""
+    if abs(value) >= 1:
+        return f"${value:,.2f}"
     return f"${value:,.{places}f}"
 
 
@@ -106,10 +126,56 @@ def breaker_states(infos: Iterable[dict]) -> list[tuple[str, str]]:
 
 
 # -- figures ----------------------------------------------------------------------------
+# Error kinds as a manager reads them (History's error_kind / outcome values).
+ERROR_NAMES = {
+    "server_error": "Server error", "rate_limited": "Rate limited", "timeout": "Timed out",
+    "connection": "Connection failed", "circuit_open": "Not sent (breaker open)",
+    "model_not_found": "Unknown model", "auth": "Key refused", "quota_exhausted": "Out of quota",
+    "bad_request": "Refused request", "stream_interrupted": "Cut off mid-answer",
+    "malformed_response": "Garbled answer", "model_loading": "Model loading", "conflict": "Conflict",
+    "retry_later": "Asked to wait", "budget_exceeded": "Over budget", "cancelled": "Stopped",
+    "rejected": "Not sent (bad input)", "invalid_parameter": "Not sent (bad input)",
+    "prompt_too_long": "Prompt too long", "storage": "Not saved", "config": "Set-up problem",
+}
+LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.12, xanchor="left", x=0)
+
+
+def error_name(kind: str | None) -> str:
+    """'Server error' for 'server_error'; unknown kinds in words too."""
+    if not kind:
+        return "Other error"
+    return ERROR_NAMES.get(kind, kind.replace("_", " ").capitalize())
+
+
+def legend_below(fig: go.Figure) -> go.Figure:
+    """Put a figure's legend under the plot, where it covers no dates (any builder's)."""
+    fig.update_layout(legend=LEGEND_BELOW, margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def nice_step(top: float, steps: int = 4) -> float:
+    """A round tick step (1, 2, 2.5 or 5 times a power of ten) so ``steps`` ticks reach ``top``."""
+    if not top or top <= 0:
+        return 1.0
+    raw = top / steps
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+
+
+def _tidy_axis(values, steps: int = 4, whole: bool = False) -> dict:
+    """Axis settings from 0 with ``steps`` round steps (the same count on both axes, so
+    their grid lines meet)."""
+    top = max([v for v in values if v is not None] or [0])
+    step = nice_step(top, steps)
+    if whole:
+        step = max(1, math.ceil(step))
+    return dict(range=[0, step * steps], dtick=step, tick0=0, rangemode="tozero")
+
+
 def _figure(title: str, y_title: str, empty: bool, **layout) -> go.Figure:
     fig = go.Figure()
     layout = {"hovermode": "x unified", **layout}
-    fig.update_layout(title=title, yaxis_title=y_title, legend_orientation="h",
+    fig.update_layout(title=title, yaxis_title=y_title, legend=LEGEND_BELOW,
                       margin=dict(l=10, r=10, t=50, b=10), **layout)
     if empty:
         fig.add_annotation(text="No data in this range", showarrow=False, x=0.5, y=0.5,
@@ -121,10 +187,43 @@ def _second_axis(title: str, **kw) -> dict:
     return dict(yaxis2=dict(title=title, overlaying="y", side="right", showgrid=False, **kw))
 
 
+def partial_buckets(start: float, end: float, unit: str, tz: str) -> dict[str, str]:
+    """{bucket label: why} for the first and last bucket when the range covers only part of
+    them (a 'Last 7 days' range starts mid-day), so a chart does not show them as dips."""
+    zone = ZoneInfo(tz)
+    size = dt.timedelta(days=1) if unit == "day" else dt.timedelta(hours=1)
+    fmt = "%Y-%m-%d" if unit == "day" else "%Y-%m-%d %H:00"
+    word = "day" if unit == "day" else "hour"
+    out = {}
+    for ts, edge in ((start, "first"), (end, "last")):
+        local = dt.datetime.fromtimestamp(ts if edge == "first" else ts - 1e-6, zone)
+        floor = local.replace(minute=0, second=0, microsecond=0)
+        if unit == "day":
+            floor = floor.replace(hour=0)
+        bound = local if edge == "first" else dt.datetime.fromtimestamp(ts, zone)
+        whole = bound == floor if edge == "first" else bound == floor + size
+        if not whole:
+            out[floor.strftime(fmt)] = f"partial {word}: the range covers only part of it"
+    return out
+
+
+def mark_partial(fig: go.Figure, partial: dict[str, str], unit: str) -> go.Figure:
+    """Shade the partial first/last bucket and say so, on any time-series figure."""
+    half = dt.timedelta(hours=12) if unit == "day" else dt.timedelta(minutes=30)
+    for label in partial:
+        centre = dt.datetime.fromisoformat(label if unit == "day" else label.replace(" ", "T"))
+        fig.add_vrect(x0=centre - half, x1=centre + half, fillcolor="#9e9e9e", opacity=0.15,
+                      line_width=0, annotation_text="partial", annotation_position="top left",
+                      annotation_font_size=10, annotation_font_color="#616161")
+    return fig
+
+
 def cost_by_model(rows: list[dict]) -> go.Figure:
-    """Stacked bars: cost per local day, one trace per model (from ``daily_cost_by_model``)."""
-    fig = _figure("Cost per day by model", "Cost ($)", not rows, barmode="stack")
-    for model in sorted({r["model"] for r in rows}, key=str):
+    """Stacked bars: cost per local day, one trace per model (from ``daily_cost_by_model``).
+    A model that never cost anything (a mistyped name answered only by 404s) is left out."""
+    paid = sorted({r["model"] for r in rows if (r["cost"] or 0) > 0}, key=str)
+    fig = _figure("Cost per day by model", "Cost ($)", not paid, barmode="stack")
+    for model in paid:
         mine = [r for r in rows if r["model"] == model]
         fig.add_bar(name=model or "(none)", x=[r["bucket"] for r in mine], y=[r["cost"] for r in mine],
                     customdata=[r["requests"] for r in mine],
@@ -133,13 +232,20 @@ def cost_by_model(rows: list[dict]) -> go.Figure:
 
 
 def requests_and_errors(series: list[dict], errors: list[dict]) -> go.Figure:
-    """Requests per bucket (line) over failed requests stacked by error kind (bars)."""
-    fig = _figure("Requests and errors", "Requests", not series, barmode="stack")
-    for kind in sorted({e["kind"] for e in errors}, key=str):
+    """Requests per bucket (line, left axis) and failed requests stacked by plain-named
+    error kind (bars, their own right axis: a few errors beside hundreds of requests)."""
+    per_bucket: dict[str, int] = {}
+    for e in errors:
+        per_bucket[e["bucket"]] = per_bucket.get(e["bucket"], 0) + e["n"]
+    fig = _figure("Requests and errors", "Requests", not series, barmode="stack",
+                  yaxis=_tidy_axis([r["requests"] for r in series], whole=True),
+                  **_second_axis("Errors", **_tidy_axis(per_bucket.values(), whole=True)))
+    for kind in sorted({e["kind"] for e in errors}, key=lambda k: error_name(k)):
         mine = [e for e in errors if e["kind"] == kind]
-        fig.add_bar(name=f"error: {kind}", x=[e["bucket"] for e in mine], y=[e["n"] for e in mine])
-    fig.add_scatter(name="requests", mode="lines+markers", x=[r["bucket"] for r in series],
-                    y=[r["requests"] for r in series])
+        fig.add_bar(name=error_name(kind), x=[e["bucket"] for e in mine], y=[e["n"] for e in mine],
+                    yaxis="y2", opacity=0.8)
+    fig.add_scatter(name="Requests", mode="lines+markers", x=[r["bucket"] for r in series],
+                    y=[r["requests"] for r in series], line=dict(color="#1f4e79"))
     return fig
 
 
@@ -156,7 +262,8 @@ def latency(series: list[dict]) -> go.Figure:
 
 def cache(series: list[dict]) -> go.Figure:
     """Money the cache saved per bucket (bars) and its hit rate (line, right axis)."""
-    fig = _figure("Cache", "Saved ($)", not series, **_second_axis("Hit rate", tickformat=".0%", rangemode="tozero"))
+    fig = _figure("Cache", "Saved ($)", not series, yaxis=_tidy_axis([r["cost_saved"] for r in series]),
+                  **_second_axis("Hit rate", tickformat=".0%", range=[0, 1], dtick=0.25))
     x = [r["bucket"] for r in series]
     fig.add_bar(name="saved by the cache", x=x, y=[r["cost_saved"] for r in series], hovertemplate="$%{y:,.4f}")
     fig.add_scatter(name="hit rate", mode="lines+markers", x=x, y=[r["hit_rate"] for r in series],
@@ -166,7 +273,8 @@ def cache(series: list[dict]) -> go.Figure:
 
 def retries(series: list[dict]) -> go.Figure:
     """Retries per bucket (bars) and the total time spent waiting before them (line, right axis)."""
-    fig = _figure("Retries", "Retries", not series, **_second_axis("Wait (s)", rangemode="tozero"))
+    fig = _figure("Retries", "Retries", not series, yaxis=_tidy_axis([r["retries"] for r in series], whole=True),
+                  **_second_axis("Wait (s)", **_tidy_axis([r["retry_wait_s"] for r in series])))
     x = [r["bucket"] for r in series]
     fig.add_bar(name="retries", x=x, y=[r["retries"] for r in series])
     fig.add_scatter(name="total retry wait", mode="lines+markers", x=x, y=[r["retry_wait_s"] for r in series],
@@ -241,7 +349,49 @@ def csv_text(rows: Iterable[dict], columns: Iterable[str] | None = None) -> str:
     return out.getvalue()
 
 
+MONEY_PLACES = 6    # a millionth of a dollar: finer than any one request's price shows
+
+
+def round_money(value: float | None) -> float | None:
+    """Money without float noise: 0.05407120000000001 -> 0.054071."""
+    return None if value is None else round(value + 0.0, MONEY_PLACES) + 0.0
+
+
 def daily_table(rows: list[dict]) -> list[dict]:
-    """The daily table (local day, model, requests, cost, saved) from ``daily_cost_by_model``."""
-    return [{"day": r["bucket"], "model": r["model"], "requests": r["requests"], "cost": r["cost"],
-             "cost_saved": r["cost_saved"]} for r in rows]
+    """The daily table (local day, model, requests, cost, saved) from ``daily_cost_by_model``,
+    money rounded."""
+    return [{"day": r["bucket"], "model": r["model"], "requests": r["requests"],
+             "cost": round_money(r["cost"] or 0.0), "cost_saved": round_money(r["cost_saved"] or 0.0)}
+            for r in rows]
+
+
+def _money_text(value) -> str | None:
+    # Fixed decimals, never 6e-05 or 0.05407120000000001, in a file a spreadsheet opens.
+    if value is None:
+        return None
+    return f"{value:.{MONEY_PLACES}f}"
+
+
+MONEY_COLUMNS = ("cost", "cost_saved", "optimizer_cost_saved")
+TIME_COLUMNS = ("ts",)
+
+
+def export_rows(rows: Iterable[dict], tz: str) -> Iterator[dict]:
+    """History rows for the requests CSV: times as ISO 8601 with the offset of ``tz``
+    (2026-11-24T23:30:00+14:00), money with fixed decimals, rounded."""
+    zone = ZoneInfo(tz)
+    for row in rows:
+        out = dict(row)
+        for col in TIME_COLUMNS:
+            if out.get(col) is not None:
+                out[col] = dt.datetime.fromtimestamp(out[col], zone).isoformat(timespec="milliseconds")
+        for col in MONEY_COLUMNS:
+            if col in out:
+                out[col] = _money_text(round_money(out[col]))
+        yield out
+
+
+def daily_csv_rows(rows: list[dict]) -> Iterator[dict]:
+    """The daily table for its CSV: money with fixed decimals."""
+    for r in rows:
+        yield {**r, "cost": _money_text(r["cost"]), "cost_saved": _money_text(r["cost_saved"])}

@@ -144,6 +144,12 @@ def _zone_names() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())   # reads the tz database: once
 
 
+@lru_cache(maxsize=1)
+def known_zones() -> tuple[str, ...]:
+    """Every IANA zone name, sorted (read once per process: it walks the tz database)."""
+    return tuple(sorted(_zone_names()))
+
+
 def viewer_zone(name: str | None, offset_minutes: int | None = None) -> dt.tzinfo:
     """The browser's zone: its IANA name when known, else its offset (JavaScript's
     getTimezoneOffset: minutes *behind* UTC), else UTC."""

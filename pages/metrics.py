@@ -11,7 +11,7 @@ import zoneinfo
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from core import budgets, charts, cost_charts
+from core import budgets, charts, cost_charts, display
 from core.demo import fill_history
 from core.errors import GyroscopeError
 from core.history import Filters
@@ -19,6 +19,8 @@ from core.ui import get_gyro, provider_badge, show_error
 
 DEMO_ROWS, DEMO_DAYS = 5_000, 30
 REFRESH_S = 5
+TABS = ("Cost", "Requests and errors", "Speed", "Cache", "Retries and breakers")
+STATE_BADGE = {"closed": "green", "half-open": "orange", "open": "red"}
 
 st.title("Metrics")
 try:
@@ -36,14 +38,13 @@ if gyro.history.lost_rows:
 def browser_zone() -> str:
     """The browser's time zone when it sent a known one, else UTC."""
     zone = st.context.timezone
-    return zone if zone in zoneinfo.available_timezones() else "UTC"
+    return zone if zone in display.known_zones() else "UTC"
 
 
 def empty_state() -> None:
-    st.info("No requests recorded yet. Generate some on the **Generate** page (or with "
-            "`python -m core generate`), run `python -m core demo-history`, or load "
-            f"{DEMO_ROWS:,} synthetic requests spread over the last {DEMO_DAYS} days here.",
-            icon=":material/monitoring:")
+    st.info("No requests recorded yet. Generate some on the **Generate** page, or load "
+            f"{DEMO_ROWS:,} synthetic requests spread over the last {DEMO_DAYS} days here to "
+            "see what this page shows.", icon=":material/monitoring:")
     try:
         st.page_link("pages/generate.py", label="Go to Generate", icon=":material/edit_note:")
     except StreamlitAPIException:
@@ -67,7 +68,7 @@ if not models and not sources:
     empty_state()
     st.stop()
 
-zones = sorted(zoneinfo.available_timezones())
+zones = display.known_zones()
 c1, c2, c3 = st.columns([3, 2, 2])
 choice = c1.radio("Range", list(charts.RANGES), index=1, horizontal=True, key="metrics_range")
 tz = c2.selectbox("Time zone (days are days here)", zones, index=zones.index(browser_zone()),
@@ -85,42 +86,37 @@ picked_models = c4.multiselect("Models", models, key="metrics_models", placehold
 picked_sources = c5.multiselect("Sources", sources, key="metrics_sources", placeholder="All sources")
 
 
-def show_range(start: float, end: float, unit: str) -> None:
+def show_range(start: float, end: float, unit: str, partial: dict[str, str]) -> None:
     zone = zoneinfo.ZoneInfo(tz)
-    since = dt.datetime.fromtimestamp(start, zone).isoformat()
-    until = dt.datetime.fromtimestamp(end, zone).isoformat()
-    st.caption(f"From **{since}** to **{until}** ({tz}), {'hourly' if unit == 'hour' else 'daily'} "
-               f"buckets. The same totals: `python -m core stats --json --since {since} --until {until}`")
+    shown = [dt.datetime.fromtimestamp(t, zone) for t in (start, end)]
+    words = " to ".join(f"{d:%a %-d %b %Y, %H:%M}" for d in shown)
+    note = f" The {' and '.join(sorted({w.split(':')[0] for w in partial.values()}))} " \
+           "at the edges are only partly in the range (shaded in the charts)." if partial else ""
+    st.caption(f"{words} ({tz}), by {'hour' if unit == 'hour' else 'day'}.{note}")
+    with st.expander("Technical details", icon=":material/terminal:"):
+        since, until = (d.isoformat() for d in shown)
+        st.markdown(f"Range: `{since}` to `{until}` (end excluded). The same totals from the "
+                    "command line:")
+        st.code(f"python -m core stats --json --since {since} --until {until}", language="bash")
 
 
 def show_headline(totals: dict, infos: list[dict]) -> None:
     figures = charts.headline(totals)
-    for row in (figures[:5], figures[5:]):
-        for col, (label, value, help_text) in zip(st.columns(5), row):
-            col.metric(label, value, help=help_text)
+    for i in range(0, len(figures), 3):
+        for col, (label, value, help_text) in zip(st.columns(3), figures[i:i + 3]):
+            col.metric(label, value, help=help_text, border=True)
     states = charts.breaker_states(infos)
     if states:
-        st.markdown("**Circuit breakers now**")
-        for i in range(0, len(states), 4):
-            for col, (name, state) in zip(st.columns(4), states[i:i + 4]):
-                col.metric(name, state)
+        st.markdown("**Circuit breakers now:** " + " · ".join(
+            f"{name} :{STATE_BADGE.get(state.split(' ')[0], 'gray')}-badge[{state}]" for name, state in states))
     else:
-        st.caption("No circuit breaker has been used yet.")
+        st.caption("No circuit breaker was used in this range.")
 
 
-def show_charts(data: dict, filters: Filters, infos: list[dict]) -> None:
-    series = data["series"]
-    left, right = st.columns(2)
-    left.plotly_chart(charts.cost_by_model(data["daily_cost_by_model"]), key="chart_cost")
-    right.plotly_chart(charts.requests_and_errors(series, data["errors_by_kind"]), key="chart_requests")
-    left.plotly_chart(charts.latency(series), key="chart_latency")
-    right.plotly_chart(charts.cache(series), key="chart_cache")
-    left.plotly_chart(charts.retries(series), key="chart_retries")
-    events = charts.for_models(data["events"], filters.models, key="subject")
-    now = {i["name"]: i["state"] for i in infos}
-    right.plotly_chart(charts.breaker_timeline(events, filters.start, min(filters.end, time.time()),
-                                               now, filters.tz), key="chart_breakers")
-    left.plotly_chart(cost_charts.prompt_cache(series), key="chart_prompt_cache")
+def chart(where, fig, key: str, partial: dict[str, str] | None = None, unit: str = "day") -> None:
+    if partial:
+        charts.mark_partial(fig, partial, unit)
+    where.plotly_chart(charts.legend_below(fig), key=key, config={"displaylogo": False})
 
 
 def show_budget(now: float) -> None:
@@ -134,7 +130,37 @@ def show_budget(now: float) -> None:
         st.warning(line, icon=":material/savings:")
     monthly = next((s["limit_usd"] for s in status if s["scope"] == "all" and s["period"] == "month"), None)
     days, start, end = cost_charts.budget_rows(gyro.history, plan, now)
-    st.plotly_chart(cost_charts.budget(days, monthly, start, end, now, plan.tz), key="chart_budget")
+    chart(st, cost_charts.budget(days, monthly, start, end, now, plan.tz), "chart_budget")
+
+
+def show_charts(data: dict, filters: Filters, infos: list[dict], unit: str, partial: dict) -> None:
+    # Lazy tabs: only the open tab's charts are built and drawn, so the page is usable at once.
+    tabs = st.tabs(TABS, key="metrics_tab", on_change="rerun")
+    series = data["series"]
+    if tabs[0].open:
+        with tabs[0]:
+            show_budget(time.time())
+            chart(st, charts.cost_by_model(data["daily_cost_by_model"]), "chart_cost",
+                  charts.partial_buckets(filters.start, min(filters.end, time.time()), "day", filters.tz), "day")
+    if tabs[1].open:
+        with tabs[1]:
+            chart(st, charts.requests_and_errors(series, data["errors_by_kind"]), "chart_requests", partial, unit)
+    if tabs[2].open:
+        with tabs[2]:
+            chart(st, charts.latency(series), "chart_latency", partial, unit)
+    if tabs[3].open:
+        with tabs[3]:
+            left, right = st.columns(2)
+            chart(left, charts.cache(series), "chart_cache", partial, unit)
+            chart(right, cost_charts.prompt_cache(series), "chart_prompt_cache", partial, unit)
+    if tabs[4].open:
+        with tabs[4]:
+            left, right = st.columns(2)
+            chart(left, charts.retries(series), "chart_retries", partial, unit)
+            events = charts.for_models(data["events"], filters.models, key="subject")
+            now = {i["name"]: i["state"] for i in infos}
+            chart(right, charts.breaker_timeline(events, filters.start, min(filters.end, time.time()),
+                                                 now, filters.tz), "chart_breakers")
 
 
 def show_exports(data: dict, filters: Filters) -> None:
@@ -143,22 +169,28 @@ def show_exports(data: dict, filters: Filters) -> None:
     days = "-".join(dt.datetime.fromtimestamp(t, zone).strftime("%Y%m%d")
                     for t in (filters.start, filters.end - 1))   # the end is exclusive
     total = data["totals"]["total_requests"]
-    with st.expander("Daily table", expanded=False):
-        st.dataframe(daily, hide_index=True, key="daily_table")
+    money = st.column_config.NumberColumn(format="$%.4f")
+    # A toggle, not an expander: a folded table would still be drawn (and the table
+    # component loaded) on every visit.
+    if st.toggle("Show the daily table", key="show_daily"):
+        st.dataframe(daily, hide_index=True, key="daily_table",
+                     column_config={"cost": money, "cost_saved": st.column_config.NumberColumn(
+                         "saved by the cache", format="$%.4f")})
     c1, c2 = st.columns(2)
-    c1.download_button("Daily table (CSV)", charts.csv_text(daily, charts.DAILY_COLUMNS),
+    c1.download_button("Daily table (CSV)", charts.csv_text(charts.daily_csv_rows(daily), charts.DAILY_COLUMNS),
                        file_name=f"gyroscope-daily-{days}.csv", mime="text/csv", key="export_daily",
                        icon=":material/download:")
 
     def rows_csv() -> str:
         try:
-            return charts.csv_text(gyro.history.rows(filters, limit=charts.EXPORT_CAP))
+            return charts.csv_text(charts.export_rows(gyro.history.rows(filters, limit=charts.EXPORT_CAP), tz))
         except GyroscopeError as exc:
             return f"error\n{exc.user_message}\n"
 
     c2.download_button(f"Requests (CSV, newest {min(total, charts.EXPORT_CAP):,})", rows_csv,
                        file_name=f"gyroscope-requests-{days}.csv", mime="text/csv", key="export_rows",
-                       icon=":material/download:")
+                       icon=":material/download:", help=f"Times in {tz} (ISO 8601 with the offset); "
+                                                        "money in dollars.")
     if total > charts.EXPORT_CAP:
         c2.caption(f"This range has {total:,} requests; the file holds the newest "
                    f"{charts.EXPORT_CAP:,}. Narrow the range for the rest.")
@@ -166,15 +198,18 @@ def show_exports(data: dict, filters: Filters) -> None:
 
 def body() -> None:
     try:
-        # Whole seconds, so the range shown below reproduces these numbers exactly.
-        start, end, unit = charts.resolve_range(choice, tz, math.ceil(time.time()), first, last)
+        # Whole seconds, so the technical range reproduces these numbers exactly.
+        now = math.ceil(time.time())
+        start, end, unit = charts.resolve_range(choice, tz, now, first, last)
         filters = Filters(start, end, tuple(picked_models), tuple(picked_sources), tz)
         data = {name: query() for name, query in charts.page_queries(gyro.history, filters, unit).items()}
-        infos = charts.for_models(gyro.breakers.all_info(), filters.models)
+        infos = charts.seen_breakers(charts.for_models(gyro.breakers.all_info(), filters.models),
+                                     data["models_seen"])
     except GyroscopeError as exc:
         show_error(exc)
         return
-    show_range(start, end, unit)
+    partial = charts.partial_buckets(start, min(end, now), unit, tz)
+    show_range(start, end, unit, partial)
     if data["totals"]["total_requests"] == 0:
         st.info("No requests in this range with these filters. Widen the range, pick other "
                 "dates, or clear the model and source filters.", icon=":material/search_off:")
@@ -183,8 +218,7 @@ def body() -> None:
     drop = cost_charts.prompt_cache_warning(gyro.history, tz, time.time())
     if drop:
         st.warning(drop, icon=":material/trending_down:")
-    show_budget(time.time())
-    show_charts(data, filters, infos)
+    show_charts(data, filters, infos, unit, partial)
     show_exports(data, filters)
 
 

@@ -59,9 +59,15 @@ def test_requests_and_errors_stack_errors_by_kind_under_the_requests_line():
               {"bucket": "2026-11-24 11:00", "kind": "rate_limited", "n": 2}]
     fig = charts.requests_and_errors(series, errors)
     by_name = {t.name: t for t in fig.data}
-    assert list(by_name["requests"].y) == [50, 70]
-    assert list(by_name["error: rate_limited"].y) == [3, 2] and list(by_name["error: timeout"].y) == [1]
+    assert list(by_name["Requests"].y) == [50, 70]
+    # Plain names, and errors on their own axis (a few beside hundreds of requests).
+    assert list(by_name["Rate limited"].y) == [3, 2] and list(by_name["Timed out"].y) == [1]
+    assert {t.yaxis for t in fig.data if t.type == "bar"} == {"y2"} and by_name["Requests"].yaxis in (None, "y")
     assert sum(sum(t.y) for t in fig.data if t.type == "bar") == 6
+    # Tidy axes: four round steps from 0 on both sides, so their grid lines meet.
+    assert (fig.layout.yaxis.dtick, list(fig.layout.yaxis.range)) == (20, [0, 80])
+    assert (fig.layout.yaxis2.dtick, list(fig.layout.yaxis2.range)) == (1, [0, 4])
+    assert fig.layout.legend.y < 0       # the legend sits below the plot, off the dates
 
 
 def test_latency_cache_and_retry_figures_carry_the_series_values():
@@ -126,8 +132,8 @@ def test_headline_formats_every_figure():
              average_cost=0.00123456, latency_p95_ms=2345.6, retries_per_request=0.0812, retries=1002,
              retry_wait_s=1234.5)
     shown = {label: value for label, value, _ in charts.headline(t)}
-    assert shown == {"Requests": "12,345", "Success rate": "92.3%", "Total cost": "$12.3457",
-                     "Saved by the cache": "$1.5000", "Tokens saved by the optimizer": "4,321",
+    assert shown == {"Requests": "12,345", "Success rate": "92.3%", "Total cost": "$12.35",
+                     "Saved by the cache": "$1.50", "Tokens saved by the optimizer": "4,321",
                      "Cache hit rate": "25.0%", "Cost per answered request": "$0.001235",
                      "p95 latency": "2,346 ms", "Retries per request": "0.081"}
     assert {label: value for label, value, _ in charts.headline({**t, "latency_p95_ms": None})}["p95 latency"] == "—"
@@ -266,3 +272,37 @@ def test_rows_export_is_newest_first_and_capped(db):
     rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == 20 and rows[0]["request_id"] == "r49" and rows[-1]["request_id"] == "r30"
     assert {"ts", "model", "outcome", "cost", "latency_ms"} <= set(rows[0])
+
+
+def test_nice_steps_are_round():
+    assert [charts.nice_step(v) for v in (37, 0.0123, 1, 950, 0)] == [10, 0.005, 0.25, 250, 1.0]
+
+
+def test_a_model_that_never_cost_anything_is_not_in_the_cost_chart():
+    rows = DAY + [{"bucket": "2026-11-25", "model": "gpt-nope", "requests": 40, "cost": None, "cost_saved": 0.0}]
+    assert {t.name for t in charts.cost_by_model(rows).data} == {"gpt-4o", "gpt-4o-mini"}
+
+
+def test_partial_first_and_last_buckets_are_found_and_shaded():
+    tz = "Europe/Berlin"
+    start = dt.datetime(2026, 11, 20, 14, 5, tzinfo=ZoneInfo(tz)).timestamp()
+    end = dt.datetime(2026, 11, 27, 14, 5, tzinfo=ZoneInfo(tz)).timestamp()
+    assert set(charts.partial_buckets(start, end, "day", tz)) == {"2026-11-20", "2026-11-27"}
+    whole = dt.datetime(2026, 11, 21, tzinfo=ZoneInfo(tz)).timestamp()
+    assert charts.partial_buckets(whole, whole + 3 * 86400, "day", tz) == {}
+    fig = charts.mark_partial(charts.cost_by_model(DAY), charts.partial_buckets(start, end, "day", tz), "day")
+    assert len(fig.layout.shapes) == 2 and {a.text for a in fig.layout.annotations} == {"partial"}
+
+
+def test_csv_export_has_local_iso_times_and_money_without_float_noise():
+    row = {"ts": dt.datetime(2026, 11, 24, 10, 30, tzinfo=dt.timezone.utc).timestamp(), "model": "m",
+           "cost": 0.05407120000000001, "cost_saved": 6e-05, "optimizer_cost_saved": 0.0}
+    [out] = charts.export_rows([row], "Pacific/Kiritimati")
+    assert out["ts"] == "2026-11-25T00:30:00.000+14:00"
+    assert (out["cost"], out["cost_saved"], out["optimizer_cost_saved"]) == ("0.054071", "0.000060", "0.000000")
+    text = charts.csv_text(charts.export_rows([row], "UTC"))
+    assert "2026-11-24T10:30:00.000+00:00" in text and "e-05" not in text and "0000000001" not in text
+    daily = charts.daily_table([{"bucket": "2026-11-24", "model": "m", "requests": 2, "cost": 0.1 + 0.2,
+                                 "cost_saved": None}])
+    assert daily[0]["cost"] == 0.3 and daily[0]["cost_saved"] == 0.0
+    assert "2026-11-24,m,2,0.300000,0.000000" in charts.csv_text(charts.daily_csv_rows(daily), charts.DAILY_COLUMNS)

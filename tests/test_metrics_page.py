@@ -34,7 +34,7 @@ def page(app_env):
 
 
 def texts(at) -> str:
-    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption] + [c.value for c in at.code]
     parts += [e.value for e in at.error] + [w.value for w in at.warning] + [i.value for i in at.info]
     return "\n".join(str(p) for p in parts)
 
@@ -52,9 +52,19 @@ def custom(at, first: dt.date, last: dt.date, tz: str | None = None) -> AppTest:
     return at.run()
 
 
-def figures(at) -> dict[str, dict]:
-    return {json.loads(c.proto.spec)["layout"]["title"]["text"]: json.loads(c.proto.spec)
-            for c in at.get("plotly_chart")}
+def charts_tabs():
+    return ("Cost", "Requests and errors", "Speed", "Cache", "Retries and breakers")
+
+
+def figures(at, tabs=("Cost",)) -> dict[str, dict]:
+    """The figures of the chart tabs (lazy: only the open one draws), opened one by one."""
+    out = {}
+    for tab in tabs:
+        at.session_state["metrics_tab"] = tab     # what a click on the tab does
+        at.run()
+        out.update({json.loads(c.proto.spec)["layout"]["title"]["text"]: json.loads(c.proto.spec)
+                    for c in at.get("plotly_chart")})
+    return out
 
 
 def test_empty_database_says_how_to_get_data(page):
@@ -74,7 +84,7 @@ def test_demo_button_fills_history_and_the_page_shows_figures_and_charts(page):
     assert gyro.history.totals()["total_requests"] == 5000
     figs = shown(at)
     assert int(figs["Requests"].replace(",", "")) > 0 and figs["p95 latency"].endswith(" ms")
-    assert set(figures(at)) == {"Cost per day by model", "Requests and errors",
+    assert set(figures(at, charts_tabs())) == {"Cost per day by model", "Requests and errors",
                                 "Latency (answers from the AI service)", "Cache", "Retries",
                                 "Circuit breakers", "Provider prompt cache"}
     assert at.download_button(key="export_daily").label == "Daily table (CSV)"
@@ -107,7 +117,7 @@ def test_headline_equals_the_cli_for_the_same_range(page):
     at.context = {"timezone": "Europe/Berlin"}
     at.run()
     custom(at, dt.date(2026, 11, 15), dt.date(2026, 11, 22))
-    since, until = re.search(r"--since (\S+) --until (\S+)`", texts(at)).groups()
+    since, until = re.search(r"--since (\S+) --until (\S+)$", texts(at), re.M).groups()
     assert since == "2026-11-15T00:00:00+01:00" and until == "2026-11-23T00:00:00+01:00"
     out = subprocess.run([sys.executable, "-m", "core", "stats", "--json", "--since", since, "--until", until],
                          env={**os.environ, "GYROSCOPE_DB": str(gyro.db.path)}, cwd=ROOT,
@@ -140,6 +150,7 @@ def test_daily_table_follows_the_viewers_zone_far_from_utc(page):
     at.run()
     assert at.selectbox(key="metrics_tz").value == "Pacific/Kiritimati"   # the browser's zone by default
     custom(at, dt.date(2026, 11, 20), dt.date(2026, 11, 27))
+    at.toggle(key="show_daily").set_value(True).run()
     table = at.dataframe[0].value
     assert dict(zip(table["day"], table["cost"])) == {"2026-11-24": 2.0, "2026-11-25": 1.0}
     cost = figures(at)["Cost per day by model"]["data"][0]
@@ -160,12 +171,13 @@ def test_breaker_states_and_transitions_with_their_cause(page):
     gyro.db.flush()
     at.run()
     custom(at, dt.date(2026, 11, 26), dt.date(2026, 11, 27), tz="UTC")
-    assert shown(at)["simulator · gpt-4o"] == "closed"
-    [marks] = [t for t in figures(at)["Circuit breakers"]["data"] if t["name"] == "transitions"]
+    assert "simulator · gpt-4o :green-badge[closed]" in texts(at)
+    [marks] = [t for t in figures(at, ["Retries and breakers"])["Circuit breakers"]["data"]
+               if t["name"] == "transitions"]
     assert "5 consecutive failures (last: server_error)" in marks["hovertext"][0]
     assert "open → half-open" in marks["hovertext"][1]
     at.toggle(key="metrics_live").set_value(True).run()     # the auto-refreshing fragment renders too
-    assert len(at.exception) == 0 and "simulator · gpt-4o" in shown(at)
+    assert len(at.exception) == 0 and "simulator · gpt-4o" in texts(at)
 
 
 def test_rows_the_database_refused_are_announced(page):
@@ -176,3 +188,63 @@ def test_rows_the_database_refused_are_announced(page):
     at.run()
     assert "1 request(s) since the app started could not be saved" in texts(at)
     assert "UNIQUE constraint failed" in texts(at)
+
+
+def test_demo_data_is_consistent_breaker_events_match_circuit_open_rows(page):
+    _, gyro = page
+    fill_history(gyro.db, rows=20_000, days=30, end=END)
+    gyro.db.flush()
+    events = gyro.history.events("breaker", limit=10_000)
+    open_at: dict[str, list[tuple[float, float]]] = {}
+    for e in events:
+        if e["new"] == "open":
+            open_at.setdefault(e["subject"], []).append((e["ts"], None))
+        elif e["old"] == "open":
+            opened, _ = open_at[e["subject"]][-1]
+            open_at[e["subject"]][-1] = (opened, e["ts"])
+    assert open_at, "the demo has outages"
+    refused = gyro.db.query("SELECT ts, upstream, model FROM requests WHERE outcome = 'circuit_open'")
+    assert refused
+    for r in refused:     # every refusal falls while its breaker was open...
+        spans = open_at.get(f"{r['upstream']}|{r['model']}", [])
+        assert any(a <= r["ts"] < b for a, b in spans), r
+    for name, spans in open_at.items():   # ...and every time it opened, it refused something
+        for a, b in spans:
+            assert any(a <= r["ts"] < b and f"{r['upstream']}|{r['model']}" == name for r in refused)
+    fill_history(gyro.db, rows=20_000, days=30, end=END)   # the same again adds nothing
+    gyro.db.flush()
+    assert len(gyro.history.events("breaker", limit=10_000)) == len(events)
+
+
+def test_a_mistyped_model_stays_out_of_cost_charts_and_old_breakers_out_of_the_list(page):
+    at, gyro = page
+    fill_history(gyro.db, rows=500, days=3, end=END)
+    old = END - 20 * 86400     # a 404 model tried once, weeks ago, and one tried in range
+    for i, ts in enumerate((old, END - 86400)):
+        gyro.history.record(RequestRecord(ts=ts, request_id=f"nope{i}", upstream="simulator",
+                                          model=f"gpt-nope{i}", outcome="error", error_kind="model_not_found",
+                                          http_status=404))
+        gyro.breakers.get("simulator", f"gpt-nope{i}")
+    gyro.db.flush()
+    at.run()
+    custom(at, dt.date(2026, 11, 24), dt.date(2026, 11, 27), tz="UTC")
+    said = texts(at)
+    assert "simulator · gpt-nope1" in said and "gpt-nope0" not in said    # seen in range only
+    traces = {t["name"] for t in figures(at)["Cost per day by model"]["data"] if t.get("type") == "bar"}
+    assert traces and not any(name.startswith("gpt-nope") for name in traces)
+    errors = figures(at, ["Requests and errors"])["Requests and errors"]
+    assert "Unknown model" in {t["name"] for t in errors["data"]}
+    assert not any(t["name"].startswith("error:") for t in errors["data"])
+
+
+def test_technical_details_are_folded_away_and_the_range_is_in_words(page):
+    at, gyro = page
+    fill_history(gyro.db, rows=300, days=3, end=END)
+    at.run()
+    custom(at, dt.date(2026, 11, 25), dt.date(2026, 11, 27), tz="UTC")
+    outside = [c.value for c in at.caption] + [m.value for m in at.markdown]
+    [details] = [e for e in at.expander if e.label == "Technical details"]
+    inside = [m.value for m in details.markdown] + [c.value for c in details.code]
+    assert not any("python -m core" in t or "T00:00:00" in t for t in outside if t not in inside)
+    assert any("python -m core stats" in t for t in inside)
+    assert any("Wed 25 Nov 2026, 00:00 to Sat 28 Nov 2026, 00:00 (UTC), by day." in t for t in outside)
