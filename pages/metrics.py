@@ -204,7 +204,7 @@ def body() -> None:
         filters = Filters(start, end, tuple(picked_models), tuple(picked_sources), tz)
         data = {name: query() for name, query in charts.page_queries(gyro.history, filters, unit).items()}
         infos = charts.seen_breakers(charts.for_models(gyro.breakers.all_info(), filters.models),
-                                     data["models_seen"])
+                                     charts.models_seen(data["daily_cost_by_model"]))
     except GyroscopeError as exc:
         show_error(exc)
         return
