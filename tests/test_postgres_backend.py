@@ -318,3 +318,94 @@ def test_postgresql_restarted_mid_load_loses_no_answered_row(tmp_path):
         if proc is not None:
             stop(proc)
         cluster.remove()
+
+
+# -- the batch ledger, shared ---------------------------------------------------------------------
+def test_rows_are_claimed_once_and_a_dead_replicas_rows_again_after_their_lease(pg_url):
+    """Two ledgers (two replicas) on one job, time from an injected clock."""
+    from core.storage.pg_ledger import ROW_LEASE_S, PgLedger
+    now = [1_800_000_000.0]
+    db = PgDatabase(pg_url)
+    try:
+        a, b = (PgLedger(db, clock=lambda: now[0], owner=o) for o in ("host:1", "host:2"))
+        job = a.create([{"line": i + 1, "request": {"prompt": f"p{i}"}, "max_cost": 0.001}
+                        for i in range(10)])
+        a.take(job, a.owner)
+        b.take(job, b.owner)                                     # replicas join, nobody is refused
+        got_a = asyncio.run(a.claim(job, 4))
+        got_b = asyncio.run(b.claim(job, 4))
+        assert [r["idx"] for r in got_a] == [0, 1, 2, 3] and [r["idx"] for r in got_b] == [4, 5, 6, 7]
+        for r in got_b:
+            b.done(job, r["idx"], {"content": "x", "request_id": f"b{r['idx']}", "cost": 0.0})
+        # A dies holding 0-3. Before its lease runs out nobody else gets them...
+        now[0] += ROW_LEASE_S - 1
+        assert [r["idx"] for r in asyncio.run(b.claim(job, 10))] == [8, 9]
+        # ...after it, B claims them again, and A's late answers change nothing.
+        now[0] += 2
+        assert [r["idx"] for r in asyncio.run(b.claim(job, 10))] == [0, 1, 2, 3]
+        a.done(job, 0, {"content": "late", "request_id": "a0", "cost": 0.0})
+        asyncio.run(a.back(job, 1, tried=True))
+        for idx in (0, 1, 2, 3, 8, 9):
+            b.done(job, idx, {"content": "x", "request_id": f"b{idx}", "cost": 0.0})
+        b.release(job, b.owner, "done")
+        db.flush()
+        rows = list(b.rows(job))
+        assert [r["status"] for r in rows] == ["done"] * 10 and {r["content"] for r in rows} == {"x"}
+        assert [r["tries"] for r in rows] == [1] * 10
+        assert b.job(job)["status"] == "done"
+    finally:
+        db.close()
+
+
+def test_the_last_runner_out_finishes_the_job(pg_url):
+    from core.storage.pg_ledger import PgLedger
+    db = PgDatabase(pg_url)
+    try:
+        a, b = (PgLedger(db, owner=o) for o in ("host:1", "host:2"))
+        job = a.create([{"line": i + 1, "request": {"prompt": f"p{i}"}} for i in range(2)])
+        a.take(job, a.owner)
+        b.take(job, b.owner)
+        (ra,), (rb,) = asyncio.run(a.claim(job, 1)), asyncio.run(b.claim(job, 1))
+        a.done(job, ra["idx"], {"content": "x", "request_id": "a", "cost": 0.0})
+        a.release(job, a.owner, "done")               # B still works on its row
+        assert a.job(job)["status"] == "running"
+        b.done(job, rb["idx"], {"content": "x", "request_id": "b", "cost": 0.0})
+        b.release(job, b.owner, "done")
+        assert a.job(job)["status"] == "done"
+    finally:
+        db.close()
+
+
+def test_a_batch_job_worked_by_two_replicas_does_every_row_exactly_once(tmp_path, pg_url):
+    rows = 240
+    gyro = Gyroscope(Config(provider="simulator", base_url=None, db_path=tmp_path / "c.db",
+                            database_url=pg_url))
+    try:
+        src = tmp_path / "in.csv"
+        src.write_text("prompt\n" + "".join(f"row number {i}\n" for i in range(rows)))
+        job = gyro.batch.create(gyro.batch.parse_path(src), name="shared")
+    finally:
+        gyro.close()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GYROSCOPE_PROVIDER", "GYROSCOPE_API_TOKEN")}
+    procs = []
+    for name in ("a", "b"):
+        env_r = dict(env, GYROSCOPE_DB=str(tmp_path / f"{name}.db"), GYROSCOPE_DATABASE_URL=pg_url,
+                     GYROSCOPE_SIM_TTFT_MS="30", GYROSCOPE_SIM_TOKENS_PER_S="0", PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "core", "batch", "--resume", job, "-o", str(tmp_path / f"{name}.jsonl"),
+             "--no-progress", "--concurrency", "4"], cwd=tmp_path, env=env_r,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode in (0, 1), err        # 1: it left while the other still had rows
+    with psycopg.connect(pg_url) as conn:
+        status = conn.execute("SELECT status FROM batch_jobs WHERE id = %s", (job,)).fetchone()[0]
+        done = conn.execute("SELECT status, tries, owner, request_id FROM batch_rows WHERE job_id = %s",
+                            (job,)).fetchall()
+        history = conn.execute("SELECT request_id, outcome FROM requests WHERE job_id = %s", (job,)).fetchall()
+    assert status == "done"
+    assert [r[0] for r in done] == ["done"] * rows and {r[1] for r in done} == {1}
+    assert len({r[2] for r in done}) == 2, "both replicas worked the job"
+    assert len(history) == rows and {o for _, o in history} == {"ok"}      # each row sent once
+    assert {r[3] for r in done} == {rid for rid, _ in history}

@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from .. import portal, prices, tokens
 from ..models import chat_messages
 from . import files
-from .ledger import Ledger
+from .ledger import ledger_for
 from .runner import JobRunner
 
 
@@ -19,7 +19,7 @@ class BatchJobs:
 
     def __init__(self, gyro) -> None:
         self.gyro = gyro
-        self.ledger = Ledger(gyro.db, clock=gyro.clock.time)
+        self.ledger = ledger_for(gyro)
         self._lock = threading.Lock()
         self._running: dict[str, tuple[JobRunner, Future]] = {}
 
@@ -106,7 +106,7 @@ class BatchJobs:
         return self.ledger.retry_failed(job_id)
 
     def set_cap(self, job_id: str, max_cost: float | None) -> None:
-        self.gyro.db.write(lambda conn: conn.execute(
+        self.ledger.db.write(lambda conn: conn.execute(
             "UPDATE batch_jobs SET max_cost = ? WHERE id = ?", (max_cost, job_id)))
 
     def stop_all(self, timeout: float = 10.0) -> None:

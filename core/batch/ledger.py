@@ -47,6 +47,14 @@ def _process_alive(owner: str | None) -> bool:
     return True
 
 
+def ledger_for(gyro) -> "Ledger":
+    """The service's ledger: in PostgreSQL when configured (shared by replicas), else the file's."""
+    if getattr(gyro, "pg", None) is not None:
+        from ..storage.pg_ledger import PgLedger
+        return PgLedger(gyro.pg, clock=gyro.clock.time)
+    return Ledger(gyro.db, clock=gyro.clock.time)
+
+
 class JobBusy(Exception):
     """Another live process runs this job."""
 

@@ -24,7 +24,7 @@ import threading
 
 from .. import errors, portal
 from ..models import GenerationRequest
-from .ledger import JobBusy, Ledger, owner_id
+from .ledger import JobBusy, ledger_for, owner_id
 
 POLL_S = 0.25           # how often a pause or cancel from elsewhere (the page) is looked for
 RENEW_S = 5.0           # how often the job's lease is renewed
@@ -37,7 +37,7 @@ class JobRunner:
     def __init__(self, gyro, job_id: str, concurrency: int | None = None) -> None:
         self.gyro = gyro
         self.job_id = job_id
-        self.ledger = Ledger(gyro.db, clock=gyro.clock.time)
+        self.ledger = ledger_for(gyro)
         self.owner = owner_id()
         self.concurrency = concurrency
         self.finished = threading.Event()
@@ -148,7 +148,7 @@ class JobRunner:
     def _asked(self) -> str | None:
         """The status somebody else set (the page's Pause or Cancel), read without waiting."""
         try:
-            row = self.gyro.db.query_one_nowait("SELECT status FROM batch_jobs WHERE id = ?",
+            row = self.ledger.db.query_one_nowait("SELECT status FROM batch_jobs WHERE id = ?",
                                                 (self.job_id,))
         except errors.StorageError:
             return None

@@ -1,0 +1,158 @@
+"""The batch ledger in PostgreSQL: several replicas work one job together.
+
+Unlike the file's ledger (one runner per job, holding the job's lease), any number of
+runners may take a job. Rows are claimed with ``SELECT … FOR UPDATE SKIP LOCKED`` (two
+replicas claiming at once get different rows, neither waits for the other), each under a
+lease of the claiming process (``owner``, ``lease_until``) that its runner renews with the
+job's. A row whose lease ran out (its replica died) is claimable again. A row is finished
+(done, failed or put back) only by the owner that holds it, so a replica that lost its lease
+cannot mark a row a second time. The job is ``done`` when the last runner leaves it with no
+row pending or running.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+from ..batch.ledger import LEASE_S, UNFINISHED, Ledger, owner_id
+from .postgres import PgDatabase
+
+ROW_LEASE_S = LEASE_S    # renewed every few seconds (runner.RENEW_S) while the runner lives
+
+
+class PgLedger(Ledger):
+    """Ledger over a PgDatabase; ``owner`` is this process (host:pid) unless given."""
+
+    def __init__(self, db: PgDatabase, clock: Callable[[], float] | None = None,
+                 owner: str | None = None) -> None:
+        super().__init__(db, clock or time.time)
+        self.owner = owner or owner_id()
+
+    # -- reading (PostgreSQL spellings of the file's queries) -----------------------------
+    def counts(self, job_id: str) -> dict:
+        counts = {s: 0 for s in ("pending", "running", "done", "failed")}
+        for r in self.db.query("SELECT status, count(*)::int AS n FROM batch_rows WHERE job_id = ? "
+                               "GROUP BY status", (job_id,)):
+            counts[r["status"]] = r["n"]
+        agg = self.db.query_one(
+            "SELECT coalesce(sum(cost), 0)::float8 AS cost, "
+            "coalesce(sum(CASE WHEN status = 'pending' THEN max_cost END), 0)::float8 AS max_cost_left, "
+            "count(*) FILTER (WHERE finished_at > ?)::int AS recent FROM batch_rows WHERE job_id = ?",
+            (self.clock() - 60.0, job_id))
+        counts.update(agg)
+        return counts
+
+    def jobs(self, limit: int = 50) -> list[dict]:
+        ids = [r["id"] for r in self.db.query(
+            "SELECT id FROM batch_jobs ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))]
+        return [self.job(i) for i in ids]
+
+    def last_unfinished(self) -> str | None:
+        row = self.db.query_one(
+            f"SELECT id FROM batch_jobs WHERE status IN ({','.join('?' * len(UNFINISHED))}) "
+            "ORDER BY created_at DESC, id DESC LIMIT 1", UNFINISHED)
+        return row["id"] if row else None
+
+    def spent(self, job_id: str) -> float:
+        row = self.db.query_one("SELECT coalesce(sum(cost), 0)::float8 AS c FROM batch_rows "
+                                "WHERE job_id = ?", (job_id,))
+        return row["c"]
+
+    # -- runners ----------------------------------------------------------------------------
+    def take(self, job_id: str, owner: str) -> int:
+        """Join the job's runners (never JobBusy: replicas share it); rows whose lease ran out
+        go back to ``pending`` (returns how many)."""
+        now = self.clock()
+        if self.db.query_one("SELECT 1 AS x FROM batch_jobs WHERE id = ?", (job_id,)) is None:
+            raise KeyError(job_id)
+
+        def write(conn) -> int:
+            conn.execute("UPDATE batch_jobs SET owner = ?, lease_until = ?, status = 'running', "
+                         "note = NULL, updated_at = ? WHERE id = ?", (owner, now + LEASE_S, now, job_id))
+            return conn.execute("UPDATE batch_rows SET status = 'pending', owner = NULL, "
+                                "lease_until = NULL, started_at = NULL WHERE job_id = ? AND "
+                                "status = 'running' AND (lease_until IS NULL OR lease_until < ?)",
+                                (job_id, now)).rowcount
+        return self.db.write(write)
+
+    async def renew(self, job_id: str, owner: str) -> None:
+        now = self.clock()
+
+        def write(conn) -> None:
+            conn.execute("UPDATE batch_jobs SET lease_until = ? WHERE id = ?", (now + LEASE_S, job_id))
+            conn.execute("UPDATE batch_rows SET lease_until = ? WHERE job_id = ? AND owner = ? "
+                         "AND status = 'running'", (now + ROW_LEASE_S, job_id, self.owner))
+        await self.db.awrite(write)
+
+    def release(self, job_id: str, owner: str, status: str, note: str | None = None) -> None:
+        """Leave the job: this runner's running rows go back. A ``done`` (or a ``paused``: this
+        runner stopped) while other runners still hold rows leaves the job running; the last
+        one out finishes it. A pause or cancel asked for by a user stays."""
+        now = self.clock()
+
+        def write(conn) -> None:
+            conn.execute("SELECT 1 FROM batch_jobs WHERE id = ? FOR UPDATE", (job_id,))   # one at a time
+            conn.execute("UPDATE batch_rows SET status = 'pending', owner = NULL, lease_until = NULL, "
+                         "started_at = NULL WHERE job_id = ? AND owner = ? AND status = 'running'",
+                         (job_id, self.owner))
+            final = status
+            if status == "done":
+                left = conn.execute("SELECT count(*) FROM batch_rows WHERE job_id = ? AND "
+                                    "status IN ('pending', 'running')", (job_id,)).fetchone()[0]
+                if left:
+                    final = "running"      # others are at it (or their rows wait for a resume)
+            elif status == "paused":       # this runner stops (Ctrl-C, shutdown); others go on
+                others = conn.execute("SELECT count(*) FROM batch_rows WHERE job_id = ? AND "
+                                      "status = 'running' AND lease_until >= ?", (job_id, now)).fetchone()[0]
+                if others:
+                    final = "running"
+            conn.execute("UPDATE batch_jobs SET owner = NULL, lease_until = NULL, updated_at = ?, "
+                         "status = CASE WHEN status IN ('paused', 'cancelled') AND ? IN "
+                         "('running', 'paused', 'done') THEN status ELSE ? END, "
+                         "note = CASE WHEN status IN ('paused', 'cancelled') AND ? IN "
+                         "('running', 'paused', 'done') THEN note ELSE ? END WHERE id = ?",
+                         (now, final, final, final, note, job_id))
+        self.db.write(write)
+
+    # -- rows ---------------------------------------------------------------------------------
+    async def claim(self, job_id: str, n: int = 1) -> list[dict]:
+        """Up to ``n`` rows (lowest first) that are pending or whose lease ran out, now running
+        under this process's lease; rows another replica is claiming are skipped, not waited for."""
+        now = self.clock()
+
+        def write(conn):
+            return conn.execute(
+                "WITH c AS (SELECT idx FROM batch_rows WHERE job_id = ? AND (status = 'pending' OR "
+                "(status = 'running' AND lease_until < ?)) ORDER BY idx LIMIT ? FOR UPDATE SKIP LOCKED) "
+                "UPDATE batch_rows AS b SET status = 'running', started_at = ?, owner = ?, "
+                "lease_until = ? FROM c WHERE b.job_id = ? AND b.idx = c.idx "
+                "RETURNING b.idx, b.line, b.request, b.max_cost, b.tries",
+                (job_id, now, n, now, self.owner, now + ROW_LEASE_S, job_id)).fetchall()
+        rows = sorted(await self.db.awrite(write), key=lambda r: r[0])
+        return [{"idx": r[0], "line": r[1], "request": json.loads(r[2]), "max_cost": r[3],
+                 "tries": r[4]} for r in rows]
+
+    def done(self, job_id: str, idx: int, result: dict) -> None:
+        now = self.clock()
+        self.db.post(lambda conn: conn.execute(
+            "UPDATE batch_rows SET status = 'done', content = ?, result = ?, cost = ?, error = NULL, "
+            "error_kind = NULL, finished_at = ?, request_id = ?, tries = tries + 1, lease_until = NULL "
+            "WHERE job_id = ? AND idx = ? AND owner = ? AND status = 'running'",
+            (result.get("content"), json.dumps({k: result.get(k) for k in (
+                "model", "finish_reason", "usage", "cost", "from_cache", "attempts", "latency_ms")}),
+             result.get("cost") or 0.0, now, result.get("request_id"), job_id, idx, self.owner)), lazy=False)
+
+    async def failed(self, job_id: str, idx: int, kind: str, message: str, request_id: str | None) -> None:
+        now = self.clock()
+        await self.db.awrite(lambda conn: conn.execute(
+            "UPDATE batch_rows SET status = 'failed', error = ?, error_kind = ?, finished_at = ?, "
+            "request_id = ?, tries = tries + 1, lease_until = NULL WHERE job_id = ? AND idx = ? "
+            "AND owner = ? AND status = 'running'", (message, kind, now, request_id, job_id, idx, self.owner)))
+
+    async def back(self, job_id: str, idx: int, tried: bool) -> None:
+        await self.db.awrite(lambda conn: conn.execute(
+            "UPDATE batch_rows SET status = 'pending', started_at = NULL, owner = NULL, lease_until = NULL, "
+            "tries = tries + ? WHERE job_id = ? AND idx = ? AND owner = ? AND status = 'running'",
+            (int(tried), job_id, idx, self.owner)))
