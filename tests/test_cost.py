@@ -326,3 +326,19 @@ def test_every_part_matches_genai_prices_on_a_table_with_cache_write_prices():
                                    cache_write_tokens=1000),
                         model_ref="claude-3-5-haiku-latest", provider_id="anthropic").total_price
     assert ours == pytest.approx(float(theirs), rel=1e-9)
+
+
+def test_the_v1_gateway_passes_the_usage_details_on_plain_and_streamed(app_env):
+    from starlette.testclient import TestClient
+    import core.service
+    from core import api
+    core.service.default_service()
+    with TestClient(api.asgi_app(), base_url="http://127.0.0.1") as client:
+        sdk = openai.OpenAI(api_key="x", base_url="http://127.0.0.1/v1", http_client=client, max_retries=0)
+        plain = sdk.chat.completions.create(model="o4-mini", messages=[{"role": "user", "content": "Hi"}])
+        assert plain.usage.completion_tokens_details.reasoning_tokens == 32
+        assert plain.usage.prompt_tokens_details.cached_tokens == 0
+        chunks = list(sdk.chat.completions.create(
+            model="o4-mini", messages=[{"role": "user", "content": "Hello"}], stream=True,
+            stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == 32

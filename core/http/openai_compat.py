@@ -269,8 +269,12 @@ def _usage(result: GenerationResult) -> dict | None:
     u = result.usage
     if u is None:
         return None
+    prompt_details = {"cached_tokens": u.cached_tokens}
+    if u.cache_write_tokens:
+        prompt_details["cache_write_tokens"] = u.cache_write_tokens
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens}
+            "total_tokens": u.total_tokens, "prompt_tokens_details": prompt_details,
+            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
 
 
 def completion_json(result: GenerationResult, data: dict) -> dict:
