@@ -60,6 +60,9 @@ def parse_limits(text: str) -> dict[str, dict[str, float]]:
         if kind not in ("model", "source") or not name:
             raise InvalidParameter(f"budget.limits key {scope!r} must be 'model:NAME' or "
                                    f"'source:NAME' (sources: {', '.join(SOURCES)}), e.g. {example}.")
+        if kind == "source" and name not in SOURCES:   # a typo would never apply: say so
+            raise InvalidParameter(f"budget.limits key {scope!r}: the sources are "
+                                   f"{', '.join(SOURCES)}.")
         if not isinstance(limits, dict) or not limits or set(limits) - set(PERIODS):
             raise InvalidParameter(f"budget.limits[{scope!r}] must give 'day' and/or 'month' in "
                                    f"USD, e.g. {{\"day\": 5, \"month\": 100}}.")

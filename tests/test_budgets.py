@@ -225,6 +225,7 @@ def test_two_services_on_one_file_share_the_budget(tmp_path, simulator, clock):
     ('{"gpt-4o": {"day": 1}}', "must be 'model:NAME' or 'source:NAME'"),
     ('{"model:x": {"week": 1}}', "'day' and/or 'month'"),
     ('{"model:x": {"day": 0}}', "positive number"),
+    ('{"source:bacth": {"day": 1}}', "the sources are page, api, v1, batch, cli"),
 ])
 def test_bad_limits_are_refused_and_change_nothing(gyro, bad, words):
     with pytest.raises(InvalidParameter, match=words):
