@@ -67,9 +67,12 @@ async def health(request: Request) -> JSONResponse:
     # Rows waiting in the spill journal, refused requests or lost rows: say so (all from
     # memory; a replay it may start runs on the writer thread).
     recording = gyro.history.status()
-    degraded = recording["history"] != "ok" or recording["history_rows_lost"]
+    backends = gyro.backends()      # e.g. Redis down: local breaker, cache and pacing
+    degraded = (recording["history"] != "ok" or recording["history_rows_lost"]
+                or any(b["state"] != "ok" for b in backends.values()))
     return JSONResponse({"status": "degraded" if degraded else "ok", "provider": gyro.provider.name,
-                         "simulated": gyro.is_simulated, **recording})
+                         "simulated": gyro.is_simulated, **recording,
+                         **({"backends": backends} if backends else {})})
 
 
 async def generate(request: Request, stream: bool = False):

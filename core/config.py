@@ -34,6 +34,10 @@ class Config:
     # shared by replicas (core/storage/); None keeps them in the SQLite file. It may hold a
     # password: never in repr, and only redact_url() of it reaches a message.
     database_url: str | None = field(default=None, repr=False)
+    # Shared state for replicas (GYROSCOPE_REDIS_URL, redis://…): may carry a password.
+    redis_url: str | None = field(default=None, repr=False)
+    # Put before every Redis key (GYROSCOPE_REDIS_PREFIX): deployments sharing one Redis.
+    redis_prefix: str = "gyroscope:"
 
     @property
     def has_api_key(self) -> bool:
@@ -64,6 +68,23 @@ def check_base_url(url: str) -> str:
         raise ConfigError(f"OPENAI_BASE_URL={redact_url(url)!r} is not a usable http(s) URL. Set it to something "
                           "like https://api.openai.com/v1 or http://localhost:8000/v1.")
     return url.rstrip("/")
+
+
+def check_redis_url(url: str | None) -> str | None:
+    """A usable redis:// (rediss://, unix://) URL or None, else ConfigError naming it (redacted)."""
+    if not url:
+        return None
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("redis", "rediss", "unix") or (
+            parsed.scheme != "unix" and not parsed.hostname):
+        raise ConfigError(f"GYROSCOPE_REDIS_URL={redact_url(url)!r} is not a usable Redis URL. Set it to "
+                          "something like redis://localhost:6379/0, or unset it to keep shared "
+                          "state in the SQLite file.")
+    return url
 
 
 def redact_url(url: str | None) -> str:
@@ -121,5 +142,7 @@ def load_config(env: Mapping[str, str] | None = None,
                           "or ~/.pgpass), or unset it to keep everything in the SQLite file.")
     return Config(provider=provider, base_url=base_url, db_path=db_path, api_key=api_key,
                   spill_path=Path(spill) if spill else None, database_url=database_url,
+                  redis_url=check_redis_url(get("GYROSCOPE_REDIS_URL")),
+                  redis_prefix=get("GYROSCOPE_REDIS_PREFIX") or "gyroscope:",
                   admin_password=get("GYROSCOPE_ADMIN_PASSWORD"),
                   api_token=get("GYROSCOPE_API_TOKEN"))

@@ -165,10 +165,23 @@ class Gyroscope:
             self.settings = SettingsStore(self.db)
             self.history = History(self.db, self.config.spill_path)
         self.cache = ResponseCache(self.db, self.settings, clock=self.clock.time)
-        self.breakers = Breakers(self.db, self.settings, self.history, clock=self.clock.time)
+        pacing_store = SQLitePacingStore(self.db)
+        # GYROSCOPE_REDIS_URL: breaker, cache and pacing shared by every replica (each with
+        # the SQLite part above as its fallback), settings changes announced.
+        self.redis = None
+        breaker_storage = None
+        if self.config.redis_url:
+            from .storage.redis_backend import RedisBackend
+            self.redis = RedisBackend(self.config.redis_url, self.db, self.settings,
+                                      clock=self.clock.monotonic, prefix=self.config.redis_prefix)
+            self.cache = self.redis.cache(self.cache, self.settings, self.clock.time)
+            pacing_store = self.redis.pacing_store(pacing_store)
+            breaker_storage = self.redis.breaker_storage
+        self.breakers = Breakers(self.db, self.settings, self.history, clock=self.clock.time,
+                                 storage_factory=breaker_storage)
         self.provider = provider or providers.create(self.config.provider, self.config)
         self._models: tuple[float, list[str]] | None = None
-        self.pacer = Pacer(SQLitePacingStore(self.db), clock=self.clock)
+        self.pacer = Pacer(pacing_store, clock=self.clock)
         self.pipeline = Pipeline(self.provider, settings=self.settings, cache=self.cache,
                                  breakers=self.breakers, history=self.history, clock=self.clock,
                                  optimizer=_optimizer, rng=rng, pacer=self.pacer)
@@ -282,10 +295,16 @@ class Gyroscope:
         for queued writes); TimeoutError after ``timeout`` s."""
         return await portal.off_loop(self.stats, filters, timeout=timeout)
 
+    def backends(self) -> dict:
+        """Shared backends and how they answer now (for health and the Settings page)."""
+        return {"redis": self.redis.status()} if self.redis is not None else {}
+
     def close(self) -> None:
         """Commit pending writes and release connections."""
         if "batch" in self.__dict__:    # jobs running here stop, resumable
             self.batch.stop_all()
+        if self.redis is not None:
+            self.redis.close()
         try:
             portal.run(self.provider.aclose(), timeout=5)
         except Exception:  # noqa: BLE001 - closing is best effort

@@ -215,6 +215,12 @@ class SettingsStore:
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self._checked_at = float("-inf")
+        # Called with the new version after this process saved a change (Redis announces it).
+        self.on_change: list[Callable[[int], None]] = []
+
+    def invalidate(self) -> None:
+        """Another replica changed settings: the next read goes to the store."""
+        self._checked_at = float("-inf")
 
     def snapshot(self) -> Snapshot:
         """Current values (cached; re-read when another process changed them).
@@ -267,6 +273,8 @@ class SettingsStore:
         with self._lock:    # set() waits for the file anyway: read what it stored now
             self._snapshot = self._read(self._snapshot, self.db.query_one)
             self._checked_at = self.clock()
+        for announce in tuple(self.on_change):
+            announce(version)
         return version
 
     @staticmethod

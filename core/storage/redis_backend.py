@@ -1,0 +1,52 @@
+"""Redis for a replica: one link, and the shared twin of each local part.
+
+Built by core/service.py when ``GYROSCOPE_REDIS_URL`` is set; the local (SQLite) parts are
+built as before and handed in, so each shared part has its fallback at hand.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from ..breaker import SQLiteBreakerStorage
+from .redis_breaker import FailoverBreakerStorage
+from .redis_cache import RedisCache
+from .redis_link import RedisDown, RedisLink
+from .redis_pacing import RedisPacingStore
+from .redis_settings import SettingsAnnouncer
+
+ANNOUNCED_SETTINGS_TTL_S = 5.0
+
+
+class RedisBackend:
+    """The parts a replica shares through Redis (see core/storage/__init__.py)."""
+
+    def __init__(self, url: str, db, settings, *, clock: Callable[[], float] = time.monotonic,
+                 prefix: str = "gyroscope:") -> None:
+        self.db = db
+        self.link = RedisLink(url, prefix=prefix, clock=clock)
+        try:        # answer at start-up, or start degraded (and rejoin later)
+            self.link.run(lambda r: r.ping())
+        except RedisDown:
+            pass
+        self.announcer = SettingsAnnouncer(self.link, settings)
+        # Announcements carry changes at once, so the settings cache may live longer (less
+        # reading of the store per replica); it is the backstop for a missed announcement.
+        settings.ttl = max(settings.ttl, ANNOUNCED_SETTINGS_TTL_S)
+
+    def breaker_storage(self, name: str) -> FailoverBreakerStorage:
+        return FailoverBreakerStorage(self.link, SQLiteBreakerStorage(self.db, name), name)
+
+    def cache(self, local, settings, clock: Callable[[], float]) -> RedisCache:
+        return RedisCache(self.link, local, settings, clock=clock)
+
+    def pacing_store(self, local) -> RedisPacingStore:
+        return RedisPacingStore(self.link, local)
+
+    def status(self) -> dict:
+        return self.link.status()
+
+    def close(self) -> None:
+        self.announcer.close()
+        self.link.close()

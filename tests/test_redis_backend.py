@@ -1,0 +1,330 @@
+"""Replicas sharing breaker, cache, pacing and settings news through a real Redis.
+
+Redis is the machine's (127.0.0.1:6379, each test under its own key prefix, removed
+afterwards) or, where none answers, a redis-server started here on a free port. The test
+that stops Redis mid-load always starts its own. Skipped, saying why, only when the
+redis-server binary is absent. Replicas are separate processes (tests/replica.py) on
+separate SQLite files, so whatever they share, they share through Redis; the simulator
+in this process counts what reaches the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from core.config import Config
+from core.db import Database
+from core.models import GenerationRequest
+from core.providers.simulator_provider import SimulatorProvider
+from core.service import Gyroscope
+from core.settings import SettingsStore
+from core.simulator import Simulator, start_in_background
+from core.storage.redis_breaker import RedisBreakerStorage
+from core.storage.redis_link import REJOIN_BACKOFF_S, RedisLink
+from support import FakeClock
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_SERVER = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed "
+                                "(apt-get install redis-server): the Redis backend tests need a real one")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisProcess:
+    """A throw-away redis-server (no persistence) that can be stopped and started again on
+    the same port."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def machine_or_own_redis(tmp_path_factory):
+    """The machine's Redis when it answers, else one of our own for this module."""
+    try:
+        redis.Redis(port=6379, socket_connect_timeout=0.2).ping()
+        yield "redis://127.0.0.1:6379/0"
+        return
+    except redis.RedisError:
+        pass
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def shared(machine_or_own_redis):
+    """(url, prefix): a key prefix of this test's own, deleted afterwards."""
+    prefix = f"gyrotest:{uuid.uuid4().hex[:12]}:"
+    yield machine_or_own_redis, prefix
+    client = redis.Redis.from_url(machine_or_own_redis)
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+def _settings(db_path: Path, **values) -> None:
+    """Write settings into a replica's file before it starts."""
+    db = Database(db_path)
+    try:
+        SettingsStore(db).set_many(values, actor="test")
+    finally:
+        db.close()
+
+
+class Replica:
+    """A replica process (tests/replica.py) on its own port."""
+
+    def __init__(self, env: dict) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "replica.py")], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=env["HOME"])
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.proc.kill()
+            raise RuntimeError(f"the replica did not start: {line!r}")
+        self.url = f"http://127.0.0.1:{int(line)}"
+
+    def post(self, path: str, body: dict, method: str = "POST") -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def generate(self, prompt: str, **kw) -> tuple[int, dict]:
+        return self.post("/api/generate", {"prompt": prompt, "max_tokens": 12, **kw})
+
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def replicas(tmp_path, simulator):
+    """start(name, redis_url, prefix, **settings) -> a replica on its own SQLite file, sending
+    to this process's simulator."""
+    started: list[Replica] = []
+
+    def start(name: str, url: str, prefix: str, db: Path | None = None, **settings) -> Replica:
+        db = db or tmp_path / f"{name}.db"
+        _settings(db, **{"retry.max_retries": 0, "retry.jitter": 0, **settings})
+        home = tmp_path / name
+        home.mkdir(exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "GYROSCOPE_"))}
+        env.update(HOME=str(home), GYROSCOPE_DB=str(db), OPENAI_BASE_URL=simulator.base_url,
+                   OPENAI_API_KEY="sk-test", GYROSCOPE_REDIS_URL=url, GYROSCOPE_REDIS_PREFIX=prefix,
+                   GYROSCOPE_SPILL=str(tmp_path / f"{name}.spill"))
+        replica = Replica(env)
+        started.append(replica)
+        return replica
+    yield start
+    for replica in started:
+        replica.stop()
+
+
+# -- two replica processes ------------------------------------------------------------------------
+def test_failures_through_a_open_the_breaker_for_b_and_b_sends_nothing_while_open(shared, replicas, simulator):
+    url, prefix = shared
+    breaker = {"breaker.minimum_calls": 4, "breaker.window_size": 10, "breaker.reset_timeout_s": 600,
+               "cache.enabled": False}
+    a, b = replicas("a", url, prefix, **breaker), replicas("b", url, prefix, **breaker)
+    assert b.generate("warm up")[0] == 200          # B has its breaker, closed, in memory
+    simulator.sim.set_faults(error_rate=1.0, error_status=503)
+    kinds = [a.generate(f"failing {i}")[1]["error"]["kind"] for i in range(6)]
+    assert kinds[:4] == ["server_error"] * 4 and kinds[-1] == "circuit_open"
+    time.sleep(RedisBreakerStorage.READ_TTL_S)      # B's view of the shared row is this fresh
+    simulator.sim.reset_stats()
+    for i in range(5):
+        status, body = b.generate(f"through b {i}")
+        assert status == 503 and body["error"]["kind"] == "circuit_open"
+        assert body["error"]["retry_in_s"] > 500
+    assert simulator.sim.stats()["chat_requests"] == 0      # nothing from B reached the upstream
+
+
+def test_an_answer_cached_through_a_is_a_hit_through_b(shared, replicas, simulator):
+    url, prefix = shared
+    a, b = replicas("a", url, prefix), replicas("b", url, prefix)
+    status, first = a.generate("Name a lighthouse keeper's cat", temperature=0)
+    assert status == 200 and not first["from_cache"]
+    simulator.sim.reset_stats()
+    status, second = b.generate("Name a lighthouse keeper's cat", temperature=0)
+    assert status == 200 and second["from_cache"] and second["content"] == first["content"]
+    assert simulator.sim.stats()["chat_requests"] == 0
+    assert b.get("/api/stats")["cache"]["hits"] == 1      # the shared counters
+
+
+def test_a_setting_changed_through_a_applies_in_b_within_a_second(shared, replicas, simulator, tmp_path):
+    url, prefix = shared
+    db = tmp_path / "shared.db"         # settings live in the store both replicas use
+    a, b = replicas("a", url, prefix, db=db), replicas("b", url, prefix, db=db)
+    assert b.generate("Describe fog", temperature=0)[0] == 200
+    assert b.generate("Describe fog", temperature=0)[1]["from_cache"]   # B read cache.enabled
+    # Changed through A's API and stored in the shared file; B's settings cache (5 s with
+    # Redis) would not see it within a second by itself: the announcement does.
+    status, answer = a.post("/api/settings", {"cache.enabled": False}, method="PATCH")
+    assert status == 200 and answer["changed"] == ["cache.enabled"]
+    changed = time.monotonic()
+    while b.generate("Describe fog", temperature=0)[1]["from_cache"]:
+        assert time.monotonic() - changed < 1.0, "B still serves from the cache a second later"
+        time.sleep(0.05)
+
+
+# -- shared pacing (two services on one injected clock) ----------------------------------------
+def _service(tmp_path: Path, name: str, url: str, prefix: str, running, clock: FakeClock) -> Gyroscope:
+    cfg = Config(provider="simulator", base_url=None, db_path=tmp_path / f"{name}.db",
+                 redis_url=url, redis_prefix=prefix)
+    gyro = Gyroscope(cfg, provider=SimulatorProvider(running), clock=clock.as_clock())
+    gyro.settings.set_many({"retry.jitter": 0, "retry.max_retries": 5, "cache.enabled": False}, actor="test")
+    return gyro
+
+
+def test_two_replicas_together_stay_under_one_shared_rate_limit(shared, tmp_path):
+    url, prefix = shared
+    clock = FakeClock()
+    running = start_in_background(Simulator(clock=clock.monotonic))
+    running.sim.set_faults(rate_limit_requests=5, rate_limit_window_s=10.0)
+    a = _service(tmp_path, "a", url, prefix, running, clock)
+    b = _service(tmp_path, "b", url, prefix, running, clock)
+    try:
+        async def main():
+            gates = {id(a): asyncio.Semaphore(2), id(b): asyncio.Semaphore(2)}
+
+            async def one(gyro, i):
+                async with gates[id(gyro)]:       # 2 at a time through each replica
+                    return await gyro.agenerate(GenerationRequest(prompt=f"row {i}", source="batch"))
+            return await asyncio.gather(*(one(a if i % 2 else b, i) for i in range(30)))
+        start = clock.now
+        results = asyncio.run(main())
+        assert all(r.outcome == "ok" for r in results)
+        stats = running.sim.stats()
+        assert stats["completions"] == 30
+        assert stats["rate_limited"] <= 3       # learnt once, shared: not once per replica
+        assert clock.now - start >= 50.0        # 30 at 5 per 10 s, whichever replica sent them
+        assert a.pacer.waits and b.pacer.waits
+        assert not a.db.query("SELECT * FROM pacing")        # the buckets were in Redis
+    finally:
+        a.close()
+        b.close()
+        running.stop()
+
+
+# -- Redis gone --------------------------------------------------------------------------------
+def test_the_link_rejoins_with_a_growing_backoff_on_the_injected_clock(own_redis):
+    clock = FakeClock()
+    link = RedisLink(own_redis.url, clock=clock.monotonic)
+    assert link.run(lambda r: r.ping())
+    own_redis.stop()
+    with pytest.raises(Exception):
+        link.run(lambda r: r.ping())
+    assert not link.up and link.status()["state"] == "down"
+    assert "cache" in link.status()["local_fallback"]
+    assert not link.maybe_rejoin()                      # before the backoff: not even tried
+    clock.advance(REJOIN_BACKOFF_S[0])
+    assert not link.maybe_rejoin()                      # tried: still down, backoff doubles
+    clock.advance(REJOIN_BACKOFF_S[0])
+    own_redis.start()
+    assert not link.maybe_rejoin()                      # 1 s of 2 s: waits
+    clock.advance(REJOIN_BACKOFF_S[0])
+    assert link.maybe_rejoin() and link.up and link.status() == {"state": "ok", "url": own_redis.url}
+    link.close()
+
+
+def test_redis_stopped_mid_load_requests_served_health_degraded_no_row_lost_rejoin(own_redis, replicas,
+                                                                                simulator):
+    prefix = "gyrotest:"
+    a, b = replicas("a", own_redis.url, prefix), replicas("b", own_redis.url, prefix)
+    sent = {"a": 0, "b": 0}
+
+    def load(n: int, tag: str) -> None:
+        for i in range(n):
+            for name, replica in (("a", a), ("b", b)):
+                status, body = replica.generate(f"{tag} {i}", temperature=0)
+                assert status == 200, body
+                sent[name] += 1
+    load(5, "before")
+    assert a.get("/api/health")["backends"]["redis"]["state"] == "ok"
+    own_redis.stop()
+    load(5, "during")                       # still served: local breaker, cache, pacing
+    for replica in (a, b):
+        health = replica.get("/api/health")
+        assert health["status"] == "degraded"
+        assert health["backends"]["redis"]["state"] == "down"
+        assert set(health["backends"]["redis"]["local_fallback"]) >= {"breaker", "cache", "pacing"}
+    own_redis.start()
+    deadline = time.monotonic() + 10        # the first retry comes REJOIN_BACKOFF_S[0] after
+    while any(r.get("/api/health")["status"] != "ok" for r in (a, b)):
+        assert time.monotonic() < deadline, "the replicas did not rejoin Redis"
+        load(1, "rejoining")
+        time.sleep(0.1)
+    # Shared again: an answer made through A after the rejoin is a hit through B.
+    assert a.generate("after the rejoin", temperature=0)[1]["from_cache"] is False
+    assert b.generate("after the rejoin", temperature=0)[1]["from_cache"] is True
+    sent["a"] += 1
+    sent["b"] += 1
+    for name, replica in (("a", a), ("b", b)):
+        assert replica.get("/api/stats")["total_requests"] == sent[name]       # every answer has its row
+        assert replica.get("/api/health")["history_rows_lost"] == 0
