@@ -260,9 +260,12 @@ class Gyroscope:
         return offered, (f"The configured default model, {default}, is not offered by this "
                          f"AI service; {offered[0]} (its first model) is used instead.")
 
-    def estimate(self, prompt: str, system: str | None, model: str, max_tokens: int) -> dict:
-        """Prompt tokens, the model's limit and the most the request can cost, before sending."""
-        prompt_tokens = tokens.count_messages(chat_messages(prompt, system), model)
+    def estimate(self, prompt: str | None, system: str | None, model: str, max_tokens: int,
+                 messages: list[dict] | None = None) -> dict:
+        """Prompt tokens, the model's limit and the most the request can cost, before sending
+        (of a whole conversation when ``messages`` is given)."""
+        prompt_tokens = tokens.count_messages(messages if messages is not None else chat_messages(prompt, system),
+                                              model)
         window = self.provider.context_window(model)
         return {"prompt_tokens": prompt_tokens, "context_window": window,
                 "too_long": window is not None and prompt_tokens + max_tokens > window,

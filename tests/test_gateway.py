@@ -115,7 +115,7 @@ def test_simulator_answers_with_a_tool_call_then_with_text_after_the_result(simu
     call = choice.message.tool_calls[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert call.function.name == "get_weather" and call.id.startswith("call_")
-    assert json.loads(call.function.arguments) == {"city": "weather", "unit": "celsius"}
+    assert json.loads(call.function.arguments) == {"city": "Lisbon", "unit": "celsius"}
     named = client.chat.completions.create(model="gpt-4o-mini", messages=ASK, tools=[WEATHER, CLOCK],
                                            tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert named.choices[0].message.tool_calls[0].function.name == "get_time"
@@ -404,3 +404,11 @@ def test_logprobs_pass_through_plain_and_streamed(gateway):
     again = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=ASK, max_tokens=8,
                                                              seed=2, logprobs=True, top_logprobs=2)
     assert again.headers["x-gyroscope-cache"] == "miss"       # answers with logprobs are not stored
+
+
+def test_the_estimate_covers_a_whole_conversation(gyro):
+    short = gyro.estimate("Write a tagline for a lighthouse museum", None, "gpt-4o-mini", 100)
+    whole = gyro.estimate(None, None, "gpt-4o-mini", 100, messages=TURNS)
+    answer = gyro.generate(GenerationRequest(messages=TURNS, max_tokens=5, source="test"))
+    assert whole["prompt_tokens"] == answer.usage.prompt_tokens > short["prompt_tokens"]
+    assert whole["max_cost"] > short["max_cost"]

@@ -72,6 +72,8 @@ def arguments(function: dict, messages: list[dict]) -> str:
     schema = function.get("parameters") or {}
     properties = schema.get("properties") or {}
     words = textgen.topic_words(textgen.last_user_text(messages)) or ["example"]
+    # Names first: a string argument is most often a place, a person or a product.
+    words.sort(key=lambda w: not w[:1].isupper())
     args = {}
     for i, name in enumerate(schema.get("required") or ()):
         args[name] = _value(properties.get(name) or {}, words[i % len(words)])
