@@ -19,9 +19,9 @@ def render(gyro) -> None:
     """Input, preview and start; then the jobs with their progress and results."""
     jobs = gyro.batch
     state = st.session_state
-    parsed = _input(jobs)
+    parsed, name = _input(jobs)
     if parsed is not None:
-        _preview_and_start(gyro, parsed)
+        _preview_and_start(gyro, parsed, name)
     st.divider()
     listed = jobs.ledger.jobs(30)
     if not listed:
@@ -53,30 +53,31 @@ def _status(job: dict) -> str:
     return job["status"]
 
 
-def _input(jobs) -> files.ParsedInput | None:
+def _input(jobs) -> tuple[files.ParsedInput | None, str]:
+    """The rows pasted or uploaded (None when there is nothing, or it was refused) and a name."""
     how = st.radio("Prompts", ["Paste, one per line", "Upload CSV or JSONL"], horizontal=True,
                    key="batch_how")
     try:
         if how.startswith("Paste"):
             text = st.text_area("One prompt per line", key="batch_text", height=160,
                                 placeholder="A tagline for a bakery\nA tagline for a bike shop")
-            return jobs.parse(text.encode("utf-8"), "pasted.txt") if text.strip() else None
+            return (jobs.parse(text.encode("utf-8"), "pasted.txt") if text.strip() else None), "pasted"
         up = st.file_uploader("CSV or JSONL with a prompt column (optional: model, system, "
                               "temperature, max_tokens, messages)", key="batch_file",
                               type=["csv", "jsonl", "ndjson", "json", "txt"])
         if up is None:
-            return None
+            return None, ""
         limit = int(jobs.gyro.settings.get("batch.max_file_mb") * 1e6)
         if up.size > limit:   # refused by its size, before its bytes are read
             raise InputRefused(f"{up.name} is {up.size / 1e6:,.1f} MB; a batch input may be at most "
                                f"{limit / 1e6:,.1f} MB (setting batch.max_file_mb). Split it.")
-        return jobs.parse(up.getvalue(), up.name)
+        return jobs.parse(up.getvalue(), up.name), up.name
     except InputRefused as exc:
         st.error(exc.user_message)
-        return None
+        return None, ""
 
 
-def _preview_and_start(gyro, parsed: files.ParsedInput) -> None:
+def _preview_and_start(gyro, parsed: files.ParsedInput, name: str) -> None:
     for note in parsed.notes:
         st.info(note)
     if parsed.problems:
@@ -104,7 +105,6 @@ def _preview_and_start(gyro, parsed: files.ParsedInput) -> None:
                           help="The job stops before it would pass this, counting the most "
                                "each row in flight can cost.")
     if st.button("Start batch", type="primary", key="batch_start"):
-        name = st.session_state.get("batch_file").name if st.session_state.get("batch_file") else "pasted"
         job_id = gyro.batch.create(parsed, name=name, concurrency=int(concurrency),
                                    max_cost=float(cap) or None)
         gyro.batch.start(job_id)

@@ -229,3 +229,30 @@ def test_sync_callers_are_paced_without_an_event_loop(limited):
         assert gyro.generate(GenerationRequest(prompt=f"sync {i}", source="cli")).outcome == "ok"
     assert sim.stats()["rate_limited"] <= 1
     assert clock.slept                      # it waited on the injected clock
+
+
+def test_turning_a_setting_off_removes_its_bucket_from_the_file(tmp_path):
+    clock = FakeClock()
+    db = Database(tmp_path / "g.db")
+    try:
+        p = pacer(clock, SQLitePacingStore(db))
+        take(p, conf=PacingConf(rpm=5, tpm=1000))
+        assert {r["dim"] for r in db.query("SELECT dim FROM pacing")} == {"requests", "tokens"}
+        take(p, conf=PacingConf(rpm=5))
+        assert [r["dim"] for r in db.query("SELECT dim FROM pacing")] == ["requests"]
+    finally:
+        db.close()
+
+
+def test_streams_learn_from_the_headers_too(limited):
+    gyro, sim, clock = limited
+
+    async def main():
+        for i in range(12):
+            stream = gyro.astream(GenerationRequest(prompt=f"stream {i}", source="page"))
+            async for _ in stream:
+                pass
+            assert stream.result.outcome == "ok"
+    asyncio.run(main())
+    assert sim.stats()["rate_limited"] <= 1
+    assert gyro.pacer.waits >= 1

@@ -172,6 +172,8 @@ class SQLitePacingStore(PacingStore):
             buckets = {r[0]: Bucket(r[1], r[2], r[3], r[4], bool(r[5])) for r in rows}
             before = {d: replace(b) for d, b in buckets.items()}
             out = fn(buckets)
+            for dim in before.keys() - buckets.keys():     # a setting turned off
+                conn.execute("DELETE FROM pacing WHERE key = ? AND dim = ?", (key, dim))
             for dim, b in buckets.items():
                 if before.get(dim) != b:
                     conn.execute("INSERT OR REPLACE INTO pacing (key, dim, lim, remaining, reset_at, "
