@@ -134,7 +134,7 @@ def _command(gyro, args) -> int:
         return (batch_cli.batch_command if args.command == "batch" else batch_cli.jobs_command)(gyro, args)
     if args.command == "demo-history":
         from .demo import fill_history
-        n = fill_history(gyro.db, rows=args.rows, days=args.days, seed=args.seed)
+        n = fill_history(gyro.history.db, rows=args.rows, days=args.days, seed=args.seed)
         skipped = f" ({args.rows - n} identical rows were already there)" if n < args.rows else ""
         print(f"wrote {n} synthetic history rows to {gyro.db.path}{skipped}")
         return 0

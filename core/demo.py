@@ -119,9 +119,11 @@ def synthetic_records(rows: int, days: int, seed: int = 1, end: float | None = N
         yield rec
 
 
+# Plain ``?`` placeholders (the event's ts, kind, subject and new given twice), so the same
+# statement runs on SQLite and PostgreSQL (core/storage/postgres.py).
 _INSERT_EVENT = ("INSERT INTO events (ts, kind, subject, old, new, cause, actor) SELECT ?, ?, ?, ?, ?, ?, ? "
-                 "WHERE NOT EXISTS (SELECT 1 FROM events WHERE ts = ?1 AND kind = ?2 AND subject = ?3 "
-                 "AND new = ?5)")
+                 "WHERE NOT EXISTS (SELECT 1 FROM events WHERE ts = ? AND kind = ? AND subject = ? "
+                 "AND new = ?)")
 
 
 def fill_history(db, rows: int, days: int = 30, seed: int = 1, end: float | None = None,
@@ -130,6 +132,7 @@ def fill_history(db, rows: int, days: int = 30, seed: int = 1, end: float | None
     number of request rows added."""
     end = time.time() if end is None else end
     events = breaker_events(outages(days, seed, end))
+    events = [(*e, e[0], e[1], e[2], e[4]) for e in events]
     db.write(lambda conn: conn.executemany(_INSERT_EVENT, events).rowcount, timeout=None)
     written = 0
     batch: list[tuple] = []

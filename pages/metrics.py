@@ -52,7 +52,7 @@ def empty_state() -> None:
     if st.button("Load demo history", key="load_demo", icon=":material/dataset:"):
         try:
             with st.spinner("Writing synthetic history…"):
-                fill_history(gyro.db, rows=DEMO_ROWS, days=DEMO_DAYS)
+                fill_history(gyro.history.db, rows=DEMO_ROWS, days=DEMO_DAYS)
         except GyroscopeError as exc:
             show_error(exc)
             return

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -409,3 +410,35 @@ def test_a_batch_job_worked_by_two_replicas_does_every_row_exactly_once(tmp_path
     assert len({r[2] for r in done}) == 2, "both replicas worked the job"
     assert len(history) == rows and {o for _, o in history} == {"ok"}      # each row sent once
     assert {r[3] for r in done} == {rid for rid, _ in history}
+
+
+# -- the Metrics page and the CLI on PostgreSQL ----------------------------------------------------
+def test_the_metrics_page_reads_postgresql_and_agrees_with_the_cli(app_env, pg_url, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    import core.service
+    from core import charts
+    monkeypatch.setenv("GYROSCOPE_DATABASE_URL", pg_url)
+    gyro = core.service.default_service()
+    assert isinstance(gyro.history, PgHistory)
+    at = AppTest.from_file(str(ROOT / "pages" / "metrics.py"), default_timeout=60)
+    at.run()
+    at.button(key="load_demo").click().run()          # the demo rows go to PostgreSQL
+    assert len(at.exception) == 0
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM requests").fetchone()[0] == 5000
+        assert conn.execute("SELECT count(*) FROM events WHERE kind = 'breaker'").fetchone()[0] > 0
+    at.radio(key="metrics_range").set_value("Last 30 days").run()
+    assert at.metric and len(at.exception) == 0
+    at.session_state["metrics_tab"] = "Requests and errors"
+    at.run()
+    assert at.get("plotly_chart") and len(at.exception) == 0
+    # The page prints the CLI command for its range; the CLI, on the same database, agrees.
+    shown_text = "\n".join(str(e.value) for e in [*at.markdown, *at.caption, *at.code])
+    since, until = re.search(r"--since (\S+) --until (\S+)$", shown_text, re.M).groups()
+    out = subprocess.run([sys.executable, "-m", "core", "stats", "--json", "--since", since, "--until", until],
+                         cwd=ROOT, env={**os.environ, "GYROSCOPE_DB": str(app_env / "cli.db")},
+                         capture_output=True, text=True, timeout=60, check=True)
+    cli = json.loads(out.stdout)
+    assert cli["total_requests"] > 1000
+    assert {m.label: m.value for m in at.metric} == {label: value for label, value, _ in charts.headline(cli)}

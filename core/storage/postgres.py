@@ -53,7 +53,10 @@ def is_postgres_url(url: str | None) -> bool:
 
 @functools.lru_cache(maxsize=512)
 def pg_sql(sql: str) -> str:
-    """SQLite-style SQL for psycopg: ``?`` outside string literals becomes ``%s``, ``%`` is escaped."""
+    """SQLite-style SQL for psycopg: ``?`` outside string literals becomes ``%s``, ``%`` is
+    escaped, and ``INSERT OR IGNORE INTO … VALUES (…)`` becomes ``… ON CONFLICT DO NOTHING``."""
+    if sql.lstrip().upper().startswith("INSERT OR IGNORE INTO"):
+        sql = sql.lstrip()[:6] + sql.lstrip()[16:] + " ON CONFLICT DO NOTHING"
     parts = _QUOTED.split(sql.replace("%", "%%"))
     return "".join(p if i % 2 else p.replace("?", "%s") for i, p in enumerate(parts))
 
