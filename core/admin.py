@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import time
 from typing import Any, Mapping
 
 from .config import redact_url as safe_url  # noqa: F401 - the page's name for it
@@ -97,9 +96,10 @@ def reset_group(store: SettingsStore, group: str, actor: str | None) -> tuple[li
     return names, (store.reset(names, actor) if names else None)
 
 
-def audit_rows(store: SettingsStore, limit: int = 50) -> list[dict]:
-    """The latest setting changes as rows for a table: when, who, setting, old -> new."""
-    return [{"when": when(r["ts"]), "who": r["actor"] or "?", "setting": r["name"],
+def audit_rows(store: SettingsStore, limit: int = 50, zone: dt.tzinfo | None = None) -> list[dict]:
+    """The latest setting changes as rows for a table: when (in ``zone``), who, setting,
+    old -> new."""
+    return [{"when": when(r["ts"], zone), "who": r["actor"] or "?", "setting": r["name"],
              "change": f"{_json_show(r['old'])} → {_json_show(r['new'])}",
              "version": r["version"]} for r in store.audit(limit)]
 
@@ -111,11 +111,11 @@ def _json_show(raw: str | None) -> str:
         return str(raw)
 
 
-def other_changes(gyro, limit: int = 50) -> list[dict]:
-    """The latest breaker, cache and fault events, newest first."""
+def other_changes(gyro, limit: int = 50, zone: dt.tzinfo | None = None) -> list[dict]:
+    """The latest breaker, cache and fault events, newest first (times in ``zone``)."""
     events = [e for kind in ("breaker", "cache", "fault") for e in gyro.history.events(kind, limit=limit)]
     events.sort(key=lambda e: (e["ts"], e["id"]), reverse=True)
-    return [{"when": when(e["ts"]), "who": e["actor"] or _actor_in(e["cause"]), "kind": e["kind"],
+    return [{"when": when(e["ts"], zone), "who": e["actor"] or _actor_in(e["cause"]), "kind": e["kind"],
              "subject": breaker_label(e["subject"]) if e["kind"] == "breaker" else e["subject"],
              "change": f"{e['old'] or '—'} → {e['new'] or '—'}",
              "cause": e["cause"] or ""} for e in events[:limit]]
@@ -128,9 +128,9 @@ def _actor_in(cause: str | None) -> str:
 
 
 # -- display helpers -------------------------------------------------------------------------
-def when(ts: float | None) -> str:
-    """Unix seconds as local date and time."""
-    return "—" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+def when(ts: float | None, zone: dt.tzinfo | None = None) -> str:
+    """Unix seconds as date and time in ``zone`` (None: the server's)."""
+    return "—" if ts is None else dt.datetime.fromtimestamp(ts, zone).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def human_bytes(n: int) -> str:
@@ -146,13 +146,14 @@ def human_bytes(n: int) -> str:
 
 
 # -- breakers ------------------------------------------------------------------------------
-def breaker_state(info: dict) -> str:
-    """'closed', 'open until HH:MM:SS' or 'half-open', in words a maintainer reads at once."""
+def breaker_state(info: dict, zone: dt.tzinfo | None = None) -> str:
+    """'closed', 'open until HH:MM:SS' (in ``zone``) or 'half-open', in words a maintainer
+    reads at once."""
     state = info.get("state")
     if state == "open":
         if not info.get("retry_in_s"):
             return "open — the next request probes"
-        return "open until " + time.strftime("%H:%M:%S", time.localtime(info["next_probe_at"]))
+        return "open until " + dt.datetime.fromtimestamp(info["next_probe_at"], zone).strftime("%H:%M:%S")
     return state or "unknown"
 
 
@@ -162,8 +163,9 @@ def breaker_label(name: str) -> str:
     return f"{safe_url(upstream)}{sep}{model}"
 
 
-def breaker_rows(gyro) -> list[dict]:
-    """Every breaker in the file: its label, state, failures and last transition."""
+def breaker_rows(gyro, zone: dt.tzinfo | None = None) -> list[dict]:
+    """Every breaker in the file: its label, state, failures and last transition (times in
+    ``zone``)."""
     # The breaker for today's provider and default model always shows, so it can be forced
     # open before any traffic (a rehearsal); others appear on their first request.
     gyro.breakers.get(gyro.provider.upstream_id, gyro.settings.get("provider.default_model"))
@@ -172,14 +174,14 @@ def breaker_rows(gyro) -> list[dict]:
     for info in gyro.breakers.all_info():
         event = last.get(info["name"])
         rows.append({
-            "breaker": breaker_label(info["name"]), "state": breaker_state(info),
+            "breaker": breaker_label(info["name"]), "state": breaker_state(info, zone),
             # What the trip rule counts: failures in this process's window, or in a row.
             **({"failures": info["window_failures"],
                 "counted over": f"last {info['window_calls'] + info['window_running']} attempts "
                                 "sent (this process)"}
                if info.get("mode") == "rate" else
                {"failures": info.get("fail_counter", 0), "counted over": "in a row"}),
-            "last change": (f"{when(event['ts'])}: {event['old']} → {event['new']}"
+            "last change": (f"{when(event['ts'], zone)}: {event['old']} → {event['new']}"
                             if event else "—"),
             "cause": event["cause"] if event else "",
         })

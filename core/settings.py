@@ -30,6 +30,18 @@ class Setting:
     unit: str = ""
     check: Callable[[Any], None] | None = None   # more rules for the parsed value
     choices: tuple[str, ...] = ()      # the only values allowed (a str setting), in shown order
+    label: str = ""                    # plain words for a page (LABELS, else made from the name)
+
+    @property
+    def title(self) -> str:
+        """The setting in plain words: 'Retries after a failure' for retry.max_retries."""
+        if self.label or self.name in LABELS:
+            return self.label or LABELS[self.name]
+        words = self.name.split(".", 1)[-1].replace(".", " ").replace("_", " ")
+        for suffix, unit in ((" s", " (seconds)"), (" usd", " ($)"), (" mb", " (MB)")):
+            if words.endswith(suffix):
+                words = words[: -len(suffix)] + unit
+        return words[:1].upper() + words[1:]
 
     def parse(self, value: Any) -> Any:
         """The typed, validated value, or InvalidParameter naming what is allowed."""
@@ -186,6 +198,56 @@ SETTINGS: tuple[Setting, ...] = (
             "'refuse' it, or 'allow' it uncounted (the limit may then be passed).", "Budget",
             choices=("refuse", "allow")),
 )
+# Plain labels for the Settings page, by setting name (the key is shown small beside them).
+LABELS: dict[str, str] = {
+    "provider.default_model": "Default model",
+    "provider.extra_models": "More models to offer",
+    "retry.max_retries": "Retries after a failure",
+    "retry.base_delay_s": "First wait before retrying (seconds)",
+    "retry.max_delay_s": "Longest wait between tries (seconds)",
+    "retry.multiplier": "Each wait grows by (×)",
+    "retry.jitter": "Randomness in the waits (0-1)",
+    "retry.deadline_s": "Time limit for one request, retries included (seconds)",
+    "breaker.mode": "What pauses the AI service",
+    "breaker.failure_rate_threshold": "Failure share that pauses it (%)",
+    "breaker.window_size": "Recent attempts looked at",
+    "breaker.minimum_calls": "Attempts needed before it can pause",
+    "breaker.fail_max": "Failures in a row that pause it",
+    "breaker.reset_timeout_s": "Pause length before trying again (seconds)",
+    "breaker.half_open_max_calls": "Test requests at once after a pause",
+    "breaker.success_threshold": "Good test requests needed to resume",
+    "timeout.connect_s": "Time to connect (seconds)",
+    "timeout.read_s": "Longest silence while answering (seconds)",
+    "cache.enabled": "Reuse saved answers",
+    "cache.ttl_s": "Keep saved answers for (seconds)",
+    "cache.max_entries": "Most saved answers kept",
+    "cache.normalize_whitespace": "Ignore spacing differences",
+    "optimizer.enabled": "Optimize prompts by default",
+    "generate.max_tokens": "Default answer length limit (tokens)",
+    "generate.temperature": "Default temperature (creativity)",
+    **{f"optimizer.rule.{rule}": f"Optimizer: {rule.replace('_', ' ')}" for rule in OPTIMIZER_RULES},
+    "optimizer.rule.whitespace": "Optimizer: tidy whitespace",
+    "optimizer.rule.trailing_spaces": "Optimizer: drop trailing spaces",
+    "optimizer.rule.filler": "Optimizer: drop filler words",
+    "optimizer.rule.duplicates": "Optimizer: drop repeated sentences",
+    "optimizer.rule.separators": "Optimizer: shorten separator lines",
+    "pacing.enabled": "Pace requests to the service's limits",
+    "pacing.rpm": "Requests per minute allowed",
+    "pacing.tpm": "Tokens per minute allowed",
+    "pacing.interactive_reserve": "Share kept for people (not batches)",
+    "batch.concurrency": "Batch rows at once",
+    "batch.row_attempts": "Tries per batch row",
+    "batch.max_cost_usd": "Most a batch may cost ($)",
+    "batch.max_file_mb": "Largest batch file (MB)",
+    "batch.max_rows": "Most rows in a batch",
+    "prices.upstreams": "Prices per AI service",
+    "budget.daily_usd": "Daily budget ($)",
+    "budget.monthly_usd": "Monthly budget ($)",
+    "budget.limits": "Budgets per model or source",
+    "budget.warn_percent": "Warn when this share is spent (%)",
+    "budget.timezone": "Time zone budgets count days in",
+    "budget.unknown_price": "When a price is unknown",
+}
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(s.group for s in SETTINGS))
 

@@ -8,14 +8,15 @@ the stored values and the new settings version in the same run.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import streamlit as st
 
-from core import admin
+from core import admin, display
 from core.errors import GyroscopeError
 from core.settings import GROUPS, Setting
-from core.ui import get_gyro, provider_badge, show_error
+from core.ui import get_gyro, provider_badge, show_error, viewer_zone
 
 OPEN_TO_ALL = ("**Who can edit:** anyone who can reach this app; it listens on 127.0.0.1 only — "
                "set `GYROSCOPE_ADMIN_PASSWORD` before exposing it.")
@@ -88,6 +89,8 @@ def show_outcome(slot: str) -> None:
     elif outcome:
         kind, message = outcome
         getattr(st, kind)(message)
+        if kind == "success":     # seen wherever the page is scrolled to
+            st.toast(message, icon=":material/check_circle:")
 
 
 # -- settings, generated from the description ------------------------------------------------
@@ -99,7 +102,7 @@ def _key(name: str, version: int) -> str:
 
 def setting_widget(s: Setting, value: Any, version: int, disabled: bool) -> None:
     """The widget for one setting, chosen by its type, with its help, bounds and default."""
-    key, label = _key(s.name, version), s.name
+    key, label = _key(s.name, version), s.title
     if s.choices:
         st.selectbox(label, s.choices, index=s.choices.index(value) if value in s.choices else 0,
                      key=key, disabled=disabled)
@@ -112,7 +115,7 @@ def setting_widget(s: Setting, value: Any, version: int, disabled: bool) -> None
                         key=key, disabled=disabled)
     else:
         st.text_input(label, value=str(value), key=key, disabled=disabled)
-    st.caption(admin.describe(s))
+    st.caption(f"`{s.name}` · {admin.describe(s)}")   # the key, small, for the CLI and API
 
 
 def _save(gyro, who: str, group: str, version: int):
@@ -185,10 +188,11 @@ def _breaker_open(gyro, who: str):
 
 
 def breaker_panel(gyro, editable: bool) -> None:
-    rows = admin.breaker_rows(gyro)
+    zone = viewer_zone()
+    rows = admin.breaker_rows(gyro, zone)
     st.dataframe(rows, hide_index=True)
-    st.caption("One breaker per upstream and model; others appear on their first request. "
-               "Watch them open and recover on the Metrics page.")
+    st.caption(f"Times in {display.zone_name(zone)}. One breaker per upstream and model; others "
+               "appear on their first request. Watch them open and recover on the Metrics page.")
     if editable and rows:
         st.selectbox("Breaker", [r["breaker"] for r in rows], key="breaker_pick")
         close, force = st.columns(2)
@@ -287,16 +291,37 @@ def _num(name: str, label: str, **kw: Any) -> None:
     st.number_input(label, key=f"fault:{name}", **kw)
 
 
+COUNTDOWNS = {"outage_remaining_s": ("Full outage", "every request gets 503"),
+              "loading_remaining_s": ("Model loading", "every request gets 503 \"Loading model\"")}
+
+
+@st.fragment(run_every=1)
+def outage_countdown(gyro) -> None:
+    """A running outage or model load, counting down every second."""
+    faults, zone = gyro.provider.sim.faults(), viewer_zone()
+    running = False
+    for key, (what, effect) in COUNTDOWNS.items():
+        left = faults.get(key) or 0
+        if left > 0:
+            running = True
+            ends = display.clock_time(time.time() + left, zone)
+            st.warning(f"**{what} running: {left:.0f} s left** (until {ends}, {display.zone_name(zone)}) — "
+                       f"{effect} until then.", icon=":material/timer:")
+    if not running:
+        st.caption("No outage running — the simulator answers (apart from the faults below).")
+
+
 def rehearsal_panel(gyro, editable: bool) -> None:
     if not gyro.is_simulated:
         st.caption("Outage rehearsal needs the built-in simulator as the provider.")
         return
     st.info("Inject faults into the built-in simulator, send requests from Generate, and watch "
             "the breaker open and recover on the Metrics page.", icon=":material/science:")
-    active = admin.active_faults(gyro)
+    outage_countdown(gyro)
+    active = {k: v for k, v in admin.active_faults(gyro).items() if k not in COUNTDOWNS}
     latency = gyro.provider.sim.latency()
-    st.markdown("**Current faults:** " + (", ".join(f"`{k}={admin.show(v)}`" for k, v in active.items())
-                                          or "none — the simulator answers normally."))
+    st.markdown("**Other faults now:** " + (", ".join(f"`{k}` {admin.show(v)}" for k, v in active.items())
+                                            or "none."))
     speed = latency["tokens_per_s"]
     st.caption(f"Latency: first token after {latency['ttft_ms']:g} ms, then "
                + (f"{speed:g} tokens/s." if speed else "the rest at once."))
@@ -354,14 +379,15 @@ def rehearsal_panel(gyro, editable: bool) -> None:
 
 # -- audit trail -----------------------------------------------------------------------------
 def audit_panel(gyro) -> None:
-    rows = admin.audit_rows(gyro.settings)
-    st.markdown("**Setting changes** (newest first)")
+    zone = viewer_zone()
+    rows = admin.audit_rows(gyro.settings, zone=zone)
+    st.markdown(f"**Setting changes** (newest first; times in {display.zone_name(zone)})")
     if rows:
         st.dataframe(rows, hide_index=True)
     else:
         st.caption("No setting has been changed yet.")
     st.markdown("**Breaker, cache and fault changes**")
-    other = admin.other_changes(gyro)
+    other = admin.other_changes(gyro, zone=zone)
     if other:
         st.dataframe(other, hide_index=True)
     else:
@@ -384,7 +410,7 @@ try:
         provider_badge(gyro)
     admin_gate(gyro.config.admin_password)
     editable = current_actor() is not None
-    tabs = st.tabs(["Settings", "Breakers", "Cache", "Outage rehearsal", "Audit trail"])
+    tabs = st.tabs(["Tuning", "Breakers", "Cache", "Outage rehearsal", "Audit trail"])
     with tabs[0]:
         panel(settings_panel, gyro, editable)
     with tabs[1]:

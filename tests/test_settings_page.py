@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from streamlit.testing.v1 import AppTest, AppTestError
@@ -110,7 +112,8 @@ def test_every_setting_has_a_widget_of_its_type_with_help_bounds_and_default():
             assert list(w.options) == list(s.choices)
         if s.min is not None:
             assert (w.min, w.max) == (s.min, s.max)
-        assert admin.describe(s) in captions
+        assert f"`{s.name}` · {admin.describe(s)}" in captions     # the key, small, beside
+        assert w.label == s.title and s.name not in w.label and "_" not in w.label    # plain words
     assert {f.key for f in at.form} >= {f"group:{g}" for g in
                                         ("Provider", "Retry", "Breaker", "Timeouts", "Cache",
                                          "Optimizer", "Generate")}
@@ -237,14 +240,18 @@ def test_outage_rehearsal_injects_shows_and_clears_faults_each_audited():
     at.number_input(key="fault:error_rate").set_value(1.0)
     at.selectbox(key="fault:error_status").set_value(502)
     at = run(at.button(key="fault_apply:Inject errors").click())
-    assert any("`error_rate=1`" in m and "`error_status=502`" in m for m in messages(at, "markdown"))
+    assert any("`error_rate` 1" in m and "`error_status` 502" in m for m in messages(at, "markdown"))
     with pytest.raises(ServerError):
         generate()
     assert last_request()["http_status"] == 502
 
     at.number_input(key="fault:outage_s").set_value(30.0)
     at = run(at.button(key="fault_apply:Start outage").click())
-    assert any("outage_remaining_s=" in m for m in messages(at, "markdown"))
+    # A live countdown, not "outage_remaining_s=30", and a confirmation that it started.
+    assert any(re.search(r"Full outage running: (29|30) s left\*\* \(until \d\d:\d\d:\d\d, UTC\)", m)
+               for m in messages(at, "warning"))
+    assert "Every request gets 503 for 30 s." in [t.proto.body for t in at.toast]
+    assert "outage_remaining_s" not in " ".join(messages(at, "markdown"))
     at.number_input(key="fault:drop_after_chunks").set_value(2)
     at = run(at.button(key="fault_apply:Drop streams").click())
     at = run(at.button(key="fault_apply:Start 429 storm").click())
@@ -253,7 +260,8 @@ def test_outage_rehearsal_injects_shows_and_clears_faults_each_audited():
     sim = service.default_service().provider.sim
     assert sim.faults()["drop_after_chunks"] == 2 and sim.faults()["retry_after_s"] == 2
     at = run(at.button(key="fault_clear").click())
-    assert any("none — the simulator answers normally" in m for m in messages(at, "markdown"))
+    assert any(m == "**Other faults now:** none." for m in messages(at, "markdown"))
+    assert any("No outage running" in m for m in messages(at, "caption"))
     assert generate().outcome == "ok"
     faults = [(r["subject"], r["change"], r["who"]) for r in table(at, "kind") if r["kind"] == "fault"]
     assert ("error_rate", "0 → 1", "local") in faults and ("error_status", "500 → 502", "local") in faults
@@ -338,3 +346,23 @@ def test_a_real_provider_shows_no_credentials_and_no_rehearsal(monkeypatch):
         assert secret not in text
     assert "Outage rehearsal needs the built-in simulator" in text
     assert not [b for b in at.button if b.key.startswith("fault")]
+
+
+def test_times_are_the_viewers_with_the_zone_shown_and_no_settings_tab_in_settings():
+    at = AppTest.from_file(PAGE, default_timeout=30)
+    at.context = {"timezone": "Pacific/Kiritimati"}
+    at = save(run(at), retry__max_retries=2)
+    service.default_service().breakers.get("simulator", "gpt-4o-mini").force_open(actor="test")
+    at = run(at)
+    assert [t.label for t in at.tabs] == ["Tuning", "Breakers", "Cache", "Outage rehearsal", "Audit trail"]
+    zone = ZoneInfo("Pacific/Kiritimati")
+    [change] = [r for r in table(at, "setting") if r["setting"] == "retry.max_retries"]
+    shown = dt.datetime.strptime(change["when"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=zone)
+    assert abs((dt.datetime.now(zone) - shown).total_seconds()) < 120
+    assert any("times in Pacific/Kiritimati" in m for m in messages(at, "markdown"))
+    [row] = [r for r in table(at, "breaker") if r["breaker"] == "simulator|gpt-4o-mini"]
+    until = re.search(r"open until (\d\d:\d\d:\d\d)", row["state"]).group(1)
+    probe = dt.datetime.now(zone) + dt.timedelta(seconds=30)
+    assert abs(dt.datetime.combine(probe.date(), dt.time.fromisoformat(until), zone).timestamp()
+               - probe.timestamp()) < 120 or until.startswith("00:")
+    assert any("Times in Pacific/Kiritimati" in c for c in messages(at, "caption"))
