@@ -1,4 +1,4 @@
-"""`python -m core`: generate, stats, settings and the simulator, for scripts."""
+"""`python -m core`: generate, stats, settings, doctor and the simulator, for scripts."""
 
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     from .batch.cli import add_commands
     add_commands(sub)
 
+    dr = sub.add_parser("doctor", help="check the configured storage backends (SQLite, Redis, "
+                        "PostgreSQL) and how they answer; exit code 1 when one fails")
+    dr.add_argument("--json", action="store_true")
+
     d = sub.add_parser("demo-history", help="fill the database with synthetic history")
     d.add_argument("--rows", type=int, default=5000)
     d.add_argument("--days", type=int, default=30)
@@ -79,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         return _simulator(args)
     as_json = getattr(args, "json", False)
     try:
+        if args.command == "doctor":     # never builds the service: a failing backend is reported
+            from .config import load_config
+            from .storage import doctor
+            return doctor.main(load_config(), as_json)
         return _run(args)
     except GyroscopeError as exc:
         if as_json:

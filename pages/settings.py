@@ -149,6 +149,10 @@ def provider_facts(gyro, version: int) -> None:
     st.markdown(f"Provider **{gyro.provider.name}** at `{base_url or 'its default URL'}` · "
                 f"API key: **{key}**")
     st.caption("Models offered: " + ", ".join(_models(id(gyro), version, gyro)))
+    if "redis" in gyro.backends():       # replicas: what is shared, or that Redis is down
+        from core.storage.redis_backend import describe
+        ok, line = describe(gyro.backends()["redis"])
+        st.caption(line) if ok else st.warning(line, icon=":material/cloud_off:")
 
 
 def settings_panel(gyro, editable: bool) -> None:

@@ -328,3 +328,90 @@ def test_redis_stopped_mid_load_requests_served_health_degraded_no_row_lost_rejo
     for name, replica in (("a", a), ("b", b)):
         assert replica.get("/api/stats")["total_requests"] == sent[name]       # every answer has its row
         assert replica.get("/api/health")["history_rows_lost"] == 0
+
+
+# -- the parts on their own, against the same real Redis -----------------------------------------
+def test_half_open_probe_slots_are_shared_by_replicas_and_given_back_only_by_their_holder(shared):
+    url, prefix = shared
+    a, b = RedisLink(url, prefix=prefix), RedisLink(url, prefix=prefix)
+    on_a, on_b = RedisBreakerStorage(a, "up|m"), RedisBreakerStorage(b, "up|m")
+    lease = on_a.lease_probe(1, 30.0, 0.0)
+    assert lease is not None and on_b.lease_probe(1, 30.0, 0.0) is None     # one slot for all
+    on_b.return_probe(lease.split(":")[0] + ":not-the-holder")
+    assert on_b.lease_probe(1, 30.0, 0.0) is None
+    on_a.return_probe(lease)
+    assert on_b.lease_probe(1, 0.05, 0.0) is not None
+    on_a.state = "open"
+    assert on_a.snapshot()["state"] == "open"
+    time.sleep(RedisBreakerStorage.READ_TTL_S)
+    assert on_b.state == "open" and on_b.counter == 0
+    a.close()
+    b.close()
+
+
+def test_the_shared_cache_keeps_the_rules_ttl_lru_bound_counters_and_clear(shared, tmp_path):
+    url, prefix = shared
+    clock = FakeClock()
+    cfg = Config(provider="simulator", base_url=None, db_path=tmp_path / "c.db", redis_url=url,
+                 redis_prefix=prefix)
+    gyro = Gyroscope(cfg, clock=clock.as_clock())
+    try:
+        cache = gyro.cache
+        gyro.settings.set_many({"cache.max_entries": 2, "cache.ttl_s": 100}, actor="test")
+        answer = dict(provider="simulator", model="m", finish_reason="stop", prompt_tokens=3,
+                      completion_tokens=4, cost=None)
+        cache.put("k1", content="one", **answer)
+        clock.advance(1)
+        cache.put("k2", content="two", **answer)
+        clock.advance(1)
+        assert cache.get("k1").content == "one"       # a hit: k1 is now the most recently used
+        cache.put("k3", content="three", **answer)    # past 2 entries: k2 (least recent) goes
+        assert cache.get("k2") is None and cache.get("k3").prompt_tokens == 3
+        ttl = redis.Redis.from_url(url).ttl(prefix + "cache:e:k3")
+        assert 0 < ttl <= 100                         # Redis expires it by itself
+        clock.advance(150)
+        assert cache.get("k3") is None                # past cache.ttl_s by our clock too
+        stats = cache.stats()
+        assert (stats["hits"], stats["misses"], stats["entries"]) == (2, 2, 0)
+        clock.advance(1)
+        cache.put("k4", content="four", **answer)
+        assert cache.clear(before=clock.now - 0.5) == 0 and cache.clear() == 1
+        assert cache.stats()["entries"] == 0
+        assert gyro.db.query("SELECT key FROM cache") == []      # nothing went to the file
+    finally:
+        gyro.close()
+
+
+def test_doctor_reports_the_backends_without_secrets_and_fails_for_a_dead_one(shared, own_redis, tmp_path):
+    url, prefix = shared
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "GYROSCOPE_"))}
+    env.update(GYROSCOPE_DB=str(tmp_path / "d.db"), GYROSCOPE_REDIS_PREFIX=prefix)
+    with_password = own_redis.url.replace("redis://", "redis://default:hunter2-secret@")
+    redis.Redis.from_url(own_redis.url).config_set("requirepass", "hunter2-secret")
+    ok = subprocess.run([sys.executable, "-m", "core", "doctor"], cwd=ROOT, capture_output=True, text=True,
+                        env={**env, "GYROSCOPE_REDIS_URL": with_password})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "redis       ok" in ok.stdout and "Redis " in ok.stdout
+    assert f"redis://127.0.0.1:{own_redis.port}/0" in ok.stdout and " ms" in ok.stdout
+    dead = with_password.replace(str(own_redis.port), str(_free_port()))
+    bad = subprocess.run([sys.executable, "-m", "core", "doctor", "--json"], cwd=ROOT, capture_output=True,
+                         text=True, env={**env, "GYROSCOPE_REDIS_URL": dead})
+    assert bad.returncode == 1
+    report = json.loads(bad.stdout)
+    redis_check = next(c for c in report["backends"] if c["backend"] == "redis")
+    assert not report["ok"] and not redis_check["ok"] and "Connection refused" in redis_check["detail"]
+    assert "hunter2" not in ok.stdout + ok.stderr + bad.stdout + bad.stderr
+
+
+def test_the_settings_page_says_when_redis_is_down(app_env, monkeypatch, own_redis):
+    from streamlit.testing.v1 import AppTest
+    monkeypatch.setenv("GYROSCOPE_REDIS_URL", own_redis.url)
+    monkeypatch.setenv("GYROSCOPE_REDIS_PREFIX", "gyrotest:")
+    at = AppTest.from_file(str(ROOT / "pages" / "settings.py"), default_timeout=30).run()
+    assert not at.exception
+    assert any("Shared with the other replicas through Redis" in c.value for c in at.caption)
+    own_redis.stop()
+    at.run()
+    assert not at.exception
+    [warning] = [w.value for w in at.warning if "Redis at" in w.value]
+    assert "is not answering" in warning and "breaker, cache, pacing" in warning

@@ -50,3 +50,13 @@ class RedisBackend:
     def close(self) -> None:
         self.announcer.close()
         self.link.close()
+
+
+def describe(status: dict) -> tuple[bool, str]:
+    """(ok, one line for the Settings page) from ``RedisLink.status()``."""
+    if status["state"] == "ok":
+        return True, (f"Shared with the other replicas through Redis at {status['url']}: breaker "
+                      "state, cached answers and pacing; saved settings are announced to them at once.")
+    return False, (f"Redis at {status['url']} is not answering, so this replica uses its own "
+                   f"{', '.join(status.get('local_fallback', []))} until it returns (next try in "
+                   f"{status.get('next_retry_in_s', 0):g} s). Nothing answered is lost.")
