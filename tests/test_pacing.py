@@ -256,3 +256,18 @@ def test_streams_learn_from_the_headers_too(limited):
     asyncio.run(main())
     assert sim.stats()["rate_limited"] <= 1
     assert gyro.pacer.waits >= 1
+
+
+def test_an_interactive_request_goes_at_once_while_batch_rows_wait_for_the_window(limited):
+    gyro, sim, clock = limited
+    sim.set_faults(rate_limit_requests=10, rate_limit_window_s=10.0)
+    gyro.settings.set("pacing.interactive_reserve", 0.2, actor="test")
+    for i in range(8):                               # batch takes all but the reserve (2 of 10)
+        assert gyro.generate(GenerationRequest(prompt=f"row {i}", source="batch")).outcome == "ok"
+    assert clock.slept == []
+    start = clock.now
+    assert gyro.generate(GenerationRequest(prompt="a writer", source="page")).outcome == "ok"
+    assert clock.now == start                        # the writer was not queued behind the job
+    assert gyro.generate(GenerationRequest(prompt="row 8", source="batch")).outcome == "ok"
+    assert clock.now - start >= 9.0                  # the next row waited for the window
+    assert sim.stats()["rate_limited"] == 0
