@@ -147,6 +147,7 @@ class Hold:
 
     rows: tuple[tuple[str, str], ...]
     amount: float
+    id: int | None = None        # its row in budget_holds
     settled: bool = False
 
 
@@ -154,6 +155,10 @@ class Budgets:
     """Reserve and settle against the ledger on the SQLite file (shared by every process)."""
 
     BUSY_S = 0.05      # on the event loop: wait at most this long for the file, then refuse
+    # A hold not settled within this (its process died) is given back by the next
+    # reservation: a crash blocks money for an hour, not for the rest of the month.
+    HOLD_TTL_S = 3600.0
+    SWEEP_EVERY_S = 60.0    # how often a reservation looks for expired holds (per process)
 
     def __init__(self, db, history=None, clock: Callable[[], float] | None = None) -> None:
         import time
@@ -163,6 +168,7 @@ class Budgets:
         self._warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self.refused = 0
+        self._sweep_at = float("-inf")
 
     def reserve(self, plan: Plan, model: str, source: str, amount: float | None) -> Hold | None:
         """Hold ``amount`` USD on every limit the request falls in; None when no limit applies.
@@ -184,7 +190,13 @@ class Budgets:
         read = ("SELECT scope, period, spent, reserved FROM budget_ledger WHERE (scope, period) IN "
                 f"(VALUES {', '.join('(?, ?)' for _ in bounds)})")
 
+        sweep = now >= self._sweep_at
+        if sweep:
+            self._sweep_at = now + self.SWEEP_EVERY_S
+
         def run(conn):
+            if sweep:
+                _sweep(conn, now)
             have = {(r[0], r[1]): (r[2], r[3]) for r in conn.execute(read, keys)}
             used = []
             for lim, key, _, end in bounds:
@@ -196,10 +208,12 @@ class Budgets:
                              "(?, ?, 0, ?) ON CONFLICT (scope, period) DO UPDATE SET reserved = "
                              "reserved + excluded.reserved",
                              [(lim.scope, key, amount) for lim, key, _, _ in bounds])
-            return None, used
+            hold_id = conn.execute("INSERT INTO budget_holds (rows, amount, expires_at) VALUES (?, ?, ?)",
+                                   (json.dumps(keys), amount, now + self.HOLD_TTL_S)).lastrowid
+            return None, (used, hold_id)
 
         try:
-            over, used = self.db.write_now(run, busy_timeout_s=self.BUSY_S)
+            over, held = self.db.write_now(run, busy_timeout_s=self.BUSY_S)
         except errors.StorageError as exc:
             raise errors.StorageError(
                 "The budget could not be checked: the database file is busy. Nothing was sent; "
@@ -212,20 +226,25 @@ class Budgets:
                 f"${held:,.4f} held by requests in flight, this one needs up to ${amount:,.4f}). "
                 f"Nothing was sent. It resets at {iso(end)} (in {max(0, end - now):,.0f} s); "
                 "or raise the limit in Settings.", resets_at=end, retry_in_s=max(0.0, end - now))
+        used, hold_id = held
         for (lim, key, _, _), total in zip(bounds, used):
             if total >= plan.warn * lim.usd:
                 self._warn(lim, key, total, plan.warn)
-        return Hold(tuple((lim.scope, key) for lim, key, _, _ in bounds), amount)
+        return Hold(tuple((lim.scope, key) for lim, key, _, _ in bounds), amount, hold_id)
 
     def settle(self, hold: Hold | None, cost: float) -> None:
         """Give the hold back and count the real cost (queued to the writer: never waits)."""
         if hold is None or hold.settled:
             return
         hold.settled = True
-        values = [(cost, hold.amount, scope, key) for scope, key in hold.rows]
-        self.db.submit(lambda conn: conn.executemany(
-            "UPDATE budget_ledger SET spent = spent + ?, reserved = max(0, reserved - ?) "
-            "WHERE scope = ? AND period = ?", values))
+
+        def write(conn) -> None:
+            # A hold swept as expired was given back already: only its cost is added.
+            held = conn.execute("DELETE FROM budget_holds WHERE id = ?", (hold.id,)).rowcount
+            conn.executemany("UPDATE budget_ledger SET spent = spent + ?, reserved = max(0, reserved - ?) "
+                             "WHERE scope = ? AND period = ?",
+                             [(cost, hold.amount if held else 0.0, scope, key) for scope, key in hold.rows])
+        self.db.submit(write)
 
     def _warn(self, lim: Limit, key: str, used: float, share: float) -> None:
         """Log and record (once per limit and period in this process) a limit past its share."""
@@ -254,6 +273,22 @@ class Budgets:
                         "used": (spent + held) / lim.usd, "warn": (spent + held) >= plan.warn * lim.usd,
                         "starts_at": start, "resets_at": end, "name": _name(lim)})
         return out
+
+
+def _sweep(conn, now: float) -> None:
+    """Give back the holds of requests that never settled (their process died)."""
+    expired = conn.execute("SELECT id, rows, amount FROM budget_holds WHERE expires_at < ? LIMIT 1000",
+                           (now,)).fetchall()
+    if not expired:
+        return
+    back = []
+    for _, rows, amount in expired:
+        flat = json.loads(rows)
+        back += [(amount, flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+    conn.executemany("UPDATE budget_ledger SET reserved = max(0, reserved - ?) WHERE scope = ? AND "
+                     "period = ?", back)
+    conn.executemany("DELETE FROM budget_holds WHERE id = ?", [(r[0],) for r in expired])
+    _log.warning("Gave back %d budget hold(s) never settled (a process stopped mid-request?)", len(expired))
 
 
 def _name(lim: Limit) -> str:

@@ -236,3 +236,13 @@ def m008_budget_ledger(db) -> None:
     db.execute("CREATE TABLE budget_ledger (scope TEXT NOT NULL, period TEXT NOT NULL, "
                "spent REAL NOT NULL DEFAULT 0, reserved REAL NOT NULL DEFAULT 0, "
                "PRIMARY KEY (scope, period))")
+
+
+@migrations()
+def m009_budget_holds(db) -> None:
+    """Each request's budget hold until it settles, with an expiry, so the holds of a process
+    that died are given back (core/budgets.py)."""
+    # No index on expires_at: the table holds only requests in flight, and a scan once a
+    # minute costs less than keeping an index on every reservation and settlement.
+    db.execute("CREATE TABLE budget_holds (id INTEGER PRIMARY KEY, rows TEXT NOT NULL, "
+               "amount REAL NOT NULL, expires_at REAL NOT NULL)")

@@ -334,3 +334,20 @@ def test_two_processes_on_one_file_never_pass_the_limit_together(tmp_path, simul
     assert len(day) == 1 and day[0]["reserved"] == pytest.approx(0, abs=1e-12)
     assert day[0]["spent"] == pytest.approx(sum(answered)) and day[0]["spent"] <= limit
     assert 90 <= len(answered) < 300
+
+
+def test_holds_of_a_process_that_died_are_given_back_after_their_expiry(gyro, clock):
+    one = hold_of(ask())
+    gyro.settings.set("budget.daily_usd", one * 1.5, actor="test")
+    plan = budgets.plan_of(gyro.settings.snapshot())
+    stuck = gyro.budgets.reserve(plan, "gpt-4o-mini", "api", one)     # never settled: a crash
+    assert stuck is not None
+    with pytest.raises(BudgetExceeded):
+        gyro.generate(ask(1))
+    clock.advance(budgets.Budgets.HOLD_TTL_S + 1)
+    assert gyro.generate(ask(2)).outcome == "ok"
+    gyro.db.flush()
+    assert gyro.db.query("SELECT count(*) AS n FROM budget_holds")[0]["n"] == 0
+    gyro.budgets.settle(stuck, one)    # it comes back after all: its cost counts, once
+    spent, held = ledger(gyro)[("all", "d:2027-01-15")]
+    assert held == pytest.approx(0, abs=1e-12) and spent > one
