@@ -369,3 +369,28 @@ def test_under_streamlit_the_api_is_guarded_and_unknown_paths_are_json(streamlit
     assert call(url, "GET", "/settings")[0] == 200
     # Nothing was served: the service was never even built (no history table).
     assert not db.exists()
+
+
+def test_a_content_length_no_server_would_pass_on_is_a_400_not_a_crash():
+    # uvicorn's h11 refuses such a header itself, so this one is called as ASGI directly:
+    # the guard must not rely on the server for it ('²'.isdigit() is true, int('²') fails).
+    import asyncio
+
+    from core.http.guard import BodyLimit
+    sent = []
+
+    async def app(scope, receive, send):        # never reached
+        raise AssertionError("the app ran")
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    for value in ("²", "-1", "1e3", "0x10"):
+        sent.clear()
+        scope = {"type": "http", "path": "/api/generate", "method": "POST",
+                 "headers": [(b"content-length", value.encode("latin-1"))]}
+        asyncio.run(BodyLimit(app)(scope, receive, send))
+        assert sent[0]["status"] == 400 and b"Content-Length" in sent[1]["body"]

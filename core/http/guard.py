@@ -24,6 +24,7 @@ import hmac
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -262,7 +263,7 @@ class BodyLimit:
             return
         declared = header(scope, b"content-length")
         if declared is not None:
-            if not declared.strip().isdigit():
+            if not re.fullmatch(r"[0-9]+", declared.strip()):     # not str.isdigit: '²' is one
                 await refuse(scope, send, 400, "invalid_parameter",
                              f"Content-Length {declared[:30]!r} is not a number of bytes.")
                 return
