@@ -271,3 +271,58 @@ def test_an_interactive_request_goes_at_once_while_batch_rows_wait_for_the_windo
     assert gyro.generate(GenerationRequest(prompt="row 8", source="batch")).outcome == "ok"
     assert clock.now - start >= 9.0                  # the next row waited for the window
     assert sim.stats()["rate_limited"] == 0
+
+
+class CountingStore(MemoryPacingStore):
+    """The in-memory store, counting its transactions (what the file would see)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transactions = 0
+
+    def transact(self, key, fn):
+        self.transactions += 1
+        return super().transact(key, fn)
+
+
+def test_a_process_takes_requests_ahead_so_the_file_sees_one_transaction_in_several():
+    clock = FakeClock()
+    store = CountingStore()
+    p = pacer(clock, store)
+    big = {"x-ratelimit-limit-requests": "10000", "x-ratelimit-remaining-requests": "9000",
+           "x-ratelimit-reset-requests": "6s"}
+    p.observe("up|m", big, None)
+    assert store.transactions == 1
+    for _ in range(16):
+        assert take(p, conf=PacingConf()) is not None
+    assert store.transactions == 1 + 2          # 8 requests a transaction
+    for _ in range(10):                          # answers in quick succession: learnt once
+        p.observe("up|m", big, None)
+    assert store.transactions == 3
+    clock.advance(0.2)
+    p.observe("up|m", big, None)
+    assert store.transactions == 4
+    p.observe("up|m", {**big, "x-ratelimit-remaining-requests": "3"}, None)   # nearly empty: at once
+    assert store.transactions == 5
+
+
+def test_small_limits_are_taken_one_request_at_a_time():
+    clock = FakeClock()
+    store = CountingStore()
+    p = pacer(clock, store)
+    for _ in range(10):
+        take(p, conf=PacingConf(rpm=20))        # 5 % of 20 is one request: no lease
+    assert store.transactions == 10
+    take(p, conf=PacingConf(rpm=20))
+    assert clock.slept == []                     # 11 of 20, with 2 kept for people
+
+
+def test_a_lease_never_takes_the_interactive_reserve():
+    clock = FakeClock()
+    p = pacer(clock)
+    conf = PacingConf(rpm=200, reserve=0.5)      # 100 kept for people; leases of up to 10
+    for _ in range(100):
+        take(p, "batch", conf)
+    assert clock.slept == []
+    take(p, "batch", conf)                       # the 101st batch row waits for the window
+    assert clock.slept == [pytest.approx(60.0)]

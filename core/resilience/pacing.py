@@ -35,6 +35,7 @@ from .. import errors
 
 DIMENSIONS = ("requests", "tokens")
 FALLBACK_WINDOW_S = 60.0            # pacing.rpm / pacing.tpm are per minute
+LEASE_SHARE = 0.05                  # a process takes ahead at most this share of a limit
 BATCH_SOURCES = frozenset({"batch"})
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|μs|ns|h|m|s)")
@@ -195,6 +196,16 @@ class SQLitePacingStore(PacingStore):
 
 
 @dataclass
+class _Lease:
+    """Requests (and tokens) this process took from the shared buckets ahead of need, usable
+    until ``until`` (when the earliest bucket turns; what is left then is simply dropped)."""
+
+    requests: int
+    tokens: float
+    until: float
+
+
+@dataclass
 class Ticket:
     """A request that took from the buckets; ``settle`` it with the answer's headers."""
 
@@ -206,6 +217,8 @@ class Pacer:
     """Holds requests back before a limit is reached; learns limits from answers."""
 
     RECHECK_S = 1.0         # how often a key nobody here knows is looked up in the store
+    LEASE = 8               # requests taken from the shared buckets in one transaction (at most)
+    LEARN_EVERY_S = 0.1     # answers' headers reach the store at most this often per key...
 
     def __init__(self, store: PacingStore, clock=None) -> None:
         from ..pipeline import Clock
@@ -215,6 +228,8 @@ class Pacer:
         self._known: set[str] = set()
         self._checked: dict[str, float] = {}
         self._in_flight: dict[str, int] = {}
+        self._leases: dict[str, _Lease] = {}
+        self._learnt_at: dict[str, float] = {}
         self.interactive_waiting = 0
         self.waits = 0              # requests held back (a count for metrics and benchmarks)
         self.waited_s = 0.0
@@ -251,8 +266,13 @@ class Pacer:
                     if need_tokens is None:
                         need_tokens = max(1, int(tokens()))
                     now = self.clock.time()
-                    wait = self.store.transact(
-                        key, lambda b: _take(b, now, conf, need_tokens, conf.reserve if batch else 0.0))
+                    wait = self._from_lease(key, need_tokens, batch, now)
+                    if wait:
+                        wait, n, until = self.store.transact(
+                            key, lambda b: _take(b, now, conf, need_tokens,
+                                                 conf.reserve if batch else 0.0, self.LEASE))
+                        if n > 1:
+                            self._leases[key] = _Lease(n - 1, need_tokens * (n - 1), until)
                     if wait == 0:
                         with self._lock:
                             self._in_flight[key] = self._in_flight.get(key, 0) + 1
@@ -276,8 +296,23 @@ class Pacer:
                 with self._lock:
                     self.interactive_waiting -= 1
 
+    def _from_lease(self, key: str, tokens: int, batch: bool, now: float) -> float:
+        """0 when this process's lease on ``key`` covers the request (taken from it), else 1."""
+        with self._lock:
+            lease = self._leases.get(key)
+            if lease is None or now >= lease.until or lease.tokens < tokens:
+                return 1.0
+            lease.requests -= 1
+            lease.tokens -= tokens
+            if lease.requests <= 0:
+                del self._leases[key]
+            return 0.0
+
     def observe(self, key: str, headers: Mapping[str, str] | None, ticket: Ticket | None) -> None:
-        """Learn from an answer's (or an error's) headers; ends ``ticket``'s flight."""
+        """Learn from an answer's (or an error's) headers; ends ``ticket``'s flight.
+
+        ...unless the server says the bucket is (nearly) empty: what it says in between only
+        confirms what the requests taken from the buckets already counted."""
         if ticket is not None:
             with self._lock:
                 self._in_flight[key] = max(0, self._in_flight.get(key, 0) - 1)
@@ -285,15 +320,24 @@ class Pacer:
         if not limits:
             return
         self._known.add(key)
-        now = self.clock.time()
+        now = self.clock.monotonic()
+        low = any(remaining <= max(1.0, 0.1 * limit) for limit, remaining, _ in limits.values())
+        if not low and now - self._learnt_at.get(key, -math.inf) < self.LEARN_EVERY_S:
+            return
+        self._learnt_at[key] = now
+        if low:
+            self._leases.pop(key, None)     # the server is near its limit: no requests ahead
+        at = self.clock.time()
         others = self._in_flight.get(key, 0)
-        self.store.transact(key, lambda b: _learn(b, limits, now, others))
+        self.store.transact(key, lambda b: _learn(b, limits, at, others))
 
 
 def _take(buckets: dict[str, Bucket], now: float, conf: PacingConf, tokens: int,
-          reserve_share: float) -> float:
-    """Take one request and ``tokens`` from every bucket of a key, or none and say how long
-    to wait. Settings fill in a dimension the headers never spoke of."""
+          reserve_share: float, lease: int = 1) -> tuple[float, int, float]:
+    """Take one request and ``tokens`` from every bucket of a key (and up to ``lease`` - 1
+    more of each, for this process's next requests), or none: (seconds to wait, requests
+    taken, when the earliest bucket turns). Settings fill in a dimension the headers never
+    spoke of."""
     for dim, per_minute in (("requests", conf.rpm), ("tokens", conf.tpm)):
         b = buckets.get(dim)
         if per_minute and (b is None or not b.learned):
@@ -302,12 +346,21 @@ def _take(buckets: dict[str, Bucket], now: float, conf: PacingConf, tokens: int,
         elif b is not None and not b.learned and not per_minute:
             del buckets[dim]            # the setting was turned off
     need = {"requests": 1, "tokens": tokens}
-    wait = max((b.wait_for(need[d], math.ceil(b.limit * reserve_share) if reserve_share else 0, now)
-                for d, b in buckets.items()), default=0.0)
-    if wait == 0:
-        for d, b in buckets.items():
-            b.remaining -= min(need[d], b.limit)
-    return wait
+    reserve = {d: math.ceil(b.limit * reserve_share) if reserve_share else 0 for d, b in buckets.items()}
+    wait = max((b.wait_for(need[d], reserve[d], now) for d, b in buckets.items()), default=0.0)
+    if wait:
+        return wait, 0, 0.0
+    for d, b in buckets.items():
+        b.remaining -= min(need[d], b.limit)
+    extra = lease - 1                 # taken ahead: never from the reserve, at most 5 % of a limit
+    for d, b in buckets.items():
+        each = min(need[d], b.limit)
+        kept = math.ceil(b.limit * conf.reserve)
+        extra = min(extra, int(b.limit * LEASE_SHARE / each) - 1, int((b.remaining - kept) // each))
+    extra = max(0, extra)
+    for d, b in buckets.items():
+        b.remaining -= min(need[d], b.limit) * extra
+    return 0.0, 1 + extra, min((b.reset_at for b in buckets.values()), default=math.inf)
 
 
 def _learn(buckets: dict[str, Bucket], limits: dict, now: float, in_flight: int) -> None:
