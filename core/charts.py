@@ -66,6 +66,14 @@ def models_seen(daily_cost_by_model: list[dict]) -> set[str]:
     return {r["model"] for r in daily_cost_by_model if r["requests"]}
 
 
+def with_event_breakers(infos: list[dict], events: list[dict]) -> list[dict]:
+    """``infos`` plus a breaker that only its events in the range know of (another process's,
+    or demo history), in the state its last event left it."""
+    known = {i["name"] for i in infos}
+    last = {e["subject"]: e["new"] for e in events}
+    return infos + [{"name": name, "state": state} for name, state in sorted(last.items()) if name not in known]
+
+
 def seen_breakers(infos: Iterable[dict], models: set[str]) -> list[dict]:
     """Breakers (``upstream|model``) of the models that had requests in the range."""
     return [i for i in infos if i["name"].partition("|")[2] in models]

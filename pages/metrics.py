@@ -90,8 +90,13 @@ def show_range(start: float, end: float, unit: str, partial: dict[str, str]) -> 
     zone = zoneinfo.ZoneInfo(tz)
     shown = [dt.datetime.fromtimestamp(t, zone) for t in (start, end)]
     words = " to ".join(f"{d:%a %-d %b %Y, %H:%M}" for d in shown)
-    note = f" The {' and '.join(sorted({w.split(':')[0] for w in partial.values()}))} " \
-           "at the edges are only partly in the range (shaded in the charts)." if partial else ""
+    unit_word = "day" if unit == "day" else "hour"
+    edges = " and ".join(edge for edge, ts in (("first", start), ("last", min(end, time.time())))
+                         if charts.partial_buckets(start, min(end, time.time()), unit, tz)
+                         and dt.datetime.fromtimestamp(ts if edge == "first" else ts - 1e-6, zone)
+                         .strftime("%Y-%m-%d" if unit == "day" else "%Y-%m-%d %H:00") in partial)
+    note = (f" The {edges} {unit_word}{'s are' if ' and ' in edges else ' is'} only partly in the "
+            "range (shaded in the charts).") if edges else ""
     st.caption(f"{words} ({tz}), by {'hour' if unit == 'hour' else 'day'}.{note}")
     with st.expander("Technical details", icon=":material/terminal:"):
         since, until = (d.isoformat() for d in shown)
@@ -203,8 +208,10 @@ def body() -> None:
         start, end, unit = charts.resolve_range(choice, tz, now, first, last)
         filters = Filters(start, end, tuple(picked_models), tuple(picked_sources), tz)
         data = {name: query() for name, query in charts.page_queries(gyro.history, filters, unit).items()}
-        infos = charts.seen_breakers(charts.for_models(gyro.breakers.all_info(), filters.models),
-                                     charts.models_seen(data["daily_cost_by_model"]))
+        infos = charts.seen_breakers(charts.with_event_breakers(
+            charts.for_models(gyro.breakers.all_info(), filters.models),
+            charts.for_models(data["events"], filters.models, key="subject")),
+            charts.models_seen(data["daily_cost_by_model"]))
     except GyroscopeError as exc:
         show_error(exc)
         return

@@ -1,0 +1,110 @@
+"""Every page in a real Chromium, as its people see it: screenshots at 1280x800 and
+1920x1080 (saved under tmp/artifacts/), no exception box, no headline number cut off; the
+Metrics page in a zone far from UTC; a rehearsal outage that counts down and is confirmed.
+
+One app server for the module (the built-in simulator, with demo history), one browser."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from core.db import Database
+from core.demo import fill_history
+from tests.browser import ROOT, chromium, needs_chromium, streamlit_app, wait_idle
+
+pytestmark = needs_chromium
+ARTIFACTS = ROOT / "tmp" / "artifacts"
+SIZES = ((1280, 800), (1920, 1080))
+READY = {   # what shows that a page has drawn its content
+    "generate": '.st-key-go button',
+    "metrics": '[data-testid="stPlotlyChart"] .main-svg',
+    "settings": '[data-testid="stTab"]',
+}
+# Text cut off in its box: wider content than the box (ellipsis or hidden overflow).
+CUT_OFF = """() => [...document.querySelectorAll(
+    '[data-testid="stMetricValue"], [data-testid="stMetricValue"] *, [data-testid="stMetricLabel"] *')]
+    .filter(e => e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)
+    .map(e => e.innerText.trim()).filter(t => t)"""
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pages")
+    db = Database(tmp / "app.db")
+    fill_history(db, rows=3000, days=30)
+    db.close()
+    with streamlit_app(tmp, GYROSCOPE_SIM_TTFT_MS="0", GYROSCOPE_SIM_TOKENS_PER_S="0") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
+
+
+def visit(browser, url: str, page_name: str, width: int = 1280, height: int = 800, **context):
+    page = browser.new_context(viewport={"width": width, "height": height}, **context).new_page()
+    page.goto(f"{url}/{'' if page_name == 'generate' else page_name}", wait_until="domcontentloaded")
+    page.wait_for_selector(READY[page_name], state="visible", timeout=60_000)
+    wait_idle(page, 60_000)
+    # Elements whose component is still loading show as grey skeletons: wait them out.
+    page.wait_for_function("!document.querySelector('[data-testid=\"stSkeleton\"], "
+                           "[data-testid=\"stSkeletonElement\"]')", timeout=60_000)
+    return page
+
+
+@pytest.mark.parametrize("width,height", SIZES)
+def test_every_page_looks_right(browser, url, width, height):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for name in READY:
+        page = visit(browser, url, name, width, height)
+        if name == "metrics":
+            page.wait_for_function("document.querySelectorAll('[data-testid=\"stMetricValue\"]').length >= 9")
+        page.wait_for_timeout(300)       # let the last chart finish its layout before the picture
+        shot = ARTIFACTS / f"{name}-{width}x{height}.png"
+        page.screenshot(path=str(shot))                       # what the screen shows
+        assert shot.stat().st_size > 10_000
+        exceptions = page.locator('[data-testid="stException"]')
+        assert exceptions.count() == 0, f"{name}: {exceptions.first.inner_text()}"
+        cut = page.evaluate(CUT_OFF)
+        assert cut == [], f"{name} at {width}x{height}: text cut off: {cut}"
+        # The whole page too: the app scrolls inside its main section, so grow the window to it.
+        tall = page.evaluate("document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+        page.set_viewport_size({"width": width, "height": min(max(tall, height), 6000)})
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ARTIFACTS / f"{name}-{width}x{height}-whole.png"))
+        page.context.close()
+
+
+def test_metrics_uses_the_browsers_zone_far_from_utc(browser, url):
+    from playwright.sync_api import expect
+
+    page = visit(browser, url, "metrics", timezone_id="Pacific/Kiritimati")
+    expect(page.get_by_text(re.compile(r"\(Pacific/Kiritimati\), by day\."))).to_be_visible()
+    assert "combobox \"Time zone (days are days here)\": Pacific/Kiritimati" in \
+        page.locator(".st-key-metrics_tz").aria_snapshot()
+    page.context.close()
+
+
+def test_a_rehearsal_outage_is_confirmed_and_counts_down(browser, url):
+    from playwright.sync_api import expect
+
+    page = visit(browser, url, "settings")
+    page.get_by_role("tab", name="Outage rehearsal").click()
+    page.get_by_role("button", name="Start outage").click()
+    expect(page.locator('[data-testid="stToast"]').filter(has_text="Every request gets 503 for 60 s.")) \
+        .to_be_visible(timeout=15_000)
+    countdown = page.get_by_text(re.compile(r"Full outage running: \d+ s left"))
+    expect(countdown).to_be_visible(timeout=15_000)
+    first = int(re.search(r"(\d+) s left", countdown.inner_text()).group(1))
+    # The fragment redraws every second: the number goes down without touching the page.
+    expect(countdown).not_to_contain_text(f"{first} s left", timeout=10_000)
+    later = int(re.search(r"(\d+) s left", countdown.inner_text()).group(1))
+    assert 0 < later < first <= 60
+    page.get_by_role("button", name="Clear all faults").click()
+    expect(page.get_by_text("No outage running")).to_be_visible(timeout=15_000)
+    page.context.close()
