@@ -488,6 +488,8 @@ class Breakers:
         self._lock = threading.Lock()
         self._breakers: dict[str, Breaker] = {}
         self.max_in_memory = self.MAX_IN_MEMORY
+        # Names of breakers other replicas made (the shared storage's registry), if any.
+        self.shared_names: Callable[[], set[str]] | None = None
 
     @staticmethod
     def key(upstream: str, model: str) -> str:
@@ -523,8 +525,10 @@ class Breakers:
             self.history.event("breaker", name, old, new, cause, ts=self.clock())
 
     def all_info(self) -> list[dict]:
-        """State of every breaker known to the file (any process's)."""
+        """State of every breaker known to the file (any process's) or the shared storage."""
         names = {r["name"] for r in self.db.query("SELECT name FROM breakers")} | set(self._breakers)
+        if self.shared_names is not None:
+            names |= self.shared_names()
         return [self._known(name).info() if "|" in name
                 else {"name": name, "state": "unknown"} for name in sorted(names)]
 

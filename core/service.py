@@ -179,6 +179,8 @@ class Gyroscope:
             breaker_storage = self.redis.breaker_storage
         self.breakers = Breakers(self.db, self.settings, self.history, clock=self.clock.time,
                                  storage_factory=breaker_storage)
+        if self.redis is not None:
+            self.breakers.shared_names = self.redis.breaker_names
         self.provider = provider or providers.create(self.config.provider, self.config)
         self._models: tuple[float, list[str]] | None = None
         self.pacer = Pacer(pacing_store, clock=self.clock)

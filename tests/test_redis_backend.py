@@ -415,3 +415,18 @@ def test_the_settings_page_says_when_redis_is_down(app_env, monkeypatch, own_red
     assert not at.exception
     [warning] = [w.value for w in at.warning if "Redis at" in w.value]
     assert "is not answering" in warning and "breaker, cache, pacing" in warning
+
+
+def test_a_breaker_made_through_one_replica_is_listed_by_the_other(shared, tmp_path, simulator):
+    url, prefix = shared
+    services = [Gyroscope(Config(provider="simulator", base_url=None, db_path=tmp_path / f"{n}.db",
+                                 redis_url=url, redis_prefix=prefix), provider=SimulatorProvider(simulator))
+                for n in ("a", "b")]
+    a, b = services
+    try:
+        a.breakers.get("simulator", "gpt-4o-mini").force_open(actor="test")
+        [info] = [i for i in b.breakers.all_info() if i["name"] == "simulator|gpt-4o-mini"]
+        assert info["state"] == "open"      # B never used it; it reads the shared row
+    finally:
+        for gyro in services:
+            gyro.close()

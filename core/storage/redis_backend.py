@@ -10,7 +10,7 @@ import time
 from typing import Callable
 
 from ..breaker import SQLiteBreakerStorage
-from .redis_breaker import FailoverBreakerStorage
+from .redis_breaker import FailoverBreakerStorage, shared_names
 from .redis_cache import RedisCache
 from .redis_link import RedisDown, RedisLink
 from .redis_pacing import RedisPacingStore
@@ -37,6 +37,9 @@ class RedisBackend:
 
     def breaker_storage(self, name: str) -> FailoverBreakerStorage:
         return FailoverBreakerStorage(self.link, SQLiteBreakerStorage(self.db, name), name)
+
+    def breaker_names(self) -> set[str]:
+        return shared_names(self.link)
 
     def cache(self, local, settings, clock: Callable[[], float]) -> RedisCache:
         return RedisCache(self.link, local, settings, clock=clock)

@@ -42,13 +42,14 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
 
     def __init__(self, link: RedisLink, name: str) -> None:
         self.link = link
+        self.breaker_name = name      # pybreaker's base class names every Redis storage "redis"
         self._row: dict | None = None
         self._read_at = float("-inf")
         self._pending = 0           # writes go straight to Redis: nothing is ever pending
         self._lock = threading.Lock()
         # pybreaker sets up the namespace and (SETNX) the initial keys.
         super().__init__(CLOSED, link.client, namespace=link.key("breaker", name))
-        self._name = name           # pybreaker's base class names every Redis storage "redis"
+        self._name = name
 
     def _initialize_redis_state(self, state: str) -> None:
         def init(r):
@@ -56,6 +57,7 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
             pipe.setnx(self._namespace("fail_counter"), 0)
             pipe.setnx(self._namespace("success_counter"), 0)
             pipe.setnx(self._namespace("state"), state)
+            pipe.sadd(self.link.key("breakers"), self.breaker_name)     # every replica lists it
             pipe.execute()
         try:
             self.link.run(init)
@@ -151,6 +153,14 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
     def clear_probes(self) -> None:
         pattern = self._namespace("probe:*")
         self.link.run(lambda r: [r.delete(k) for k in r.scan_iter(match=pattern, count=100)])
+
+
+def shared_names(link: RedisLink) -> set[str]:
+    """Every breaker any replica has made (none while Redis is down)."""
+    try:
+        return {n.decode() for n in link.run(lambda r: r.smembers(link.key("breakers")))}
+    except RedisDown:
+        return set()
 
 
 class FailoverBreakerStorage(pybreaker.CircuitBreakerStorage):
