@@ -430,3 +430,28 @@ def test_a_breaker_made_through_one_replica_is_listed_by_the_other(shared, tmp_p
     finally:
         for gyro in services:
             gyro.close()
+
+
+def test_a_command_redis_refuses_is_served_locally_without_leaving_redis(own_redis, tmp_path):
+    client = redis.Redis.from_url(own_redis.url)
+    gyro = Gyroscope(Config(provider="simulator", base_url=None, db_path=tmp_path / "m.db",
+                            redis_url=own_redis.url, redis_prefix="gyrotest:"))
+    try:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")         # every write is refused: OOM
+        gyro.cache.put("k", provider="simulator", model="m", content="kept here", finish_reason="stop",
+                       prompt_tokens=1, completion_tokens=2, cost=None)
+        assert gyro.redis.link.up                    # Redis answered: not "down"
+        gyro.db.flush()
+        assert gyro.db.query("SELECT content FROM cache") == [{"content": "kept here"}]
+        client.config_set("maxmemory", "0")
+        assert gyro.settings.ttl == 5.0              # announcements arrive: a longer cache
+        own_redis.stop()
+        assert gyro.cache.get("k").content == "kept here"   # down: the local cache answers
+        assert not gyro.redis.link.up and gyro.backends()["redis"]["state"] == "down"
+        deadline = time.monotonic() + 5
+        while gyro.settings.ttl != 0.5:              # news cannot arrive: back to its own TTL
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        gyro.close()

@@ -16,8 +16,6 @@ from .redis_link import RedisDown, RedisLink
 from .redis_pacing import RedisPacingStore
 from .redis_settings import SettingsAnnouncer
 
-ANNOUNCED_SETTINGS_TTL_S = 5.0
-
 
 class RedisBackend:
     """The parts a replica shares through Redis (see core/storage/__init__.py)."""
@@ -31,9 +29,6 @@ class RedisBackend:
         except RedisDown:
             pass
         self.announcer = SettingsAnnouncer(self.link, settings)
-        # Announcements carry changes at once, so the settings cache may live longer (less
-        # reading of the store per replica); it is the backstop for a missed announcement.
-        settings.ttl = max(settings.ttl, ANNOUNCED_SETTINGS_TTL_S)
 
     def breaker_storage(self, name: str) -> FailoverBreakerStorage:
         return FailoverBreakerStorage(self.link, SQLiteBreakerStorage(self.db, name), name)

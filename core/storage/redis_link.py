@@ -20,7 +20,7 @@ import uuid
 from typing import Callable, TypeVar
 
 import redis
-from redis.exceptions import RedisError
+from redis.exceptions import BusyLoadingError, ConnectionError, RedisError, TimeoutError
 
 from ..config import redact_url
 
@@ -74,8 +74,13 @@ class RedisLink:
             raise RedisDown(self.last_error or "Redis is down")
         try:
             return fn(self.client)
-        except (RedisError, OSError) as exc:
+        except (ConnectionError, TimeoutError, BusyLoadingError, OSError) as exc:
             self.mark_down(exc)
+            raise RedisDown(str(exc)) from None
+        except RedisError as exc:
+            # Redis answered but refused this command (out of memory under noeviction, a
+            # read-only replica...): this call is served locally; the link stays up.
+            log.warning("Redis refused a command (%s: %s); served locally", exc.__class__.__name__, exc)
             raise RedisDown(str(exc)) from None
 
     def mark_down(self, exc: BaseException) -> None:

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from .redis_link import RedisDown, RedisLink
 
 log = logging.getLogger(__name__)
+ANNOUNCED_SETTINGS_TTL_S = 5.0
 POLL_S = 0.1            # how often a down link is looked at (the backoff decides when to ping)
 
 
@@ -34,6 +35,10 @@ class SettingsAnnouncer:
         self.settings = settings
         self.channel = link.key("settings")
         self.heard = 0                          # announcements from other replicas applied
+        # While announcements arrive, the settings cache may live longer (less reading of the
+        # store); while Redis is down it goes back to its own TTL, the only way news arrives.
+        self.local_ttl = settings.ttl
+        settings.ttl = max(settings.ttl, ANNOUNCED_SETTINGS_TTL_S)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._listen, name="gyroscope-redis-settings",
                                         daemon=True)
@@ -57,13 +62,18 @@ class SettingsAnnouncer:
         pubsub = None
         while not self._stop.is_set():
             if not self.link.up:
+                self.settings.ttl = self.local_ttl
                 if pubsub is not None:
-                    pubsub.close()
+                    try:
+                        pubsub.close()
+                    except (RedisError, OSError):
+                        pass
                     pubsub = None
                 if not self.link.maybe_rejoin():
                     self._stop.wait(POLL_S)
                     continue
                 self._invalidate()              # changes made while we could not hear them
+                self.settings.ttl = max(self.local_ttl, ANNOUNCED_SETTINGS_TTL_S)
             try:
                 if pubsub is None:
                     pubsub = self.link.client.pubsub(ignore_subscribe_messages=True)
