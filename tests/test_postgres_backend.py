@@ -128,6 +128,17 @@ def test_an_unreachable_server_names_it_without_the_password(tmp_path):
                                         database_url=url))
 
 
+def test_doctor_says_which_migrations_are_applied_and_pending(pg_url, tmp_path):
+    from core.storage.doctor import check_postgres
+    fresh = check_postgres(pg_url)             # before any replica migrated it
+    assert fresh.ok and fresh.version.startswith("PostgreSQL") and "pending" in " ".join(fresh.notes)
+    PgDatabase(pg_url).close()
+    done = check_postgres(pg_url)
+    assert done.ok and not any("pending" in n for n in done.notes)
+    gone = check_postgres("postgresql://bob:hunter2@127.0.0.1:1/x")
+    assert not gone.ok and "hunter2" not in gone.detail
+
+
 def test_the_same_rows_give_the_same_figures_as_sqlite(tmp_path, pg_url):
     """Every aggregation the Metrics page and `stats --json` use, on both backends."""
     lite_db, pg_db = Database(tmp_path / "h.db"), PgDatabase(pg_url)
@@ -281,6 +292,15 @@ def test_postgresql_restarted_mid_load_loses_no_answered_row(tmp_path):
         proc, base = start_replica(tmp_path, "r", url)
         answered: list[str] = []
         health: list[dict] = []
+        probe = PgDatabase(url)          # this process's view: reads on an event loop
+        probe_errors: list[str] = []
+
+        def read_twice() -> None:
+            from core.errors import StorageError
+            for _ in range(2):          # the first waits for the gone server, the second not
+                with pytest.raises(StorageError) as err:
+                    probe.query_one_nowait("SELECT value FROM meta WHERE key = 'settings_version'")
+                probe_errors.append(err.value.user_message)
 
         async def main() -> None:
             stop_ = asyncio.Event()
@@ -295,6 +315,7 @@ def test_postgresql_restarted_mid_load_loses_no_answered_row(tmp_path):
                 down_at = len(answered)
                 await wait_for(down_at + 200)                           # still serving
                 health.append((await client.get("/api/health")).json())
+                read_twice()
                 await asyncio.to_thread(cluster.start)                  # ...and comes back
                 up_at = len(answered)
                 await wait_for(up_at + 100)
@@ -308,6 +329,7 @@ def test_postgresql_restarted_mid_load_loses_no_answered_row(tmp_path):
 
         asyncio.run(main())
         down = health[0]
+        assert probe_errors[1].startswith("The PostgreSQL database") and "a moment ago" in probe_errors[1]
         assert down["status"] == "degraded" and down["history"] == "spilling"
         assert down["spilled_rows_waiting"] > 0 and "PostgreSQL" in down["history_message"]
         assert health[-1]["status"] == "ok" and health[-1]["history_rows_lost"] == 0
@@ -315,6 +337,7 @@ def test_postgresql_restarted_mid_load_loses_no_answered_row(tmp_path):
             stored = {r[0] for r in conn.execute("SELECT request_id FROM requests")}
             assert conn.execute("SELECT count(*) FROM requests").fetchone()[0] == len(stored)
         assert set(answered) <= stored, f"{len(set(answered) - stored)} answered rows lost"
+        probe.close()
     finally:
         if proc is not None:
             stop(proc)

@@ -137,11 +137,14 @@ def check_postgres(url: str | None) -> Check:
                              application_name="gyroscope-doctor") as conn:
             c.latency_ms, _ = _timed(lambda: conn.execute("SELECT 1").fetchone())
             c.version = "PostgreSQL " + conn.execute("SHOW server_version").fetchone()[0]
+            from .postgres import MIGRATIONS
             try:
-                applied = conn.execute("SELECT count(*) FROM gyroscope_migrations").fetchone()[0]
-                c.notes.append(f"{applied} migration(s) applied")
-            except psycopg.Error:
-                c.notes.append("no migrations applied yet: they run on first start")
+                applied = {r[0] for r in conn.execute("SELECT name FROM gyroscope_migrations")}
+            except psycopg.errors.UndefinedTable:
+                applied = set()
+            pending = [p.stem for p in sorted(MIGRATIONS.glob("[0-9]*_*.sql")) if p.stem not in applied]
+            c.notes.append(f"{len(applied)} migration(s) applied"
+                           + (f"; pending (applied on first start): {', '.join(pending)}" if pending else ""))
     except psycopg.Error as exc:
         # psycopg's message names host and user, never the password; still, first line only.
         lines = str(exc).strip().splitlines()

@@ -5,8 +5,8 @@ committed by PgDatabase's writer (group commit) or, while the server is gone, ap
 the spill journal and replayed when it is back (``ON CONFLICT DO NOTHING`` on the unique
 ``request_id``, so a replay repeated after a crash inserts nothing twice).
 
-The read path aggregates in SQL over the raw rows (a range scan on ``ts``): sums with
-``FILTER``-free CASE expressions that mirror core/schema.py's ROLLUP_SUMS, local days and
+The read path aggregates in SQL over the raw rows (a range scan on ``ts``): sums of
+expressions that mirror core/schema.py's ROLLUP_SUMS, local days and
 hours as a floor over the zone's UTC offsets (core/buckets.py), and exact nearest-rank
 percentiles with ``percentile_disc`` (the first value whose rank reaches p·n, as SQLite's
 path computes).
@@ -15,7 +15,6 @@ path computes).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Iterator
 
 import psycopg
@@ -23,7 +22,7 @@ import psycopg
 from ..buckets import _Buckets, bucket_label
 from ..errors import InvalidParameter
 from ..history import _INSERT, Filters, History, RequestRecord, _values
-from .postgres import PgConn, PgDatabase, pg_error
+from .postgres import PgConn, pg_error
 
 # The rollup's sums (core/schema.py ROLLUP_SUMS) in PostgreSQL, with each sum's type.
 # tests/test_postgres_backend.py checks the names match, so a new sum there fails here.
@@ -55,7 +54,6 @@ PG_SUMS: dict[str, tuple[str, str]] = {
 _ERROR_KIND = "coalesce(error_kind, outcome)"
 _IS_ERROR = "outcome IN ('error', 'circuit_open')"
 _ANSWERED = "outcome = 'ok' AND from_cache = 0"
-_UPSERT_IGNORE = _INSERT + " ON CONFLICT (request_id) DO NOTHING"
 
 
 def _sum(name: str, alias: str | None = None) -> str:
@@ -90,13 +88,10 @@ def _where(filters: Filters) -> tuple[str, list[Any]]:
 class PgHistory(History):
     """History whose rows and events live in PostgreSQL (see the module's docstring)."""
 
-    def __init__(self, db: PgDatabase, spill_path: str | Path) -> None:
-        super().__init__(db, spill_path)
-
     # -- writing ---------------------------------------------------------------------------
     def _insert_rows(self, conn: PgConn, sql: str, rows: list[tuple]) -> None:
-        """All rows with one executemany; if the table refuses one, row by row in savepoints."""
-        sql = _UPSERT_IGNORE if sql != _INSERT else _INSERT    # the journal's replay ignores dups
+        """All rows with one executemany; if the table refuses one, row by row in savepoints
+        (the journal's replay comes as INSERT OR IGNORE: ON CONFLICT DO NOTHING here)."""
         if not rows:
             return
         try:

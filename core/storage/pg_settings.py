@@ -11,16 +11,12 @@ from __future__ import annotations
 import json
 
 from ..settings import BY_NAME, SETTINGS, SettingsStore, Snapshot, _write_values
-from .postgres import PgDatabase
 
 _SETTINGS_LOCK = 0x67797374    # pg_advisory_xact_lock key ("gyst")
 
 
 class PgSettingsStore(SettingsStore):
     """SettingsStore over a PgDatabase."""
-
-    def __init__(self, db: PgDatabase, **kwargs) -> None:
-        super().__init__(db, **kwargs)
 
     def _read(self, snap: Snapshot | None, query_one) -> Snapshot:
         row = query_one("SELECT value FROM meta WHERE key = 'settings_version'")

@@ -42,6 +42,7 @@ MAX_BATCH = 512
 LINGER_S = 0.05
 CONNECT_TIMEOUT_S = 3
 NOWAIT_TIMEOUT_S = 0.2     # reads on the event loop: how long to wait for a pooled connection
+DOWN_S = 1.0               # after a failed read, event-loop reads fail at once for this long
 MIGRATIONS = Path(__file__).with_name("pg_migrations")
 _MIGRATION_LOCK = 0x6779726F   # pg_advisory_lock key ("gyro"): one replica migrates at a time
 _QUOTED = re.compile(r"('(?:[^']|'')*')")
@@ -167,17 +168,20 @@ class PgDatabase:
         self._urgent = threading.Event()
         self._busy = False
         self._closed = False
+        self._down_until = 0.0     # the server failed a read recently (monotonic time)
         self._writer = threading.Thread(target=self._write_loop, name="gyroscope-pg-writer", daemon=True)
         self._writer.start()
         atexit.register(self.close)
 
     # -- reading -----------------------------------------------------------------------
     def query(self, sql: str, params: Any = (), *, timeout: float = 10.0) -> list[dict]:
-        """Rows of a read query as dicts (SQLite-style or psycopg placeholders both work)."""
+        """Rows of a read query as dicts (SQLite-style ``?`` placeholders)."""
         try:
             with self._pool.connection(timeout=timeout) as conn:
                 return [dict(zip(r.keys(), r)) for r in PgConn(conn).execute(sql, params)]
         except (psycopg.Error, PoolTimeout) as exc:
+            if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)):
+                self._down_until = time.monotonic() + DOWN_S
             raise pg_error(exc, self.path) from exc
 
     def query_one(self, sql: str, params: Any = (), *, timeout: float = 10.0) -> dict | None:
@@ -185,7 +189,12 @@ class PgDatabase:
         return rows[0] if rows else None
 
     def query_one_nowait(self, sql: str, params: Any = ()) -> dict | None:
-        """``query_one`` that gives up quickly when no connection is to be had (event loop)."""
+        """``query_one`` for the event loop: it gives up quickly when no connection is to be
+        had, and for DOWN_S after a failure it fails at once (callers have an answer without
+        the database: the last settings snapshot), so a server that is gone costs the loop
+        one short wait a second, not one per read."""
+        if time.monotonic() < self._down_until:
+            raise StorageError(f"The PostgreSQL database {self.path} did not answer a moment ago.")
         return self.query_one(sql, params, timeout=NOWAIT_TIMEOUT_S)
 
     # -- writing -----------------------------------------------------------------------
