@@ -123,7 +123,8 @@ def main() -> None:
     ap.add_argument("--window-s", type=float, default=1.0)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        throughput(args.rows, args.latency_ms, args.concurrency, Path(tmp))
+        if args.rows:
+            throughput(args.rows, args.latency_ms, args.concurrency, Path(tmp))
         if args.paced_rows:
             pacing(args.paced_rows, args.limit, args.window_s, 16, Path(tmp))
 

@@ -70,11 +70,27 @@ def test_configured_rpm_lets_a_minute_of_requests_go_then_holds_the_next_until_t
     assert p.waits == 1
 
 
-def test_no_limit_known_means_no_pacing_and_no_store_access():
+def test_no_limit_known_means_no_wait_and_no_store_transaction():
+    clock = FakeClock()
+    store = CountingStore()
+    p = pacer(clock, store)
+    for _ in range(5):
+        assert take(p, conf=PacingConf()) is not None      # counted in flight, nothing more
+    assert clock.slept == [] and store.transactions == 0
+    assert take(p, conf=PacingConf(enabled=False, rpm=1)) is None
+
+
+def test_the_first_answer_counts_the_requests_sent_alongside_it():
     clock = FakeClock()
     p = pacer(clock)
-    assert take(p, conf=PacingConf()) is None
-    assert take(p, conf=PacingConf(enabled=False, rpm=1)) is None
+    tickets = [take(p, conf=PacingConf()) for _ in range(5)]   # before any limit is known
+    p.observe("up|m", {"x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "9",
+                       "x-ratelimit-reset-requests": "30s"}, tickets[0])
+    for _ in range(5):                      # 9 left, less the 4 still in flight
+        take(p, conf=PacingConf())
+    assert clock.slept == []
+    take(p, conf=PacingConf())
+    assert clock.slept == [pytest.approx(30.0)]
 
 
 def test_batch_rows_leave_the_reserve_to_interactive_requests():
@@ -285,7 +301,7 @@ class CountingStore(MemoryPacingStore):
         return super().transact(key, fn)
 
 
-def test_a_process_takes_requests_ahead_so_the_file_sees_one_transaction_in_several():
+def test_the_file_sees_a_transaction_per_lease_and_per_header_that_is_news():
     clock = FakeClock()
     store = CountingStore()
     p = pacer(clock, store)
@@ -296,13 +312,13 @@ def test_a_process_takes_requests_ahead_so_the_file_sees_one_transaction_in_seve
     for _ in range(16):
         assert take(p, conf=PacingConf()) is not None
     assert store.transactions == 1 + 2          # 8 requests a transaction
-    for _ in range(10):                          # answers in quick succession: learnt once
+    for _ in range(10):                          # no news: the buckets counted these already
         p.observe("up|m", big, None)
     assert store.transactions == 3
-    clock.advance(0.2)
-    p.observe("up|m", big, None)
+    p.observe("up|m", {**big, "x-ratelimit-remaining-requests": "8000"}, None)   # others used some
     assert store.transactions == 4
-    p.observe("up|m", {**big, "x-ratelimit-remaining-requests": "3"}, None)   # nearly empty: at once
+    clock.advance(1.0)
+    p.observe("up|m", {**big, "x-ratelimit-reset-requests": "12s"}, None)        # a new window
     assert store.transactions == 5
 
 

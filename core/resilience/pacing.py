@@ -218,7 +218,6 @@ class Pacer:
 
     RECHECK_S = 1.0         # how often a key nobody here knows is looked up in the store
     LEASE = 8               # requests taken from the shared buckets in one transaction (at most)
-    LEARN_EVERY_S = 0.1     # answers' headers reach the store at most this often per key...
 
     def __init__(self, store: PacingStore, clock=None) -> None:
         from ..pipeline import Clock
@@ -229,7 +228,9 @@ class Pacer:
         self._checked: dict[str, float] = {}
         self._in_flight: dict[str, int] = {}
         self._leases: dict[str, _Lease] = {}
-        self._learnt_at: dict[str, float] = {}
+        # What the last transaction said of each bucket {dim: (remaining, reset_at)}: headers
+        # that say no less are not news, and cost no transaction.
+        self._belief: dict[str, dict[str, tuple[float, float]]] = {}
         self.interactive_waiting = 0
         self.waits = 0              # requests held back (a count for metrics and benchmarks)
         self.waited_s = 0.0
@@ -252,9 +253,16 @@ class Pacer:
                       tokens: Callable[[], int], deadline_left: float,
                       blocking: bool = False) -> Ticket | None:
         """Wait until the request may go (``blocking``: on this thread, never suspending);
-        None when nothing limits ``key``. RetryLater when the wait passes the deadline."""
-        if not self._relevant(key, conf):
+        RetryLater when the wait passes the deadline. The ticket (None with pacing off)
+        counts the request in flight even when nothing limits ``key`` yet: the first answer's
+        headers do not count the requests sent alongside it."""
+        if not conf.enabled:
             return None
+        if not self._relevant(key, conf):
+            now = self.clock.time()
+            with self._lock:
+                self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            return Ticket(key, now)
         batch = source in BATCH_SOURCES
         need_tokens: int | None = None
         waited, counted = 0.0, False
@@ -268,9 +276,10 @@ class Pacer:
                     now = self.clock.time()
                     wait = self._from_lease(key, need_tokens, batch, now)
                     if wait:
-                        wait, n, until = self.store.transact(
+                        wait, n, until, belief = self.store.transact(
                             key, lambda b: _take(b, now, conf, need_tokens,
                                                  conf.reserve if batch else 0.0, self.LEASE))
+                        self._belief[key] = belief
                         if n > 1:
                             self._leases[key] = _Lease(n - 1, need_tokens * (n - 1), until)
                     if wait == 0:
@@ -309,10 +318,8 @@ class Pacer:
             return 0.0
 
     def observe(self, key: str, headers: Mapping[str, str] | None, ticket: Ticket | None) -> None:
-        """Learn from an answer's (or an error's) headers; ends ``ticket``'s flight.
-
-        ...unless the server says the bucket is (nearly) empty: what it says in between only
-        confirms what the requests taken from the buckets already counted."""
+        """Learn from an answer's (or an error's) headers; ends ``ticket``'s flight. Headers
+        go to the store only when they are news: less left than believed, or a new window."""
         if ticket is not None:
             with self._lock:
                 self._in_flight[key] = max(0, self._in_flight.get(key, 0) - 1)
@@ -320,16 +327,18 @@ class Pacer:
         if not limits:
             return
         self._known.add(key)
-        now = self.clock.monotonic()
-        low = any(remaining <= max(1.0, 0.1 * limit) for limit, remaining, _ in limits.values())
-        if not low and now - self._learnt_at.get(key, -math.inf) < self.LEARN_EVERY_S:
-            return
-        self._learnt_at[key] = now
-        if low:
-            self._leases.pop(key, None)     # the server is near its limit: no requests ahead
         at = self.clock.time()
+        belief = self._belief.get(key)
+        if belief is not None and all(
+                dim in belief and remaining >= belief[dim][0]
+                and at + reset_s <= belief[dim][1] + max(0.05, 0.1 * reset_s)
+                for dim, (_, remaining, reset_s) in limits.items()):
+            return
+        if any(remaining <= max(1.0, 0.1 * limit) for limit, remaining, _ in limits.values()):
+            self._leases.pop(key, None)     # the server is near its limit: no requests ahead
         others = self._in_flight.get(key, 0)
-        self.store.transact(key, lambda b: _learn(b, limits, at, others))
+        sent = ticket.at if ticket is not None else None
+        self._belief[key] = self.store.transact(key, lambda b: _learn(b, limits, at, others, sent))
 
 
 def _take(buckets: dict[str, Bucket], now: float, conf: PacingConf, tokens: int,
@@ -349,7 +358,7 @@ def _take(buckets: dict[str, Bucket], now: float, conf: PacingConf, tokens: int,
     reserve = {d: math.ceil(b.limit * reserve_share) if reserve_share else 0 for d, b in buckets.items()}
     wait = max((b.wait_for(need[d], reserve[d], now) for d, b in buckets.items()), default=0.0)
     if wait:
-        return wait, 0, 0.0
+        return wait, 0, 0.0, _beliefs(buckets)
     for d, b in buckets.items():
         b.remaining -= min(need[d], b.limit)
     extra = lease - 1                 # taken ahead: never from the reserve, at most 5 % of a limit
@@ -360,13 +369,25 @@ def _take(buckets: dict[str, Bucket], now: float, conf: PacingConf, tokens: int,
     extra = max(0, extra)
     for d, b in buckets.items():
         b.remaining -= min(need[d], b.limit) * extra
-    return 0.0, 1 + extra, min((b.reset_at for b in buckets.values()), default=math.inf)
+    return 0.0, 1 + extra, min((b.reset_at for b in buckets.values()), default=math.inf), _beliefs(buckets)
 
 
-def _learn(buckets: dict[str, Bucket], limits: dict, now: float, in_flight: int) -> None:
+def _beliefs(buckets: dict[str, Bucket]) -> dict[str, tuple[float, float]]:
+    return {d: (b.remaining, b.reset_at) for d, b in buckets.items()}
+
+
+def _learn(buckets: dict[str, Bucket], limits: dict, now: float, in_flight: int,
+           sent_at: float | None = None) -> dict[str, tuple[float, float]]:
     for dim, (limit, remaining, reset_s) in limits.items():
         reset_at = now + reset_s
         b = buckets.get(dim)
+        if b is not None and b.learned and sent_at is not None:
+            start = b.reset_at - b.window_s
+            if sent_at < start and reset_at < start + 0.5 * b.window_s:
+                # Sent before the window we are in began, and about a window that ends near
+                # its start: the last one, answered late (under load). Taken as news, its
+                # early reset would refill the bucket a second time in one window.
+                continue
         if b is None or not b.learned or reset_at > b.reset_at + max(0.05, 0.1 * reset_s):
             # A window we had not seen: what the server says, less what we have sent since.
             left = remaining - (in_flight if dim == "requests" else 0)
@@ -378,3 +399,4 @@ def _learn(buckets: dict[str, Bucket], limits: dict, now: float, in_flight: int)
             b.remaining = min(b.remaining, remaining)
             b.reset_at = reset_at       # the server knows when its window turns
             b.window_s = max(b.window_s, reset_s)
+    return _beliefs(buckets)
