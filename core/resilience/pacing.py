@@ -319,7 +319,8 @@ class Pacer:
 
     def observe(self, key: str, headers: Mapping[str, str] | None, ticket: Ticket | None) -> None:
         """Learn from an answer's (or an error's) headers; ends ``ticket``'s flight. Headers
-        go to the store only when they are news: less left than believed, or a new window."""
+        go to the store only when they are news: less left than believed, or the window
+        turning at another time (a new window, or an earlier end than we guessed)."""
         if ticket is not None:
             with self._lock:
                 self._in_flight[key] = max(0, self._in_flight.get(key, 0) - 1)
@@ -331,9 +332,9 @@ class Pacer:
         belief = self._belief.get(key)
         if belief is not None and all(
                 dim in belief and remaining >= belief[dim][0]
-                and at + reset_s <= belief[dim][1] + max(0.05, 0.1 * reset_s)
+                and abs(at + reset_s - belief[dim][1]) <= max(0.05, 0.1 * reset_s)
                 for dim, (_, remaining, reset_s) in limits.items()):
-            return
+            return      # nothing new: not less left, and the window turns when we thought
         if any(remaining <= max(1.0, 0.1 * limit) for limit, remaining, _ in limits.values()):
             self._leases.pop(key, None)     # the server is near its limit: no requests ahead
         others = self._in_flight.get(key, 0)
