@@ -342,3 +342,15 @@ def test_a_lease_never_takes_the_interactive_reserve():
     assert clock.slept == []
     take(p, "batch", conf)                       # the 101st batch row waits for the window
     assert clock.slept == [pytest.approx(60.0)]
+
+
+def test_a_token_limit_from_the_headers_is_paced_too(limited):
+    gyro, sim, clock = limited
+    sim.set_faults(rate_limit_requests=None, rate_limit_tokens=1500, rate_limit_window_s=10.0)
+    start = clock.now
+    results = run_concurrently(gyro, 24, concurrency=4)
+    assert all(r.outcome == "ok" for r in results)
+    used = sum(r.usage.total_tokens for r in results)
+    assert sim.stats()["rate_limited"] <= 3
+    assert clock.now - start >= (used // 1500) * 10.0 * 0.9     # it waited for the windows
+    assert gyro.db.query_one("SELECT lim FROM pacing WHERE dim = 'tokens'") == {"lim": 1500.0}
