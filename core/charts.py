@@ -115,15 +115,20 @@ def for_models(items: Iterable[dict], models: Iterable[str], key: str = "name") 
     return [i for i in items if not wanted or i[key].partition("|")[2] in wanted]
 
 
+def breaker_name(name: str) -> str:
+    """'simulator · gpt-4o' for the breaker 'simulator|gpt-4o'."""
+    upstream, _, model = name.partition("|")
+    return f"{upstream} · {model}" if model else upstream
+
+
 def breaker_states(infos: Iterable[dict]) -> list[tuple[str, str]]:
     """(upstream · model, state now) for each breaker of ``Breakers.all_info()``."""
     out = []
     for info in infos:
-        upstream, _, model = info["name"].partition("|")
         state = info["state"]
         if state == "open" and info.get("retry_in_s"):
             state = f"open ({info['retry_in_s']:.0f} s to probe)"
-        out.append((f"{upstream} · {model}" if model else upstream, state))
+        out.append((breaker_name(info["name"]), state))
     return out
 
 
@@ -306,7 +311,8 @@ def breaker_timeline(events: list[dict], start: float, end: float, now_states: d
             when = _local(e["ts"], zone).strftime("%Y-%m-%d %H:%M:%S")
             marks[0].append(_local(e["ts"], zone))
             marks[1].append(name)
-            marks[2].append(f"{name}<br>{e['old']} → {e['new']} at {when}<br>cause: {e['cause'] or '—'}")
+            marks[2].append(f"{breaker_name(name)}<br>{e['old']} → {e['new']} at {when}<br>"
+                            f"cause: {e['cause'] or '—'}")
             marks[3].append(STATE_COLORS.get(e["new"], "#555"))
             state, since = e["new"], e["ts"]
         _band(bands, state, name, since, end, zone)
@@ -319,7 +325,8 @@ def breaker_timeline(events: list[dict], start: float, end: float, now_states: d
         fig.add_scatter(name="transitions", mode="markers", x=marks[0], y=marks[1], hovertext=marks[2],
                         hoverinfo="text", marker=dict(size=12, symbol="diamond", color=marks[3],
                                                        line=dict(color="#000", width=1)))
-    fig.update_layout(height=140 + 40 * len(names), yaxis=dict(type="category"))
+    fig.update_layout(height=140 + 40 * len(names), yaxis=dict(
+        type="category", tickmode="array", tickvals=names, ticktext=[breaker_name(n) for n in names]))
     return fig
 
 

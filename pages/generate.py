@@ -42,7 +42,8 @@ if batch_tab.open:
 
 prompt = st.text_area("Prompt", key="prompt", height=160,
                       placeholder="What should be written? e.g. A friendly launch email for our new app",
-                      help="Press Ctrl+Enter (⌘+Enter on a Mac) or click Generate to send it.")
+                      help="Press Ctrl+Enter (⌘+Enter on a Mac) or click Generate to send it. While "
+                           "the answer arrives, Stop ends it at once; what arrived stays.")
 with st.expander("Options"):
     models, model_note = gyro.model_menu()
     model = st.selectbox("Model", models, index=0, key="model",
@@ -140,13 +141,14 @@ if starting:
 elif not prompt.strip() and not state.generations:
     st.caption("Type a prompt to start.")
 
-col_go, col_stop, _ = st.columns([1, 1, 4])
+# A row of buttons each as wide as its label (fixed columns cut "Generate  Ctrl + Enter").
+col_go = col_stop = st.container(horizontal=True)
 # While an answer streams, Generate shows it is busy and Stop is the one action to take.
 col_go.button("Writing…" if starting else "Generate", key="go", type="secondary" if starting else "primary",
               disabled=bool(starting), on_click=_start, shortcut="Ctrl+Enter",
-              icon=":material/hourglass_top:" if starting else None)
+              icon=":material/hourglass_top:" if starting else None, width="content")
 col_stop.button("Stop", key="stop", type="primary" if starting else "secondary", disabled=not starting,
-                icon=":material/stop_circle:", help="Stops the answer at once; what arrived stays.")
+                icon=":material/stop_circle:", width="content")
 if refusal:
     st.warning(refusal, icon=":material/edit:")
 
@@ -216,7 +218,7 @@ if latest is not None and latest["result"] is not None:
         st.button("Write a new answer instead", key="regen", on_click=_start, kwargs={"refresh": True},
                   help="Asks the AI service again instead of using the saved answer.")
 if latest is not None and latest["content"]:
-    d1, d2, _ = st.columns([1, 1, 4])
+    d1 = d2 = st.container(horizontal=True)
     d1.download_button("Download .md", latest["content"], file_name="generation.md", key="dl_md")
     d2.download_button("Download .txt", latest["content"], file_name="generation.txt", key="dl_txt")
     with st.expander("Copy the whole answer"):

@@ -25,7 +25,8 @@ READY = {   # what shows that a page has drawn its content
 }
 # Text cut off in its box: wider content than the box (ellipsis or hidden overflow).
 CUT_OFF = """() => [...document.querySelectorAll(
-    '[data-testid="stMetricValue"], [data-testid="stMetricValue"] *, [data-testid="stMetricLabel"] *')]
+    '[data-testid="stMetricValue"], [data-testid="stMetricValue"] *, [data-testid="stMetricLabel"] *, '
+    + '[data-testid^="stBaseButton"] *')]
     .filter(e => e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)
     .map(e => e.innerText.trim()).filter(t => t)"""
 
@@ -64,6 +65,11 @@ def test_every_page_looks_right(browser, url, width, height):
         page = visit(browser, url, name, width, height)
         if name == "metrics":
             page.wait_for_function("document.querySelectorAll('[data-testid=\"stMetricValue\"]').length >= 9")
+        if name == "generate":    # the page as a writer sees it after an answer
+            page.get_by_label("Prompt", exact=True).fill(f"A short welcome note for a pottery class of {width} people")
+            page.locator(".st-key-go button").click()
+            page.get_by_text(re.compile(r"· first try$")).first.wait_for(timeout=60_000)
+            wait_idle(page, 60_000)
         page.wait_for_timeout(300)       # let the last chart finish its layout before the picture
         shot = ARTIFACTS / f"{name}-{width}x{height}.png"
         page.screenshot(path=str(shot))                       # what the screen shows
