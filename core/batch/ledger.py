@@ -184,6 +184,11 @@ class Ledger:
                          (now, status, status, status, note, job_id, owner))
         self.db.write(write)
 
+    def others_hold(self, job_id: str) -> float | None:
+        """Seconds until another runner's lease on a row of the job runs out (None: no other
+        runner holds one). The file has one runner per job: always None."""
+        return None
+
     # -- rows ----------------------------------------------------------------------------------
     async def claim(self, job_id: str, n: int = 1) -> list[dict]:
         """Up to ``n`` pending rows (lowest first), now ``running``, in one transaction."""

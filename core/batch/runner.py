@@ -114,6 +114,13 @@ class JobRunner:
                     if hold > 0:
                         await clock.sleep(min(hold, MAX_HOLD_STEP_S))
                         continue
+                    # Other replicas still hold rows of this job (a shared ledger): wait for
+                    # them, and claim those whose lease runs out (their replica died).
+                    others = None if capped else await portal.off_loop(ledger.others_hold, self.job_id)
+                    if others is not None and not ready:
+                        self._exhausted = False
+                        await clock.sleep(min(max(others, 0.05), POLL_S))
+                        continue
                     if capped:
                         status = "capped"
                         note = (f"stopped before the cost cap of ${cap:.4f}: ${spent:.4f} spent; "

@@ -116,6 +116,14 @@ class PgLedger(Ledger):
                          (now, final, final, final, note, job_id))
         self.db.write(write)
 
+    def others_hold(self, job_id: str) -> float | None:
+        """Seconds until the first lease another runner holds on a row of the job runs out
+        (0 when one ran out: claimable now), or None when no other runner holds a row."""
+        row = self.db.query_one("SELECT min(lease_until) AS until FROM batch_rows WHERE job_id = ? "
+                                "AND status = 'running' AND owner <> ?", (job_id, self.owner))
+        until = row["until"] if row else None
+        return None if until is None else max(0.0, until - self.clock())
+
     # -- rows ---------------------------------------------------------------------------------
     async def claim(self, job_id: str, n: int = 1) -> list[dict]:
         """Up to ``n`` rows (lowest first) that are pending or whose lease ran out, now running
