@@ -243,9 +243,9 @@ def test_two_replicas_share_history_and_settings(tmp_path, pg_url):
             body = {"prompt": "cache me", "max_tokens": 8}
             client.post(base_b + "/api/generate", json=body)
             assert client.post(base_b + "/api/generate", json=body).json()["from_cache"] is True
-            changed = time.monotonic()
             resp = client.patch(base_a + "/api/settings", json={"cache.enabled": False})
             assert resp.status_code == 200, resp.text
+            changed = time.monotonic()          # stored (PATCH answers after the commit)
             while client.post(base_b + "/api/generate", json=body).json()["from_cache"]:
                 assert time.monotonic() - changed < 1.0, "B still serves from its cache"
                 time.sleep(0.05)
@@ -413,9 +413,11 @@ def test_a_batch_job_worked_by_two_replicas_does_every_row_exactly_once(tmp_path
     env = {k: v for k, v in os.environ.items()
            if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GYROSCOPE_PROVIDER", "GYROSCOPE_API_TOKEN")}
     procs = []
+    # 100 ms a row, 4 at a time: ~6 s for one replica alone, so both have started long before
+    # the job is done (starting a process takes a few seconds on a busy machine).
     for name in ("a", "b"):
         env_r = dict(env, GYROSCOPE_DB=str(tmp_path / f"{name}.db"), GYROSCOPE_DATABASE_URL=pg_url,
-                     GYROSCOPE_SIM_TTFT_MS="30", GYROSCOPE_SIM_TOKENS_PER_S="0", PYTHONPATH=str(ROOT))
+                     GYROSCOPE_SIM_TTFT_MS="100", GYROSCOPE_SIM_TOKENS_PER_S="0", PYTHONPATH=str(ROOT))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "core", "batch", "--resume", job, "-o", str(tmp_path / f"{name}.jsonl"),
              "--no-progress", "--concurrency", "4"], cwd=tmp_path, env=env_r,
