@@ -210,13 +210,13 @@ def force_open_breaker(gyro, label: str, actor: str) -> None:
 
 
 # -- cache ---------------------------------------------------------------------------------
-def clear_cache(gyro, actor: str, before: dt.date | None = None) -> int:
-    """Remove every cached answer, or those created before the start of ``before`` (server
-    time); records an event kind='cache' with how many were removed."""
+def clear_cache(gyro, actor: str, before: dt.date | None = None, zone: dt.tzinfo | None = None) -> int:
+    """Remove every cached answer, or those created before the start of ``before`` (in
+    ``zone``; None: the server's); records an event kind='cache' with how many were removed."""
     if before is None:
         removed, subject = gyro.cache.clear(), "clear all"
     else:
-        cutoff = dt.datetime.combine(before, dt.time()).timestamp()
+        cutoff = dt.datetime.combine(before, dt.time(), zone).timestamp()
         removed, subject = gyro.cache.clear(cutoff), f"clear created before {before.isoformat()}"
     gyro.history.event("cache", subject, None, f"{removed} removed",
                        f"{removed} entries removed", actor=actor)

@@ -210,7 +210,7 @@ def breaker_panel(gyro, editable: bool) -> None:
 # -- cache -----------------------------------------------------------------------------------
 def _clear_cache(gyro, who: str, older: bool):
     before = st.session_state["cache_before"] if older else None
-    removed = admin.clear_cache(gyro, who, before)
+    removed = admin.clear_cache(gyro, who, before, viewer_zone())
     scope = f"created before {before.isoformat()}" if before else "all"
     return f"Removed {removed} cached answer(s) ({scope})."
 
@@ -226,8 +226,8 @@ def cache_panel(gyro, editable: bool) -> None:
         st.button("Clear all", key="cache_clear_all", icon=":material/delete_sweep:",
                   on_click=_act, args=("outcome:cache", _clear_cache, False))
         with st.form("cache_older"):
-            st.date_input("Remove answers created before (start of day, server time)",
-                          key="cache_before")
+            st.date_input(f"Remove answers created before (start of day, "
+                          f"{display.zone_name(viewer_zone())})", key="cache_before")
             st.form_submit_button("Clear older", key="cache_clear_older",
                                   on_click=_act, args=("outcome:cache", _clear_cache, True))
     show_outcome("outcome:cache")
