@@ -392,7 +392,7 @@ def test_the_last_runner_out_finishes_the_job(pg_url):
         (ra,), (rb,) = asyncio.run(a.claim(job, 1)), asyncio.run(b.claim(job, 1))
         a.done(job, ra["idx"], {"content": "x", "request_id": "a", "cost": 0.0})
         a.release(job, a.owner, "done")               # B still works on its row
-        assert a.job(job)["status"] == "running"
+        assert a.job(job)["status"] == "running" and a.job(job)["alive"]   # not offered for resume
         b.done(job, rb["idx"], {"content": "x", "request_id": "b", "cost": 0.0})
         b.release(job, b.owner, "done")
         assert a.job(job)["status"] == "done"

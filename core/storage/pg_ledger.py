@@ -44,6 +44,16 @@ class PgLedger(Ledger):
         counts.update(agg)
         return counts
 
+    def job(self, job_id: str) -> dict | None:
+        """The job with its counts; ``alive`` while any runner holds its lease or a row's."""
+        row = super().job(job_id)
+        if row is not None and row["status"] in ("running", "waiting") and not row["alive"]:
+            now = self.clock()
+            held = self.db.query_one("SELECT count(*)::int AS n FROM batch_rows WHERE job_id = ? AND "
+                                     "status = 'running' AND lease_until > ?", (job_id, now))["n"]
+            row["alive"] = bool(held) or (row["lease_until"] or 0) > now
+        return row
+
     def jobs(self, limit: int = 50) -> list[dict]:
         ids = [r["id"] for r in self.db.query(
             "SELECT id FROM batch_jobs ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))]
