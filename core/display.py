@@ -160,6 +160,17 @@ def viewer_zone(name: str | None, offset_minutes: int | None = None) -> dt.tzinf
     return dt.timezone.utc
 
 
+def viewer_zone_key(name: str | None, offset_minutes: int | None = None) -> str:
+    """An IANA name for the browser's zone (for a zone picker): its own name when known,
+    else Etc/GMT±N for a whole-hour offset, else UTC."""
+    if name and name in _zone_names():
+        return name
+    if isinstance(offset_minutes, (int, float)) and offset_minutes % 60 == 0 and abs(offset_minutes) <= 14 * 60:
+        hours = int(offset_minutes // 60)      # Etc/GMT+5 is UTC-5, as JavaScript counts it
+        return "UTC" if hours == 0 else f"Etc/GMT{hours:+d}"
+    return "UTC"
+
+
 def zone_name(zone: dt.tzinfo) -> str:
     """'Pacific/Kiritimati', 'UTC+05:30', 'UTC'."""
     key = getattr(zone, "key", None)

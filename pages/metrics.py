@@ -36,9 +36,8 @@ if gyro.history.lost_rows:
 
 
 def browser_zone() -> str:
-    """The browser's time zone when it sent a known one, else UTC."""
-    zone = st.context.timezone
-    return zone if zone in display.known_zones() else "UTC"
+    """The browser's time zone (its name, else its whole-hour offset), else UTC."""
+    return display.viewer_zone_key(st.context.timezone, st.context.timezone_offset)
 
 
 def empty_state() -> None:

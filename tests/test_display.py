@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from core.display import (duration, money, outcome_words, prompt_changes, result_line, safe_markdown,
+from core.display import (duration, viewer_zone_key, money, outcome_words, prompt_changes, result_line, safe_markdown,
                           viewer_zone, zone_name)
 from core.models import GenerationResult
 from core.providers.base import Usage
@@ -55,3 +55,10 @@ def test_prompt_changes_pair_each_edit():
     changes = prompt_changes("Could you please kindly write a poem?", "Write a poem?")
     assert changes and all(isinstance(a, str) and isinstance(b, str) for a, b in changes)
     assert any("please" in removed for removed, _ in changes)
+
+
+def test_a_zone_picker_gets_a_name_even_from_an_offset():
+    assert viewer_zone_key("Pacific/Kiritimati", -840) == "Pacific/Kiritimati"
+    assert viewer_zone_key(None, -840) == "Etc/GMT-14"      # UTC+14
+    assert viewer_zone_key(None, 300) == "Etc/GMT+5"        # UTC-5
+    assert viewer_zone_key(None, -330) == "UTC" and viewer_zone_key(None, None) == "UTC"
