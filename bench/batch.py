@@ -76,6 +76,29 @@ def _plain(gyro: Gyroscope, rows: int, concurrency: int) -> float:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def _raw(base: str, rows: int, concurrency: int) -> tuple[float, float]:
+    """The same requests from the raw ``AsyncOpenAI`` client with a semaphore: the floor
+    this machine sets before Gyroscope does anything (its SDK's CPU per request)."""
+    import openai
+
+    async def main() -> None:
+        client = openai.AsyncOpenAI(base_url=base, api_key="sk-bench", max_retries=0)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with gate:
+                await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": f"raw: write line {i}"}])
+        await asyncio.gather(*(one(i) for i in range(concurrency)))       # connections
+        t0, c0 = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(one(i) for i in range(rows)))
+        times.extend((time.perf_counter() - t0, time.process_time() - c0))
+        await client.close()
+    times: list[float] = []
+    asyncio.run(main())
+    return times[0], times[1]
+
+
 def throughput(rows: int, latency_ms: float, concurrency: int, tmp: Path) -> None:
     with simulator_process(ttft_ms=latency_ms) as base:
         gyro = _gyro(base, tmp / "throughput.db")
@@ -85,12 +108,15 @@ def throughput(rows: int, latency_ms: float, concurrency: int, tmp: Path) -> Non
             plain, plain_cpu = _plain(gyro, rows, concurrency)
         finally:
             gyro.close()
+        raw, raw_cpu = _raw(base, rows, concurrency)
     ideal = rows / concurrency * latency_ms / 1000
     print(f"throughput: {rows} rows, {latency_ms:.0f} ms latency, concurrency {concurrency}: "
           f"{wall:.2f} s (ideal {ideal:.2f} s, {wall / ideal:.3f}x; {rows / wall:.0f} rows/s); "
           f"done {p['done']}, failed {p['failed']}; CPU {p['cpu_s'] / rows * 1000:.2f} ms a row")
     print(f"  the same requests without the ledger (pipeline + semaphore): {plain:.2f} s "
           f"({plain / ideal:.3f}x of the ideal); CPU {plain_cpu / rows * 1000:.2f} ms a request")
+    print(f"  the same requests from the raw AsyncOpenAI client (semaphore, no Gyroscope): {raw:.2f} s "
+          f"({raw / ideal:.3f}x of the ideal); CPU {raw_cpu / rows * 1000:.2f} ms a request")
     print(f"  load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
