@@ -2,62 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.browser import wait_idle
-
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, streamlit_app, wait_idle
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
-    env.update(GYROSCOPE_DB=str(tmp / "e2e.db"), GYROSCOPE_SIM_TTFT_MS="100",
-               GYROSCOPE_SIM_TOKENS_PER_S="12")
-    log = open(tmp / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py",
-                             "--server.port", str(port), "--server.headless", "true"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("streamlit run did not serve /_stcore/health: " + (tmp / "streamlit.log").read_text())
-    yield {"url": url, "db": tmp / "e2e.db", "tmp": tmp}
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with streamlit_app(tmp, GYROSCOPE_SIM_TTFT_MS="100", GYROSCOPE_SIM_TOKENS_PER_S="12") as url:
+        yield {"url": url, "db": tmp / "app.db", "tmp": tmp}
 
 
 def test_streamlit_run_serves_health_and_the_api(server):
