@@ -16,15 +16,12 @@ its rows, see core/journal.py) instead of holding requests for seconds.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import collections
 import logging
 import math
 import sqlite3
 import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,11 +29,10 @@ import sqlite_utils
 
 from .errors import StorageError
 from .schema import migrations
+from .write_queue import WriteQueue, settle
 
 WriteFn = Callable[[sqlite3.Connection], Any]
 _log = logging.getLogger(__name__)
-_STOP = object()
-MAX_BATCH = 512
 CHECKPOINT_EVERY = 500      # commits on callers' threads between two checkpoints by the writer
 LINGER_S = 0.05
 WRITE_TIMEOUT_S = 0.5    # longest wait for another connection's write lock before a batch fails
@@ -94,7 +90,7 @@ def _connect(path: Path, *, readonly: bool = False, busy_timeout_s: float = 10.0
     return conn
 
 
-class Database:
+class Database(WriteQueue):
     """One SQLite file (WAL) with migrations applied, a writer thread and readers."""
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0,
@@ -112,16 +108,9 @@ class Database:
         except (sqlite3.Error, OSError) as exc:
             raise storage_error(exc, self.path) from exc
         self._local = threading.local()
-        self._pending: collections.deque = collections.deque()
-        self._queued = threading.Event()      # something is pending
-        self._urgent = threading.Event()      # somebody waits for a pending write
-        self._busy = False                    # the writer holds a drained, unsettled batch
         self._inline_commits = 0
         self._checkpoint_due = False
-        self._closed = False
-        self._writer = threading.Thread(target=self._write_loop, name="gyroscope-db-writer",
-                                        daemon=True)
-        self._writer.start()
+        self._start_writer("gyroscope-db-writer")
         atexit.register(self.close)
 
     # -- reading -----------------------------------------------------------------------
@@ -165,34 +154,6 @@ class Database:
         return dict(row) if row is not None else None
 
     # -- writing -----------------------------------------------------------------------
-    def submit(self, fn: WriteFn, *, lazy: bool = True) -> Future:
-        """Queue a write; the future resolves (to fn's result) once it is committed. A lazy
-        write may wait up to ``linger_s`` for others to share its commit."""
-        fut: Future = Future()
-        if self._closed:
-            fut.set_exception(StorageError(f"The database {self.path} is closed."))
-            return fut
-        self._enqueue((fn, fut, lazy))
-        return fut
-
-    def post(self, fn: WriteFn, done: Callable[[BaseException | None], None] | None = None,
-             lazy: bool = True) -> None:
-        """Queue a write without a future (cheaper than ``submit``). ``done(error)`` runs on
-        the writer thread once it is committed (error None) or failed; ``lazy=False`` starts
-        the commit at once when the writer is idle (somebody waits for ``done``)."""
-        if self._closed:
-            if done is not None:
-                done(StorageError(f"The database {self.path} is closed."))
-            return
-        self._enqueue((fn, done, lazy))
-
-    def _enqueue(self, item: tuple) -> None:
-        self._pending.append(item)
-        if not item[2]:     # before waking the writer: it must not start lingering for this one
-            self._urgent.set()
-        if not self._queued.is_set():   # set() takes a lock; while the writer lingers it is set
-            self._queued.set()
-
     def write_now(self, fn: WriteFn, busy_timeout_s: float = 1.0) -> Any:
         """Run a short write on this thread, in its own transaction, at once: for the rare
         write whose answer decides what happens next (a half-open probe slot). A file
@@ -239,14 +200,6 @@ class Database:
             self.post(_nothing)     # wakes the writer, which checkpoints after that batch
         return True
 
-    def write(self, fn: WriteFn, timeout: float | None = 30) -> Any:
-        """Run a write and wait for its commit."""
-        return self.submit(fn, lazy=False).result(timeout)
-
-    async def awrite(self, fn: WriteFn) -> Any:
-        """Run a write from async code and await its commit."""
-        return await asyncio.wrap_future(self.submit(fn, lazy=False))
-
     def flush(self, timeout: float = 30) -> None:
         """Wait until everything queued so far is committed (at once when nothing is)."""
         if self._pending or self._busy:     # the writer sets _busy before it drains
@@ -256,76 +209,23 @@ class Database:
         """Commit what is queued, then stop the writer."""
         if self._closed:
             return
-        self._closed = True
-        self._pending.append(_STOP)
-        self._queued.set()
-        self._urgent.set()
-        self._writer.join(timeout=30)
-        # A write that slipped in as we closed must not leave its caller waiting forever.
-        while True:
-            try:
-                item = self._pending.popleft()
-            except IndexError:
-                break
-            if item is not _STOP and _runnable(item):
-                _settle(item[1], None, StorageError(f"The database {self.path} is closed."))
+        self._stop_writer()
 
-    def _gather(self) -> list:
-        """The next batch: wait for a write; while all queued writes are lazy, let more
-        gather for up to ``linger_s``. Lazy submits wake nobody during the linger, so a
-        busy request path costs the writer one wake-up per batch, not one per row."""
-        self._queued.wait()
-        if not self._urgent.is_set():
-            self._urgent.wait(self.linger_s)
-        self._queued.clear()        # before draining: a later submit sets it again
-        self._urgent.clear()
-        self._busy = True
-        batch = []
-        while len(batch) < MAX_BATCH:
-            try:
-                batch.append(self._pending.popleft())
-            except IndexError:
-                break
-        if self._pending:
-            self._queued.set()
-            self._urgent.set()      # a full batch is waiting already: no lingering
-        return batch
+    _driver_error = sqlite3.Error
 
-    def _write_loop(self) -> None:
-        # Normal priority: requests wait for this thread's commits (it ran at nice 10 when
-        # they did not, and on a busy machine fell behind by 0.1-0.3 s).
-        conn = None
-        while True:
-            batch = self._gather()
-            stop = any(entry is _STOP for entry in batch)
-            # A caller that gave up (cancelled its future) does not get its write run.
-            batch = [entry for entry in batch if entry is not _STOP and _runnable(entry)]
-            if batch:
-                try:
-                    if conn is None:
-                        conn = _connect(self.path, busy_timeout_s=self.write_timeout_s)
-                    self._run_batch(conn, batch)
-                except BaseException as exc:  # noqa: BLE001 - the writer thread must survive
-                    err = storage_error(exc, self.path) if isinstance(exc, sqlite3.Error) else exc
-                    for _, target, _ in batch:
-                        _settle(target, None, err)
-                    if conn is not None:
-                        try:
-                            conn.close()
-                        except sqlite3.Error:
-                            pass
-                        conn = None
-            if self._checkpoint_due and conn is not None:
-                self._checkpoint_due = False
-                try:        # outside any transaction; PASSIVE never waits for readers
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error as exc:
-                    _log.warning("WAL checkpoint of %s failed: %s", self.path, exc)
-            self._busy = False
-            if stop:
-                if conn is not None:
-                    conn.close()
-                return
+    def _open_writer(self, conn: sqlite3.Connection | None) -> sqlite3.Connection:
+        return conn if conn is not None else _connect(self.path, busy_timeout_s=self.write_timeout_s)
+
+    def _writer_error(self, exc: BaseException) -> BaseException:
+        return storage_error(exc, self.path) if isinstance(exc, sqlite3.Error) else exc
+
+    def _after_batch(self, conn: sqlite3.Connection | None) -> None:
+        if self._checkpoint_due and conn is not None:
+            self._checkpoint_due = False
+            try:        # outside any transaction; PASSIVE never waits for readers
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                _log.warning("WAL checkpoint of %s failed: %s", self.path, exc)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list) -> None:
         """One transaction for the whole batch. The writes run back to back; if one raises,
@@ -345,7 +245,7 @@ class Database:
                 conn.execute("ROLLBACK")
             raise
         for target, value, exc in results:
-            _settle(target, value, exc)
+            settle(target, value, exc)
 
     def _run_isolated(self, conn: sqlite3.Connection, batch: list) -> list:
         results: list[tuple[Any, Any, BaseException | None]] = []
@@ -402,25 +302,3 @@ def _reopen_after(exc: BaseException) -> bool:
 
 def _nothing(conn: sqlite3.Connection) -> None:
     """A write that only wakes the writer."""
-
-
-def _runnable(item: tuple) -> bool:
-    """False for a submitted write whose caller gave up (cancelled its future)."""
-    target = item[1]
-    return not isinstance(target, Future) or target.set_running_or_notify_cancel()
-
-
-def _settle(target, value: Any, exc: BaseException | None) -> None:
-    """Tell a write's submitter (a Future) or poster (a ``done`` callback, or nobody) how it went."""
-    if isinstance(target, Future):
-        if target.done():
-            return
-        if exc is not None:
-            target.set_exception(exc)
-        else:
-            target.set_result(value)
-    elif target is not None:
-        try:
-            target(exc)
-        except Exception:  # noqa: BLE001 - a callback must not take the writer down
-            _log.exception("A write's completion callback failed")

@@ -18,27 +18,20 @@ advisory lock, so only one applies them.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import collections
 import functools
-import logging
 import re
-import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..config import redact_url
 from ..errors import StorageError
+from ..write_queue import WriteQueue, settle
 
-_log = logging.getLogger(__name__)
-_STOP = object()
-MAX_BATCH = 512
 LINGER_S = 0.05
 CONNECT_TIMEOUT_S = 3
 NOWAIT_TIMEOUT_S = 0.2     # reads on the event loop: how long to wait for a pooled connection
@@ -147,7 +140,7 @@ def migrate(conn: psycopg.Connection) -> list[str]:
     return applied
 
 
-class PgDatabase:
+class PgDatabase(WriteQueue):
     """A PostgreSQL database with migrations applied, a writer thread and a read pool."""
 
     def __init__(self, url: str, *, linger_s: float = LINGER_S, pool_size: int = 8) -> None:
@@ -163,14 +156,8 @@ class PgDatabase:
                                     kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S,
                                             "row_factory": _row_factory,
                                             "application_name": "gyroscope"})
-        self._pending: collections.deque = collections.deque()
-        self._queued = threading.Event()
-        self._urgent = threading.Event()
-        self._busy = False
-        self._closed = False
         self._down_until = 0.0     # the server failed a read recently (monotonic time)
-        self._writer = threading.Thread(target=self._write_loop, name="gyroscope-pg-writer", daemon=True)
-        self._writer.start()
+        self._start_writer("gyroscope-pg-writer")
         atexit.register(self.close)
 
     # -- reading -----------------------------------------------------------------------
@@ -198,31 +185,6 @@ class PgDatabase:
         return self.query_one(sql, params, timeout=NOWAIT_TIMEOUT_S)
 
     # -- writing -----------------------------------------------------------------------
-    def submit(self, fn: Callable[[PgConn], Any], *, lazy: bool = True) -> Future:
-        """Queue a write; the future resolves (to fn's result) once it is committed."""
-        fut: Future = Future()
-        if self._closed:
-            fut.set_exception(StorageError(f"The database {self.path} is closed."))
-            return fut
-        self._enqueue((fn, fut, lazy))
-        return fut
-
-    def post(self, fn, done: Callable[[BaseException | None], None] | None = None,
-             lazy: bool = True) -> None:
-        """Queue a write; ``done(error)`` runs on the writer thread after its commit or failure."""
-        if self._closed:
-            if done is not None:
-                done(StorageError(f"The database {self.path} is closed."))
-            return
-        self._enqueue((fn, done, lazy))
-
-    def _enqueue(self, item: tuple) -> None:
-        self._pending.append(item)
-        if not item[2]:
-            self._urgent.set()
-        if not self._queued.is_set():
-            self._queued.set()
-
     def commit_here(self, fn) -> bool:
         """Never inline: a commit is a network round trip, which must not run on the event loop."""
         return False
@@ -236,13 +198,6 @@ class PgDatabase:
         except (psycopg.Error, PoolTimeout) as exc:
             raise pg_error(exc, self.path) from exc
 
-    def write(self, fn, timeout: float | None = 30) -> Any:
-        """Run a write and wait for its commit."""
-        return self.submit(fn, lazy=False).result(timeout)
-
-    async def awrite(self, fn) -> Any:
-        return await asyncio.wrap_future(self.submit(fn, lazy=False))
-
     def flush(self, timeout: float = 30) -> None:
         """Wait until everything queued so far is committed (or failed)."""
         if self._pending or self._busy:
@@ -255,58 +210,16 @@ class PgDatabase:
         """Commit what is queued, then stop the writer and the pool."""
         if self._closed:
             return
-        self._closed = True
-        self._pending.append((_STOP, None, False))
-        self._queued.set()
-        self._urgent.set()
-        self._writer.join(timeout=30)
-        while self._pending:
-            fn, target, _ = self._pending.popleft()
-            if fn is not _STOP:
-                _settle(target, None, StorageError(f"The database {self.path} is closed."))
+        self._stop_writer()
         self._pool.close()
 
-    def _gather(self) -> list:
-        self._queued.wait()
-        if not self._urgent.is_set():
-            self._urgent.wait(self.linger_s)
-        self._queued.clear()
-        self._urgent.clear()
-        self._busy = True
-        batch = []
-        while len(batch) < MAX_BATCH and self._pending:
-            batch.append(self._pending.popleft())
-        if self._pending:
-            self._queued.set()
-            self._urgent.set()
-        return batch
+    _driver_error = psycopg.Error
 
-    def _write_loop(self) -> None:
-        conn: psycopg.Connection | None = None
-        while True:
-            batch = self._gather()
-            stop = any(fn is _STOP for fn, _, _ in batch)
-            batch = [e for e in batch if e[0] is not _STOP and _runnable(e)]
-            if batch:
-                try:
-                    if conn is None or conn.closed:
-                        conn = _connect(self.url)
-                    self._run_batch(conn, batch)
-                except BaseException as exc:  # noqa: BLE001 - the writer thread must survive
-                    err = pg_error(exc, self.path) if isinstance(exc, (psycopg.Error, PoolTimeout)) else exc
-                    for _, target, _ in batch:
-                        _settle(target, None, err)
-                    if conn is not None:
-                        try:
-                            conn.close()
-                        except psycopg.Error:
-                            pass
-                        conn = None
-            self._busy = False
-            if stop:
-                if conn is not None:
-                    conn.close()
-                return
+    def _open_writer(self, conn: psycopg.Connection | None) -> psycopg.Connection:
+        return conn if conn is not None and not conn.closed else _connect(self.url)
+
+    def _writer_error(self, exc: BaseException) -> BaseException:
+        return pg_error(exc, self.path) if isinstance(exc, (psycopg.Error, PoolTimeout)) else exc
 
     def _run_batch(self, conn: psycopg.Connection, batch: list) -> None:
         """One transaction for the batch; if a write raises, rerun each in a savepoint."""
@@ -330,24 +243,4 @@ class PgDatabase:
                             exc = pg_error(exc, self.path)
                         results.append((target, None, exc))
         for target, value, exc in results:
-            _settle(target, value, exc)
-
-
-def _runnable(item: tuple) -> bool:
-    target = item[1]
-    return not isinstance(target, Future) or target.set_running_or_notify_cancel()
-
-
-def _settle(target, value: Any, exc: BaseException | None) -> None:
-    if isinstance(target, Future):
-        if target.done():
-            return
-        if exc is not None:
-            target.set_exception(exc)
-        else:
-            target.set_result(value)
-    elif target is not None:
-        try:
-            target(exc)
-        except Exception:  # noqa: BLE001 - a callback must not take the writer down
-            _log.exception("A write's completion callback failed")
+            settle(target, value, exc)
