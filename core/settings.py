@@ -270,6 +270,9 @@ class Snapshot(dict):
 class SettingsStore:
     """Settings in the SQLite file; a change is seen by every process within ``ttl`` s."""
 
+    # All stored values as one JSON object {name: value-as-JSON} (PostgreSQL overrides it).
+    _ALL_VALUES_SQL = "SELECT json_group_object(name, value) AS v FROM settings"
+
     def __init__(self, db, *, clock: Callable[[], float] = time.monotonic, ttl: float = 0.5) -> None:
         self.db = db
         self.clock = clock
@@ -310,7 +313,7 @@ class SettingsStore:
         version = int(row["value"]) if row else 0
         if snap is not None and snap.version == version:
             return snap
-        row = query_one("SELECT json_group_object(name, value) AS v FROM settings")
+        row = query_one(self._ALL_VALUES_SQL)
         values = Snapshot({s.name: s.default for s in SETTINGS})
         for name, value in json.loads(row["v"] if row and row["v"] else "{}").items():
             if name in BY_NAME:
