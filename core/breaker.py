@@ -96,7 +96,47 @@ class FailureWindow:
         self.epoch = epoch
 
 
-class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
+class SnapshotFields:
+    """The fields pybreaker reads and sets, over a storage's ``snapshot()`` row: shared by
+    the SQLite storage here and the Redis one (core/storage/redis_breaker.py). A storage
+    supplies ``snapshot()`` and ``_store(field, value)``; counters it changes its own way."""
+
+    @property
+    def state(self) -> str:
+        return self.snapshot()["state"] or CLOSED
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._store("state", state)
+
+    @property
+    def counter(self) -> int:
+        return int(self.snapshot()["fail_counter"] or 0)
+
+    @property
+    def success_counter(self) -> int:
+        return int(self.snapshot()["success_counter"] or 0)
+
+    @property
+    def opened_at(self) -> datetime | None:
+        ts = self.snapshot()["opened_at"]
+        return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+
+    @opened_at.setter
+    def opened_at(self, value: datetime) -> None:
+        self._store("opened_at", value.timestamp())
+
+    @property
+    def open_for_s(self) -> float | None:
+        """How long this opening lasts, when the upstream said (None: breaker.reset_timeout_s)."""
+        return self.snapshot().get("open_for_s")
+
+    @open_for_s.setter
+    def open_for_s(self, value: float | None) -> None:
+        self._store("open_for_s", value)
+
+
+class SQLiteBreakerStorage(SnapshotFields, pybreaker.CircuitBreakerStorage):
     """pybreaker storage in the `breakers` table, so every process on the file shares it.
 
     Writes never wait: each change is applied to this process's view at once and queued
@@ -184,13 +224,8 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
             self._pending -= 1
             self._read_at = float("-inf") if exc is not None else self._read_at
 
-    @property
-    def state(self) -> str:
-        return self.snapshot()["state"] or CLOSED
-
-    @state.setter
-    def state(self, state: str) -> None:
-        self._change(lambda r: r.update(state=state), "state = ?", state)
+    def _store(self, field: str, value) -> None:
+        self._change(lambda r: r.update({field: value}), f"{field} = ?", value)
 
     def increment_counter(self) -> None:
         self._change(lambda r: r.update(fail_counter=r["fail_counter"] + 1), "fail_counter = fail_counter + 1")
@@ -204,33 +239,6 @@ class SQLiteBreakerStorage(pybreaker.CircuitBreakerStorage):
 
     def reset_success_counter(self) -> None:
         self._change(lambda r: r.update(success_counter=0), "success_counter = 0")
-
-    @property
-    def counter(self) -> int:
-        return int(self.snapshot()["fail_counter"] or 0)
-
-    @property
-    def success_counter(self) -> int:
-        return int(self.snapshot()["success_counter"] or 0)
-
-    @property
-    def opened_at(self) -> datetime | None:
-        ts = self.snapshot()["opened_at"]
-        return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
-
-    @opened_at.setter
-    def opened_at(self, value: datetime) -> None:
-        ts = value.timestamp()
-        self._change(lambda r: r.update(opened_at=ts), "opened_at = ?", ts)
-
-    @property
-    def open_for_s(self) -> float | None:
-        """How long this opening lasts, when the upstream said (None: breaker.reset_timeout_s)."""
-        return self.snapshot().get("open_for_s")
-
-    @open_for_s.setter
-    def open_for_s(self, value: float | None) -> None:
-        self._change(lambda r: r.update(open_for_s=value), "open_for_s = ?", value)
 
 
 class Permit:

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 
 import pybreaker
 
-from ..breaker import CLOSED, SQLiteBreakerStorage
+from ..breaker import CLOSED, SnapshotFields, SQLiteBreakerStorage
 from .redis_link import RedisDown, RedisLink
 
 _FIELDS = ("state", "fail_counter", "success_counter", "opened_at", "open_for_s")
@@ -35,7 +35,7 @@ return 0
 """
 
 
-class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
+class RedisBreakerStorage(SnapshotFields, pybreaker.CircuitRedisStorage):
     """One breaker's row in Redis (raises RedisDown when Redis fails)."""
 
     READ_TTL_S = 0.1
@@ -89,13 +89,8 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
             row[field] = int(result) if command else value
             self._row = row
 
-    @property
-    def state(self) -> str:
-        return self.snapshot()["state"] or CLOSED
-
-    @state.setter
-    def state(self, state: str) -> None:
-        self._set("state", str(state))
+    def _store(self, field: str, value) -> None:
+        self._set(field, str(value) if field == "state" else value)
 
     def increment_counter(self) -> None:
         self._set("fail_counter", None, lambda r: r.incr(self._namespace("fail_counter")))
@@ -108,31 +103,6 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
 
     def reset_success_counter(self) -> None:
         self._set("success_counter", 0)
-
-    @property
-    def counter(self) -> int:
-        return int(self.snapshot()["fail_counter"] or 0)
-
-    @property
-    def success_counter(self) -> int:
-        return int(self.snapshot()["success_counter"] or 0)
-
-    @property
-    def opened_at(self) -> datetime | None:
-        ts = self.snapshot()["opened_at"]
-        return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
-
-    @opened_at.setter
-    def opened_at(self, value: datetime) -> None:
-        self._set("opened_at", value.timestamp())
-
-    @property
-    def open_for_s(self) -> float | None:
-        return self.snapshot().get("open_for_s")
-
-    @open_for_s.setter
-    def open_for_s(self, value: float | None) -> None:
-        self._set("open_for_s", value)
 
     # Half-open probe slots shared by every replica.
     def lease_probe(self, limit: int, ttl_s: float, now: float) -> str | None:
