@@ -52,16 +52,21 @@ class _Buckets:
 
     def sql(self, col: str = "ts") -> tuple[str, list[Any]]:
         """SQL for the bucket number of ``col``, and its params."""
+        offset, params = self.offset_sql(col)
+        return f"CAST(({col} + {offset}) / {self.size} AS INTEGER)", params
+
+    def offset_sql(self, col: str = "ts") -> tuple[str, list[Any]]:
+        """SQL for the zone's UTC offset at ``col`` (one per offset segment), and its params."""
         segments = self.segments
         if len(segments) == 1:
-            return f"CAST(({col} + ?) / {self.size} AS INTEGER)", [segments[0][1]]
+            return "?", [segments[0][1]]
         case, params = "CASE", []
         for (_, off), (nxt, _) in zip(segments, segments[1:]):
             case += f" WHEN {col} < ? THEN ?"
             params += [nxt, off]
         case += " ELSE ? END"
         params.append(segments[-1][1])
-        return f"CAST(({col} + ({case})) / {self.size} AS INTEGER)", params
+        return f"({case})", params
 
     def number(self, ts: float) -> int:
         """The bucket number of ``ts`` (what ``sql()`` computes)."""

@@ -426,17 +426,7 @@ class History:
             timed = row.pop("timed")
             row["latency_p50_ms"] = self._latency_percentile(filters, 50, timed)
             row["latency_p95_ms"] = self._latency_percentile(filters, 95, timed)
-        total = row["total_requests"]
-        ok = row["ok_requests"]
-        row["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
-        row["cache_hit_rate"] = row["cached_requests"] / ok if ok else 0.0
-        upstream = row["upstream_prompt_tokens"]
-        row["prompt_cache_hit_rate"] = row["cached_tokens"] / upstream if upstream else 0.0
-        row["failure_rate"] = row["failed_requests"] / total if total else 0.0
-        row["success_rate"] = ok / total if total else 0.0
-        row["average_cost"] = row["total_cost"] / ok if ok else 0.0
-        row["retries_per_request"] = row["retries"] / total if total else 0.0
-        return row
+        return with_rates(row)
 
     def series(self, filters: Filters, unit: str = "day", by_model: bool = True) -> list[dict]:
         """Per local day/hour (and model): requests, errors, tokens, cost, latency..."""
@@ -669,3 +659,19 @@ class History:
                 if row["s"] is not None:
                     found[(number, row["model"])] = tuple(_floats(row["s"]))
         return found
+
+
+def with_rates(row: dict) -> dict:
+    """``totals``' derived figures (tokens, hit, failure and success rates, averages) added
+    to its summed row; shared by the SQLite and PostgreSQL histories."""
+    total = row["total_requests"]
+    ok = row["ok_requests"]
+    row["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
+    row["cache_hit_rate"] = row["cached_requests"] / ok if ok else 0.0
+    upstream = row["upstream_prompt_tokens"]
+    row["prompt_cache_hit_rate"] = row["cached_tokens"] / upstream if upstream else 0.0
+    row["failure_rate"] = row["failed_requests"] / total if total else 0.0
+    row["success_rate"] = ok / total if total else 0.0
+    row["average_cost"] = row["total_cost"] / ok if ok else 0.0
+    row["retries_per_request"] = row["retries"] / total if total else 0.0
+    return row

@@ -21,7 +21,7 @@ import psycopg
 
 from ..buckets import _Buckets, bucket_label
 from ..errors import InvalidParameter
-from ..history import _INSERT, Filters, History, RequestRecord, _values
+from ..history import _INSERT, Filters, History, RequestRecord, _values, with_rates
 from .postgres import PgConn, pg_error
 
 # The rollup's sums (core/schema.py ROLLUP_SUMS) in PostgreSQL, with each sum's type.
@@ -69,16 +69,8 @@ def _pct(p: float, col: str = "latency_ms", alias: str = "") -> str:
 def bucket_sql(buckets: _Buckets, col: str = "ts") -> tuple[str, list[Any]]:
     """The bucket number of ``col`` (what _Buckets.sql computes), floored as PostgreSQL needs:
     its float-to-integer cast rounds where SQLite's truncates."""
-    segments = buckets.segments
-    if len(segments) == 1:
-        return f"floor(({col} + ?) / {buckets.size})::bigint", [segments[0][1]]
-    case, params = "CASE", []
-    for (_, off), (nxt, _) in zip(segments, segments[1:]):
-        case += f" WHEN {col} < ? THEN ?"
-        params += [nxt, off]
-    case += " ELSE ? END"
-    params.append(segments[-1][1])
-    return f"floor(({col} + ({case})) / {buckets.size})::bigint", params
+    offset, params = buckets.offset_sql(col)
+    return f"floor(({col} + {offset}) / {buckets.size})::bigint", params
 
 
 def _where(filters: Filters) -> tuple[str, list[Any]]:
@@ -128,16 +120,7 @@ class PgHistory(History):
                    {_sum('upstream_prompt_tokens')}, {_sum('estimated', 'estimated_token_requests')},
                    {_pct(50, alias='latency_p50_ms')}, {_pct(95, alias='latency_p95_ms')}
             FROM requests WHERE {where}""", params)
-        total, ok = row["total_requests"], row["ok_requests"]
-        row["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
-        row["cache_hit_rate"] = row["cached_requests"] / ok if ok else 0.0
-        upstream = row["upstream_prompt_tokens"]
-        row["prompt_cache_hit_rate"] = row["cached_tokens"] / upstream if upstream else 0.0
-        row["failure_rate"] = row["failed_requests"] / total if total else 0.0
-        row["success_rate"] = ok / total if total else 0.0
-        row["average_cost"] = row["total_cost"] / ok if ok else 0.0
-        row["retries_per_request"] = row["retries"] / total if total else 0.0
-        return row
+        return with_rates(row)
 
     def _grouped(self, filters: Filters, unit: str, by_model: bool, select: str) -> list[dict]:
         """``select`` per local bucket (and model) over the filtered rows, in bucket order."""
