@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, streamlit_app, wait_idle
+from tests.browser import CHROMIUM, chromium, streamlit_app, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -28,26 +28,23 @@ def test_streamlit_run_serves_health_and_the_api(server):
 @pytest.mark.browser
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian's chromium is not installed")
 def test_a_first_visit_straight_to_a_page_gets_the_apps_navigation(server):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         page = browser.new_page()
         page.goto(server["url"] + "/metrics", wait_until="domcontentloaded")
         nav = page.locator('[data-testid="stSidebarNav"]')
         expect(nav.get_by_text("Generate", exact=True)).to_be_visible(timeout=30_000)
         expect(nav.get_by_text("Settings", exact=True)).to_be_visible()
         assert nav.get_by_text("streamlit app").count() == 0
-        browser.close()
 
 
 @pytest.mark.browser
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian's chromium is not installed")
 def test_type_generate_watch_it_grow_then_stop(server):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(server["url"], wait_until="domcontentloaded")
         expect(page.get_by_text("Simulated responses")).to_be_visible(timeout=30_000)
@@ -71,7 +68,6 @@ def test_type_generate_watch_it_grow_then_stop(server):
         page.wait_for_timeout(1200)
         assert stopped.inner_text() == first, "text kept growing after Stop"
         page.screenshot(path=str(server["tmp"] / "after-stop.png"), full_page=True)
-        browser.close()
 
     deadline = time.time() + 10
     outcome = None

@@ -7,22 +7,17 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 import core.service
 from core.config import redact_url
 from core.http.guard import GuardConfig
+from tests.browser import streamlit_app
 from tests.test_foundation import _serve
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = json.dumps({"prompt": "Name a river", "max_tokens": 5}).encode()
 
 
@@ -290,41 +285,12 @@ def test_unknown_paths_and_wrong_methods_answer_json(guarded):
 
 
 # -- under `streamlit run`: the dashboard's websocket and the SPA's catch-all ---------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def streamlit_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("guard")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GYROSCOPE_API_TOKEN", "GYROSCOPE_ADMIN_PASSWORD")}
-    env.update(GYROSCOPE_DB=str(tmp / "guard.db"), GYROSCOPE_PROVIDER="simulator")
-    log = open(tmp / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py",
-                             "--server.port", str(port), "--server.headless", "true"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("streamlit run did not start: " + (tmp / "streamlit.log").read_text())
-    yield url, tmp / "guard.db"
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with streamlit_app(tmp, unset=("GYROSCOPE_API_TOKEN", "GYROSCOPE_ADMIN_PASSWORD"),
+                       GYROSCOPE_PROVIDER="simulator") as url:
+        yield url, tmp / "app.db"
 
 
 def _handshake(url: str, host: str, origin: str | None) -> int:
