@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo
 
 from . import errors
 from .errors import BudgetExceeded, InvalidParameter
+from .settings import json_object
 
 _log = logging.getLogger(__name__)
 SOURCES = ("page", "api", "v1", "batch", "cli")
@@ -48,12 +49,7 @@ def parse_limits(text: str) -> dict[str, dict[str, float]]:
     if not text.strip():
         return {}
     example = '{"model:gpt-4o": {"day": 5, "month": 100}, "source:batch": {"day": 2}}'
-    try:
-        data = json.loads(text)
-    except ValueError:
-        raise InvalidParameter(f"budget.limits must be a JSON object, e.g. {example}.") from None
-    if not isinstance(data, dict):
-        raise InvalidParameter(f"budget.limits must be a JSON object, e.g. {example}.")
+    data = json_object("budget.limits", text, f"e.g. {example}")
     out = {}
     for scope, limits in data.items():
         kind, _, name = scope.partition(":")

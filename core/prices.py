@@ -16,7 +16,6 @@ Which applies when the setting does not name the upstream: see ``default_pricing
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from genai_prices import Usage as PriceUsage, calc_price
 from genai_prices import data_snapshot
 
 from .errors import InvalidParameter
+from .settings import json_object
 
 _M = 1_000_000
 KINDS = ("free", "unknown")      # besides a catalogue provider id or a custom price table
@@ -151,12 +151,7 @@ def parse_upstreams(text: str) -> dict[str, Pricing]:
         return {}
     example = ('e.g. {"http://gpu:8000/v1": "free", "https://proxy.example/v1": "openai", '
                '"http://llama:8080/v1": {"gpt-oss-20b": {"input": 0.05, "cached": 0.01, "output": 0.2}}}')
-    try:
-        data = json.loads(text)
-    except ValueError:
-        raise InvalidParameter(f"prices.upstreams must be a JSON object, {example}.") from None
-    if not isinstance(data, dict):
-        raise InvalidParameter(f"prices.upstreams must be a JSON object, {example}.")
+    data = json_object("prices.upstreams", text, example)
     out = {}
     for upstream, how in data.items():
         key = upstream.rstrip("/")

@@ -123,6 +123,18 @@ def _budget_zone(value: str) -> None:
     check_zone(value)
 
 
+def json_object(name: str, text: str, example: str) -> dict:
+    """A JSON-object setting's text as a dict; InvalidParameter names the setting and shows
+    ``example`` (written as it should follow "must be a JSON object, ")."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be a JSON object, {example}.") from None
+    if not isinstance(data, dict):
+        raise InvalidParameter(f"{name} must be a JSON object, {example}.")
+    return data
+
+
 def _type_words(t: type) -> str:
     return {bool: "true or false", int: "a whole number", float: "a number",
             str: "text"}.get(t, t.__name__)
