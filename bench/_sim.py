@@ -10,12 +10,17 @@ import time
 import urllib.request
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def simulator_process(ttft_ms: float = 0, tokens_per_s: float = 0):
     """Yield the base URL of a simulator running in a child process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "core", "simulator", "--port", str(port),
                              "--ttft-ms", str(ttft_ms), "--tokens-per-s", str(tokens_per_s)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import httpx2
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._sim import simulator_process  # noqa: E402
+from bench._sim import free_port, simulator_process  # noqa: E402
 
 MSG = "Write a tagline for a neighbourhood bakery, number {i} of run {run}"
 MAX_TOKENS = 16
@@ -53,17 +52,13 @@ uvicorn.run(asgi_app(), host="127.0.0.1", port={port}, log_level="warning", acce
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gateway(sim_url: str, tmp: str):
-    port = _free_port()
+def _gateway(sim_url: str, db_path: str, what: str = "the gateway", **extra_env: str):
+    """A Gyroscope API server (SERVER) with its database at ``db_path``, provider ``openai``
+    pointed at ``sim_url``, and ``extra_env``: (process, URL) once /api/health answers."""
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GYROSCOPE_", "OPENAI_"))}
     env.update(OPENAI_BASE_URL=sim_url, OPENAI_API_KEY="sk-bench", GYROSCOPE_PROVIDER="openai",
-               GYROSCOPE_DB=os.path.join(tmp, "gateway.db"))
+               GYROSCOPE_DB=db_path, **extra_env)
     proc = subprocess.Popen([sys.executable, "-c", SERVER.format(port=port, connect=CONNECT_S)], env=env,
                             cwd=Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
@@ -74,7 +69,7 @@ def _gateway(sim_url: str, tmp: str):
         except OSError:
             time.sleep(0.05)
     proc.terminate()
-    raise RuntimeError("the gateway did not start")
+    raise RuntimeError(f"{what} did not start")
 
 
 def _client(base_url: str) -> openai.AsyncOpenAI:
@@ -82,10 +77,11 @@ def _client(base_url: str) -> openai.AsyncOpenAI:
                               timeout=httpx2.Timeout(600, connect=CONNECT_S))
 
 
-async def _burst(client: openai.AsyncOpenAI, n: int, run: str) -> tuple[float, int]:
+async def _burst(clients: list[openai.AsyncOpenAI], n: int, run: str) -> tuple[float, int]:
+    """n concurrent requests, spread round-robin over ``clients``: (req/s, requests lost)."""
     async def one(i: int) -> bool:
         try:
-            await client.chat.completions.create(
+            await clients[i % len(clients)].chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": MSG.format(i=i, run=run)}],
                 max_tokens=MAX_TOKENS)
             return True
@@ -120,7 +116,7 @@ async def _main(args, sim_url: str, gw_url: str) -> dict:
         order = ("direct", "gyroscope") if r % 2 == 0 else ("gyroscope", "direct")
         got = {}
         for side in order:
-            rate, failed = await _burst(direct if side == "direct" else gateway, args.concurrent, f"{r}{side}")
+            rate, failed = await _burst([direct if side == "direct" else gateway], args.concurrent, f"{r}{side}")
             got[side] = rate
             rates[side].append(rate)
             lost[side] += failed
@@ -144,7 +140,7 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=50)
     args = ap.parse_args()
     with simulator_process(ttft_ms=args.latency_ms) as sim_url, tempfile.TemporaryDirectory() as tmp:
-        proc, gw_url = _gateway(sim_url, tmp)
+        proc, gw_url = _gateway(sim_url, os.path.join(tmp, "gateway.db"))
         try:
             out = asyncio.run(_main(args, sim_url, gw_url))
         finally:

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis  # noqa: E402
 
+from bench._sim import free_port  # noqa: E402
 from core.cache import cache_key  # noqa: E402
 from core.config import Config, redact_url  # noqa: E402
 from core.models import GenerationRequest  # noqa: E402
@@ -52,9 +53,7 @@ def _redis_url(tmp: Path) -> tuple[str, subprocess.Popen | None]:
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("No Redis answers and redis-server is not installed (apt-get install redis-server).")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no",
                              "--dir", str(tmp)], stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"

@@ -24,12 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -38,43 +35,13 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._sim import simulator_process  # noqa: E402
-from bench.gateway import CONNECT_S, MSG, MAX_TOKENS, SERVER, _client, _free_port  # noqa: E402,F401
+from bench.gateway import _burst, _client, _gateway  # noqa: E402
 from bench.redis_cache import _redis_url  # noqa: E402
 
 
 def _replica(sim_url: str, tmp: Path, name: str, redis_url: str, prefix: str):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GYROSCOPE_", "OPENAI_"))}
-    env.update(OPENAI_BASE_URL=sim_url, OPENAI_API_KEY="sk-bench", GYROSCOPE_PROVIDER="openai",
-               GYROSCOPE_DB=str(tmp / f"{name}.db"), GYROSCOPE_REDIS_URL=redis_url,
-               GYROSCOPE_REDIS_PREFIX=prefix)
-    proc = subprocess.Popen([sys.executable, "-c", SERVER.format(port=port, connect=CONNECT_S)], env=env,
-                            cwd=Path(__file__).resolve().parents[1])
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            urllib.request.urlopen(url + "/api/health", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.05)
-    proc.terminate()
-    raise RuntimeError(f"replica {name} did not start")
-
-
-async def _burst(clients: list, n: int, run: str) -> tuple[float, int]:
-    import openai
-
-    async def one(i: int) -> bool:
-        try:
-            await clients[i % len(clients)].chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": MSG.format(i=i, run=run)}],
-                max_tokens=MAX_TOKENS)
-            return True
-        except openai.OpenAIError:
-            return False
-    t0 = time.perf_counter()
-    ok = await asyncio.gather(*(one(i) for i in range(n)))
-    return n / (time.perf_counter() - t0), n - sum(ok)
+    return _gateway(sim_url, str(tmp / f"{name}.db"), f"replica {name}",
+                    GYROSCOPE_REDIS_URL=redis_url, GYROSCOPE_REDIS_PREFIX=prefix)
 
 
 async def _main(args, urls: dict[str, list[str]]) -> dict:
