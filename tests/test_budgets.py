@@ -110,6 +110,9 @@ def test_overshoot_stays_within_the_stated_bound_when_the_server_counts_more_pro
         gyro, simulator):
     extra = 50     # a chat template's tokens the server counts and tiktoken does not
     simulator.sim.set_faults(prompt_tokens_extra=extra)
+    # Answers wait 300 ms, so every admitted request is in flight when the limit is reached
+    # (on a busy machine they could otherwise settle one by one, and nothing overshoots).
+    simulator.sim.set_latency(ttft_ms=300)
     requests = [ask(i, max_tokens=5) for i in range(1000)]
     limit = sum(hold_of(r) for r in requests[:200])
     gyro.settings.set("budget.daily_usd", limit, actor="test")
