@@ -17,7 +17,7 @@ from core.api import ENDPOINTS, OPENAPI, routes
 from core.http import schemas
 from core.signin import PasswordGate
 from tests.support import FakeClock
-from tests.test_foundation import _serve
+from tests.test_foundation import _serve, api  # noqa: F401 - the API over real HTTP, as a fixture
 from tests.test_http_guard import JSON, call
 
 PASSWORD = "correct horse battery staple"
@@ -36,15 +36,6 @@ def sse(raw: bytes) -> list[tuple[str, dict]]:
             name, data = block.split("\n", 1)
             out.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
     return out
-
-
-@pytest.fixture
-def api(app_env):
-    from core.api import asgi_app
-    gyro = core.service.default_service()
-    url, server = _serve(asgi_app())
-    yield url, gyro
-    server.should_exit = True
 
 
 # -- /api/generate/stream ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import core.service
 
 from core.cache import cache_key
 from core.models import GenerationRequest
-from tests.test_foundation import _post, _serve
+from tests.test_foundation import _post, _serve, api  # noqa: F401 - the API over real HTTP, as a fixture
 from tests.test_pipeline import make_gyro
 from tests.support import FakeClock
 
@@ -181,13 +181,9 @@ def test_a_tools_round_trip_through_the_pipeline_plain_and_streamed(gyro):
 
 # -- /v1 over real HTTP with the official SDK -------------------------------------------------
 @pytest.fixture
-def gateway(app_env):
-    """Gyroscope's routes on a free port, the app's own simulator behind them."""
-    from core.api import asgi_app
-    gyro = core.service.default_service()
-    url, server = _serve(asgi_app())      # behind the guard, as streamlit_app.py serves it
-    yield url, gyro
-    server.should_exit = True
+def gateway(api):
+    """Gyroscope's routes on a free port (test_foundation's ``api``), the app's own simulator behind them."""
+    return api
 
 
 def _sdk(url, **kw):
