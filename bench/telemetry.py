@@ -102,10 +102,16 @@ def main() -> None:
             tp.add_span_processor(SimpleSpanProcessor(spans))
             otel = telemetry.OTel(tp, MeterProvider(metric_readers=[InMemoryMetricReader()]), "openai")
 
-            def span() -> None:
+            def queued() -> None:
                 otel.observe(rec)
+            figures["OpenTelemetry observe (queued, on the request path)"] = timed(queued, n)
+            otel.flush()
+            spans.clear()
+
+            def span() -> None:
+                otel.emit(rec)
                 spans.clear()
-            figures["OpenTelemetry observe (span + 2 metric points)"] = timed(span, n)
+            figures["OpenTelemetry span + 2 metric points (its thread)"] = timed(span, n)
         except ImportError:
             print("OpenTelemetry not installed (pip install -e '.[otel]'): skipped")
         db.close()
@@ -124,6 +130,12 @@ def main() -> None:
           f"({'MET' if limited <= 0.1 else 'NOT MET'}: <= 0.1 ms)")
     print(f"  ... plus counting the prompt for the hold:            p50 {counted:.4f} ms "
           f"({'MET' if counted <= 0.1 else 'NOT MET'}: <= 0.1 ms)")
+    queued = figures.get("OpenTelemetry observe (queued, on the request path)")
+    if queued is not None:
+        every = counted + queued[0]
+        print(f"  ... plus OpenTelemetry (an endpoint set):           p50 {every:.4f} ms "
+              f"({'MET' if every <= 0.1 else 'NOT MET'}: <= 0.1 ms; the span itself is built "
+              "on the telemetry thread)")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ def test_spans_carry_the_genai_attributes_and_no_content_unless_opted_in(gyro, s
     otel, spans, reader = otel_pair()
     gyro.pipeline.observers = (*gyro.pipeline.observers, otel.observe)
     some_traffic(gyro, simulator)
+    otel.flush()       # spans are built on the telemetry thread
     finished = spans.get_finished_spans()
     assert len(finished) == len(rows(gyro)) == 7
     answered = [s for s in finished if s.attributes["gyroscope.outcome"] == "ok"]
@@ -147,10 +148,25 @@ def test_spans_carry_the_genai_attributes_and_no_content_unless_opted_in(gyro, s
     assert {"gen_ai.client.token.usage", "gen_ai.client.operation.duration"} <= names
 
 
+def test_spans_are_built_off_the_request_path_and_a_bad_row_stops_nothing(caplog):
+    from core.history import RequestRecord
+    otel, spans, _ = otel_pair()
+    row = RequestRecord(ts=1_800_000_000.0, request_id="r1", source="api", model="gpt-4o-mini",
+                        outcome="ok", latency_ms=400.0, prompt_tokens=12, completion_tokens=3)
+    otel.observe(type("Broken", (), {"ts": None})())     # no time: its span cannot be built
+    for _ in range(3):
+        otel.observe(row)
+    otel.flush()
+    assert otel._thread.name == "gyroscope-otel" and otel._thread.is_alive()
+    assert len(spans.get_finished_spans()) == 3
+    assert "a span could not be built" in caplog.text
+
+
 def test_message_content_only_when_the_operator_opts_in(gyro):
     otel, spans, _ = otel_pair(capture=True)
     gyro.pipeline.observers = (*gyro.pipeline.observers, otel.observe)
     result = gyro.generate(ask("Name a bread"))
+    otel.flush()
     span = spans.get_finished_spans()[0]
     assert json.loads(span.attributes["gen_ai.input.messages"]) == [{"role": "user", "content": "Name a bread"}]
     assert json.loads(span.attributes["gen_ai.output.messages"])[0]["content"] == result.content
