@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from core import budgets, prices
+from core import budgets, errors, prices
 from core.config import Config
 from core.db import Database
 from core.errors import BudgetExceeded, InvalidParameter
@@ -64,11 +64,11 @@ def gyro(tmp_path, simulator, clock):
     g.close()
 
 
-def run_concurrently(gyro, requests):
+def run_concurrently(gyro, requests, refusals=(BudgetExceeded,)):
     async def one(r):
         try:
             return await gyro.agenerate(r)
-        except BudgetExceeded as exc:
+        except refusals as exc:
             return exc
 
     async def main():
@@ -207,13 +207,17 @@ def test_two_services_on_one_file_share_the_budget(tmp_path, simulator, clock):
         guard_ledger(tmp_path / "g.db", limit)
         first.settings.set("budget.daily_usd", limit, actor="test")
         out: list = []
-        threads = [threading.Thread(target=lambda g=g, part=part: out.extend(run_concurrently(g, part)))
-                   for g, part in ((first, requests[:100]), (second, requests[100:]))]
+        # Two services contend for one file: a reservation that cannot get it within
+        # Budgets.BUSY_S is refused as busy ("try again"), before anything is held or sent.
+        refusals = (BudgetExceeded, errors.StorageError)
+        threads = [threading.Thread(target=lambda g=g, part=part: out.extend(
+            run_concurrently(g, part, refusals))) for g, part in ((first, requests[:100]), (second, requests[100:]))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        answered = [r for r in out if not isinstance(r, BudgetExceeded)]
+        assert len(out) == 200
+        answered = [r for r in out if not isinstance(r, refusals)]
         second.db.flush()
         spent, held = ledger(first)[("all", "d:2027-01-15")]
         assert spent == pytest.approx(sum(r.cost for r in answered)) and spent <= limit
