@@ -365,3 +365,31 @@ def test_ctrl_c_pauses_the_job_with_nothing_left_running_and_resume_finishes(tmp
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["status"] for r in out] == ["done"] * 40
     assert sim.stats()["chat_requests"] <= 40 + 4   # at most the rows in flight at Ctrl-C again
+
+
+def test_csv_on_stdin_is_read_as_csv_and_format_overrides(tmp_path, simulator):
+    env = {**os.environ, "GYROSCOPE_DB": str(tmp_path / "g.db"), "OPENAI_BASE_URL": simulator.base_url,
+           "OPENAI_API_KEY": "sk-test", "GYROSCOPE_PROVIDER": "openai"}
+    cli = [sys.executable, "-m", "core", "batch", "-", "--no-progress"]
+    csv_text = 'prompt,max_tokens\n"Name a colour, then a fruit",7\nSay hello,5\n'
+    done = subprocess.run(cli + ["-o", "out.jsonl"], input=csv_text, cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Read as CSV" in done.stderr
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in out] == ["Name a colour, then a fruit", "Say hello"]
+    assert [r["status"] for r in out] == ["done", "done"]
+    # Prompts that merely contain commas are prompts, one per line, and --format says so too.
+    lines = "Write a tagline, short\nprompt,max_tokens\n"
+    forced = subprocess.run(cli + ["-o", "lines.jsonl", "--format", "lines"], input=lines,
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert forced.returncode == 0, forced.stderr
+    out = [json.loads(line) for line in (tmp_path / "lines.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in out] == ["Write a tagline, short", "prompt,max_tokens"]
+    sniffed = subprocess.run(cli + ["-o", "s.jsonl"], input="Write a tagline, short\n",
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert sniffed.returncode == 0 and "one prompt per line" in sniffed.stderr
+    bad = subprocess.run(cli + ["-o", "x.jsonl", "--format", "xml"], input="a\n", cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    assert not (tmp_path / "x.jsonl").exists()

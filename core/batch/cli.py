@@ -18,6 +18,10 @@ def add_commands(sub) -> None:
     b.add_argument("input", nargs="?", help="a .csv/.jsonl file with a prompt column, or text "
                    "with one prompt per line (- for stdin)")
     b.add_argument("-o", "--output", help="where the results go (.csv or .jsonl)")
+    b.add_argument("--format", choices=("csv", "jsonl", "lines"), help="how to read INPUT "
+                   "(default: by its extension; without one, as CSV when the first line is a "
+                   "header of known columns such as prompt,model, as JSONL when it starts with "
+                   "{, else one prompt per line)")
     b.add_argument("--concurrency", type=_positive_int, help="rows sent at once "
                    "(default: the batch.concurrency setting)")
     b.add_argument("--resume", metavar="JOB_ID|last", help="go on with an unfinished job")
@@ -79,8 +83,8 @@ def batch_command(gyro, args) -> int:
             print("error: give INPUT and -o OUTPUT (or --resume JOB_ID|last)", file=sys.stderr)
             return 2
         output = args.output
-        parsed = (jobs.parse(sys.stdin.buffer.read(), None) if args.input == "-"
-                  else jobs.parse_path(args.input))
+        parsed = (jobs.parse(sys.stdin.buffer.read(), None, args.format) if args.input == "-"
+                  else jobs.parse_path(args.input, args.format))
         for note in parsed.notes:
             print(f"note: {note}", file=sys.stderr)
         for problem in parsed.problems:

@@ -53,7 +53,8 @@ class ParsedInput:
     kind: str = "lines"
 
 
-def read_path(path: str | Path, max_bytes: int, max_rows: int) -> ParsedInput:
+def read_path(path: str | Path, max_bytes: int, max_rows: int,
+              kind: str | None = None) -> ParsedInput:
     """Read a file, refusing it by its size before reading a byte of it."""
     path = Path(path)
     try:
@@ -63,11 +64,13 @@ def read_path(path: str | Path, max_bytes: int, max_rows: int) -> ParsedInput:
     _check_size(size, max_bytes, path.name)
     with path.open("rb") as fh:
         data = fh.read(max_bytes + 1)     # a file that grows meanwhile is still cut here
-    return read_bytes(data, path.name, max_bytes, max_rows)
+    return read_bytes(data, path.name, max_bytes, max_rows, kind)
 
 
-def read_bytes(data: bytes, name: str | None, max_bytes: int, max_rows: int) -> ParsedInput:
-    """Parse an upload or a file's bytes; the kind comes from the name, else the content."""
+def read_bytes(data: bytes, name: str | None, max_bytes: int, max_rows: int,
+               kind: str | None = None) -> ParsedInput:
+    """Parse an upload or a file's bytes as ``kind`` (csv, jsonl or lines) when given, else
+    as the name's extension says, else as the content looks."""
     _check_size(len(data), max_bytes, name or "the input")
     if b"\x00" in data[:_SNIFF_BYTES]:
         raise InputRefused(f"{name or 'The input'} looks like a binary file (a spreadsheet, an "
@@ -81,18 +84,35 @@ def read_bytes(data: bytes, name: str | None, max_bytes: int, max_rows: int) -> 
                            f"on line {line}). Save it as UTF-8 (in Excel: \"CSV UTF-8\") and try "
                            "again. Nothing was run.") from None
     suffix = Path(name or "").suffix.lower()
-    if suffix == ".csv":
-        parsed = parse_csv(text)
-    elif suffix in (".jsonl", ".ndjson", ".json"):
-        parsed = parse_jsonl(text)
-    elif not suffix and text.lstrip().startswith("{"):
-        parsed = parse_jsonl(text)
-    else:
-        parsed = parse_lines(text)
+    sniffed = kind is None and not suffix
+    if sniffed:
+        kind = ("jsonl" if text.lstrip().startswith("{") else
+                "csv" if _csv_header(text) else "lines")
+    elif kind is None:
+        kind = ("csv" if suffix == ".csv" else
+                "jsonl" if suffix in (".jsonl", ".ndjson", ".json") else "lines")
+    parsed = {"csv": parse_csv, "jsonl": parse_jsonl, "lines": parse_lines}[kind](text)
+    if sniffed:
+        shown = {"csv": "CSV", "jsonl": "JSON Lines", "lines": "one prompt per line"}[kind]
+        parsed.notes.insert(0, f"Read as {shown} (the input has no extension to go by; "
+                               "--format csv, jsonl or lines says otherwise).")
     if len(parsed.rows) > max_rows:
         raise InputRefused(f"{name or 'The input'} has {len(parsed.rows):,} rows; a job takes at "
                            f"most {max_rows:,} (setting batch.max_rows). Split it. Nothing was run.")
     return parsed
+
+
+def _csv_header(text: str) -> bool:
+    """Input with no name to go by (stdin, a file without an extension) is CSV when its first
+    line is a header naming a prompt (or messages) column and only known columns; otherwise it
+    is one prompt per line, so a prompt that merely contains commas stays a prompt."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        cells = next(csv.reader([first]))
+    except (csv.Error, StopIteration):
+        return False
+    names = [c.strip().lower() for c in cells]
+    return ("prompt" in names or "messages" in names) and all(n in COLUMNS for n in names)
 
 
 def _check_size(size: int, max_bytes: int, name: str) -> None:

@@ -24,14 +24,15 @@ class BatchJobs:
         self._running: dict[str, tuple[JobRunner, Future]] = {}
 
     # -- before a job --------------------------------------------------------------------------
-    def parse(self, data: bytes, name: str | None) -> files.ParsedInput:
+    def parse(self, data: bytes, name: str | None, kind: str | None = None) -> files.ParsedInput:
         """An upload or a file's bytes, checked against batch.max_file_mb and batch.max_rows."""
         s = self.gyro.settings.snapshot()
-        return files.read_bytes(data, name, int(s["batch.max_file_mb"] * 1e6), s["batch.max_rows"])
+        return files.read_bytes(data, name, int(s["batch.max_file_mb"] * 1e6), s["batch.max_rows"],
+                                kind)
 
-    def parse_path(self, path) -> files.ParsedInput:
+    def parse_path(self, path, kind: str | None = None) -> files.ParsedInput:
         s = self.gyro.settings.snapshot()
-        return files.read_path(path, int(s["batch.max_file_mb"] * 1e6), s["batch.max_rows"])
+        return files.read_path(path, int(s["batch.max_file_mb"] * 1e6), s["batch.max_rows"], kind)
 
     def estimate(self, rows: list[dict]) -> dict:
         """Per row and in all: prompt tokens, the most tokens asked for and the most it can
