@@ -119,14 +119,18 @@ if prompt.strip():
                    "prompt or lower Max tokens.")
 
 
-@st.fragment(run_every=1.0)
 def paused_countdown() -> None:
     left = state.paused_until - time.time()
     if left > 0:
         st.warning(CircuitOpen(retry_in_s=left).message_in(zone), icon=":material/pause_circle:")
+    else:
+        st.rerun()      # the pause is over: one full run draws the page idle and stops the timer
 
 
-paused_countdown()
+# The countdown ticks only while a pause runs: a timer at all times made every idle
+# Generate tab rerun a fragment on the server each second.
+if state.paused_until > time.time():
+    st.fragment(run_every=1.0)(paused_countdown)()
 
 refusal = None
 if starting:
