@@ -9,7 +9,9 @@ The ledger (table ``budget_ledger``, migration m008) holds, per scope and period
 ``spent`` and what is ``reserved`` by requests in flight. ``reserve`` checks every scope a
 request falls in and adds its hold in one short write transaction on the shared SQLite file,
 so the sum ``spent + reserved`` never passes a limit, whatever the concurrency, in one
-process or many. ``settle`` takes the hold back and adds the real cost.
+process or many. ``settle`` takes the hold back and adds the real cost. With
+``GYROSCOPE_DATABASE_URL`` the ledger is in PostgreSQL instead (core/storage/pg_budgets.py):
+the same checks, shared by every replica.
 
 Worst case (docs/metrics.md): a request's real cost exceeds its hold only when the upstream
 counts more prompt tokens than tiktoken does here (a chat template, another tokenizer), so
@@ -161,7 +163,8 @@ class Hold:
 
 
 class Budgets:
-    """Reserve and settle against the ledger on the SQLite file (shared by every process)."""
+    """Reserve and settle against the ledger on the SQLite file (shared by every process on
+    it); core/storage/pg_budgets.py keeps it in PostgreSQL (shared by every replica)."""
 
     BUSY_S = 0.05      # on the event loop: wait at most this long for the file, then refuse
     # A hold not settled within this (its process died) is given back by the next
@@ -195,13 +198,32 @@ class Budgets:
                 f"({_name(limits[0])}). Set its price in prices.upstreams, or set "
                 "budget.unknown_price to allow.", resets_at=end, retry_in_s=max(0.0, end - now))
         bounds = [(lim, *period_bounds(lim.period, now, plan.tz)) for lim in limits]
-        keys = [v for lim, key, _, _ in bounds for v in (lim.scope, key)]
-        read = ("SELECT scope, period, spent, reserved FROM budget_ledger WHERE (scope, period) IN "
-                f"(VALUES {', '.join('(?, ?)' for _ in bounds)})")
-
         sweep = now >= self._sweep_at
         if sweep:
             self._sweep_at = now + self.SWEEP_EVERY_S
+        over, held = self._hold(bounds, amount, now, sweep)
+        if over is not None:
+            lim, spent, held, end = over
+            self.refused += 1
+            raise BudgetExceeded(
+                f"The {_name(lim)} of ${lim.usd:,.2f} would be passed (${spent:,.4f} spent, "
+                f"${held:,.4f} held by requests in flight, this one needs up to ${amount:,.4f}). "
+                f"Nothing was sent. It resets at {iso(end)} (in {max(0, end - now):,.0f} s); "
+                "or raise the limit in Settings.", resets_at=end, retry_in_s=max(0.0, end - now))
+        used, hold_id = held
+        for (lim, key, _, _), total in zip(bounds, used):
+            if total >= plan.warn * lim.usd:
+                self._warn(lim, key, total, plan.warn)
+        return Hold(tuple((lim.scope, key) for lim, key, _, _ in bounds), amount, hold_id)
+
+    def _hold(self, bounds: list, amount: float, now: float, sweep: bool):
+        """Check every (limit, period key, start, end) and hold ``amount`` on each, in one
+        transaction: ((limit, spent, held, end) of the first passed, None) or (None,
+        (spent + held after, per limit; the hold's id)). The backends differ only here,
+        in ``settle`` and in ``_read``."""
+        keys = [v for lim, key, _, _ in bounds for v in (lim.scope, key)]
+        read = ("SELECT scope, period, spent, reserved FROM budget_ledger WHERE (scope, period) IN "
+                f"(VALUES {', '.join('(?, ?)' for _ in bounds)})")
 
         def run(conn):
             if sweep:
@@ -222,24 +244,11 @@ class Budgets:
             return None, (used, hold_id)
 
         try:
-            over, held = self.db.write_now(run, busy_timeout_s=self.BUSY_S)
+            return self.db.write_now(run, busy_timeout_s=self.BUSY_S)
         except errors.StorageError as exc:
             raise errors.StorageError(
                 "The budget could not be checked: the database file is busy. Nothing was sent; "
                 "try again in a moment.", retry_in_s=1.0, detail=exc.detail) from exc
-        if over is not None:
-            lim, spent, held, end = over
-            self.refused += 1
-            raise BudgetExceeded(
-                f"The {_name(lim)} of ${lim.usd:,.2f} would be passed (${spent:,.4f} spent, "
-                f"${held:,.4f} held by requests in flight, this one needs up to ${amount:,.4f}). "
-                f"Nothing was sent. It resets at {iso(end)} (in {max(0, end - now):,.0f} s); "
-                "or raise the limit in Settings.", resets_at=end, retry_in_s=max(0.0, end - now))
-        used, hold_id = held
-        for (lim, key, _, _), total in zip(bounds, used):
-            if total >= plan.warn * lim.usd:
-                self._warn(lim, key, total, plan.warn)
-        return Hold(tuple((lim.scope, key) for lim, key, _, _ in bounds), amount, hold_id)
 
     def settle(self, hold: Hold | None, cost: float) -> None:
         """Give the hold back and count the real cost (queued to the writer: never waits)."""
@@ -273,15 +282,26 @@ class Budgets:
         out = []
         for lim in plan.limits:
             key, start, end = period_bounds(lim.period, now, plan.tz)
-            row = self.db.query_one("SELECT spent, reserved FROM budget_ledger WHERE scope = ? AND "
-                                    "period = ?", (lim.scope, key))
-            spent, held = (row["spent"], row["reserved"]) if row else (0.0, 0.0)
+            spent, held = self._read(lim.scope, key)
             out.append({"scope": lim.scope, "period": lim.period, "limit_usd": lim.usd,
                         "spent_usd": spent, "held_usd": held,
                         "left_usd": max(0.0, lim.usd - spent - held),
                         "used": (spent + held) / lim.usd, "warn": (spent + held) >= plan.warn * lim.usd,
                         "starts_at": start, "resets_at": end, "name": _name(lim)})
         return out
+
+    def _read(self, scope: str, key: str) -> tuple[float, float]:
+        """(spent, held) of one scope and period."""
+        row = self.db.query_one("SELECT spent, reserved FROM budget_ledger WHERE scope = ? AND "
+                                "period = ?", (scope, key))
+        return (row["spent"], row["reserved"]) if row else (0.0, 0.0)
+
+    def flush(self, timeout: float = 30) -> None:
+        """Wait until the settlements queued so far are written."""
+        self.db.flush(timeout)
+
+    def close(self) -> None:
+        """Nothing of its own to release here (the database is the service's)."""
 
 
 def _sweep(conn, now: float) -> None:

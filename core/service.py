@@ -153,8 +153,8 @@ class Gyroscope:
         self.config = config or load_config()
         self.clock = clock or Clock()
         self.db = db or Database(self.config.db_path)
-        # History, events and settings in PostgreSQL when configured (shared by replicas);
-        # cache, breakers, pacing and budgets stay in the file (or Redis).
+        # History, events, settings and budgets in PostgreSQL when configured (shared by
+        # replicas); cache, breakers and pacing stay in the file (or Redis).
         self.pg = open_postgres(self.config)
         if self.pg is not None:
             from .storage.pg_history import PgHistory
@@ -187,7 +187,13 @@ class Gyroscope:
         self.pipeline = Pipeline(self.provider, settings=self.settings, cache=self.cache,
                                  breakers=self.breakers, history=self.history, clock=self.clock,
                                  optimizer=_optimizer, rng=rng, pacer=self.pacer)
-        self.budgets = self.pipeline.budgets = Budgets(self.db, self.history, clock=self.clock.time)
+        if self.pg is not None:     # one ledger for every replica
+            from .storage.pg_budgets import PgBudgets, journal_path
+            self.budgets = PgBudgets(self.pg, self.history, clock=self.clock.time,
+                                     journal=journal_path(self.history.journal.path))
+        else:
+            self.budgets = Budgets(self.db, self.history, clock=self.clock.time)
+        self.pipeline.budgets = self.budgets
         # Telemetry is fed where history rows are handed over (Pipeline.observers).
         self.prometheus = telemetry.Prometheus(self._scrape)
         self.otel = telemetry.OTel.from_env(telemetry.provider_name(self.provider))
@@ -316,6 +322,7 @@ class Gyroscope:
             pass
         if self.otel is not None:
             self.otel.shutdown()
+        self.budgets.close()        # settlements queued: written (or kept) first
         self.db.close()
         if self.pg is not None:
             self.pg.close()
