@@ -246,3 +246,13 @@ def m009_budget_holds(db) -> None:
     # minute costs less than keeping an index on every reservation and settlement.
     db.execute("CREATE TABLE budget_holds (id INTEGER PRIMARY KEY, rows TEXT NOT NULL, "
                "amount REAL NOT NULL, expires_at REAL NOT NULL)")
+
+
+@migrations()
+def m010_pacing_pinned_and_waiting(db) -> None:
+    """Pacing: whether a bucket's window end is the server's word or a refill's guess
+    (``pinned``), and the marks of interactive requests waiting for a key, so batch rows of
+    every process on the file hold back for them (core.resilience.pacing)."""
+    db.execute("ALTER TABLE pacing ADD COLUMN pinned INTEGER NOT NULL DEFAULT 1")
+    db.execute("CREATE TABLE pacing_waiting (key TEXT NOT NULL, owner TEXT NOT NULL, "
+               "until REAL NOT NULL, PRIMARY KEY (key, owner))")

@@ -12,6 +12,17 @@ is full again for another ``window_s``. Every request takes from it before it is
 answer's headers lower ``remaining`` to what the server says (never raise it within the
 window: our own requests in flight are not counted by the server yet).
 
+When the window turns: the time an answer says (read on arrival + its reset) is never
+earlier than the server's turn, so the pacer refills no earlier than that. But the bucket it
+refills then only *guesses* its new window's end (a ``window_s`` later), and the server's
+window starts when the first request of it arrives, a trip later, different every window.
+So a refilled bucket is not ``pinned`` until an answer of the new window says when it ends,
+and that answer is news however close to the guess (unpinned, a guess that was early by
+less than the tolerance for "no news" refilled the bucket while the server still counted
+the old window: 11-21 of 120 rows refused in bench/batch.py). An answer to a request sent
+before the window began, about a window that ended by then, is the last window's, read
+late (under load, by more than half a window): it is ignored, not taken as this window's.
+
 Buckets are shared by every request of the process and, through a small table in the
 SQLite file updated in one transaction, by every process on that file (``PacingStore`` is
 the interface; a Redis store comes with the scale-out issue).
@@ -70,7 +81,7 @@ class Pacer:
         self._leases: dict[str, _Lease] = {}
         # What the last transaction said of each bucket {dim: (remaining, reset_at)}: headers
         # that say no less are not news, and cost no transaction.
-        self._belief: dict[str, dict[str, tuple[float, float]]] = {}
+        self._belief: dict[str, dict[str, tuple[float, float, bool]]] = {}
         self.interactive_waiting = 0
         self.waits = 0              # requests held back (a count for metrics and benchmarks)
         self.waited_s = 0.0
@@ -171,10 +182,10 @@ class Pacer:
         at = self.clock.time()
         belief = self._belief.get(key)
         if belief is not None and all(
-                dim in belief and remaining >= belief[dim][0]
+                dim in belief and belief[dim][2] and remaining >= belief[dim][0]
                 and abs(at + reset_s - belief[dim][1]) <= max(0.05, 0.1 * reset_s)
                 for dim, (_, remaining, reset_s) in limits.items()):
-            return      # nothing new: not less left, and the window turns when we thought
+            return      # nothing new: not less left, and the window turns when the server said
         if any(remaining <= max(1.0, 0.1 * limit) for limit, remaining, _ in limits.values()):
             self._leases.pop(key, None)     # the server is near its limit: no requests ahead
         others = self._in_flight.get(key, 0)

@@ -69,18 +69,26 @@ def read_limits(headers: Mapping[str, str] | None) -> dict[str, tuple[float, flo
 
 @dataclass
 class Bucket:
-    """What is known of one limit: ``remaining`` may be used until ``reset_at`` (wall time)."""
+    """What is known of one limit: ``remaining`` may be used until ``reset_at`` (wall time).
+
+    ``pinned``: whether ``reset_at`` comes from the server's word. A learnt bucket that
+    refills by itself guesses its new window ends ``window_s`` after the refill, but the
+    server's window starts when the first request of it *arrives* (or later, at its own
+    turn), so the guess is early by at least the request's trip: the next answer's headers
+    pin the real end (see ``learn``), whatever the tolerance for headers that are no news."""
 
     limit: float
     remaining: float
     reset_at: float
     window_s: float
     learned: bool = False           # from headers (True) or from the settings (False)
+    pinned: bool = True             # reset_at from the server's headers (or the settings')
 
     def refill(self, now: float) -> None:
         if now >= self.reset_at:
             self.remaining = self.limit
             self.reset_at = now + self.window_s
+            self.pinned = not self.learned      # a guess, until an answer of the window says
 
     def wait_for(self, n: float, reserve: float, now: float) -> float:
         """0 when ``n`` can be taken now keeping ``reserve`` back, else seconds until reset.
@@ -108,11 +116,11 @@ class PacingConf:
 
 
 def take(buckets: dict[str, Bucket], now: float, conf: PacingConf, tokens: int,
-          reserve_share: float, lease: int = 1) -> tuple[float, int, float]:
+          reserve_share: float, lease: int = 1) -> tuple[float, int, float, dict]:
     """Take one request and ``tokens`` from every bucket of a key (and up to ``lease`` - 1
     more of each, for this process's next requests), or none: (seconds to wait, requests
-    taken, when the earliest bucket turns). Settings fill in a dimension the headers never
-    spoke of."""
+    taken, when the earliest bucket turns, ``beliefs``). Settings fill in a dimension the
+    headers never spoke of."""
     for dim, per_minute in (("requests", conf.rpm), ("tokens", conf.tpm)):
         b = buckets.get(dim)
         if per_minute and (b is None or not b.learned):
@@ -138,21 +146,29 @@ def take(buckets: dict[str, Bucket], now: float, conf: PacingConf, tokens: int,
     return 0.0, 1 + extra, min((b.reset_at for b in buckets.values()), default=math.inf), beliefs(buckets)
 
 
-def beliefs(buckets: dict[str, Bucket]) -> dict[str, tuple[float, float]]:
-    return {d: (b.remaining, b.reset_at) for d, b in buckets.items()}
+def beliefs(buckets: dict[str, Bucket]) -> dict[str, tuple[float, float, bool]]:
+    """{dimension: (remaining, reset_at, pinned)}: what the pacer compares headers with."""
+    return {d: (b.remaining, b.reset_at, b.pinned) for d, b in buckets.items()}
 
 
 def learn(buckets: dict[str, Bucket], limits: dict, now: float, in_flight: int,
-           sent_at: float | None = None) -> dict[str, tuple[float, float]]:
+           sent_at: float | None = None) -> dict[str, tuple[float, float, bool]]:
+    """Change a key's buckets by an answer's headers ({dim: (limit, remaining, reset_s)})
+    read at ``now``, for a request sent at ``sent_at`` while ``in_flight`` others were out.
+
+    ``now + reset_s`` is never earlier than the server's turn (the answer's trip back only
+    makes it later), so any header of the window pins a refilled bucket's guessed end."""
     for dim, (limit, remaining, reset_s) in limits.items():
         reset_at = now + reset_s
         b = buckets.get(dim)
         if b is not None and b.learned and sent_at is not None:
             start = b.reset_at - b.window_s
-            if sent_at < start and reset_at < start + 0.5 * b.window_s:
-                # Sent before the window we are in began, and about a window that ends near
-                # its start: the last one, answered late (under load). Taken as news, its
-                # early reset would refill the bucket a second time in one window.
+            if sent_at < start and sent_at + reset_s <= start:
+                # Sent before the window we are in began, about a window that ended by its
+                # start (the server counted the request at sent_at + trip, so its window
+                # ended by sent_at + reset_s at the latest... or later, by the trip): the
+                # last window, answered late (under load; however late). Taken as news, its
+                # remaining would starve this window and its end refill the bucket early.
                 continue
         if b is None or not b.learned or reset_at > b.reset_at + max(0.05, 0.1 * reset_s):
             # A window we had not seen: what the server says, less what we have sent since.
@@ -165,4 +181,5 @@ def learn(buckets: dict[str, Bucket], limits: dict, now: float, in_flight: int,
             b.remaining = min(b.remaining, remaining)
             b.reset_at = reset_at       # the server knows when its window turns
             b.window_s = max(b.window_s, reset_s)
+            b.pinned = True
     return beliefs(buckets)
