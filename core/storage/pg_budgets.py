@@ -13,8 +13,10 @@ the last fraction of a second, whose requests then run unheld, and whose costs s
 when they settle.
 
 Settlements go to a thread of their own (the request never waits), which writes whatever
-has queued meanwhile in one call of ``gyroscope_budget_settle``, waiting for the WAL flush
-(a settlement written is never lost). Each hold is settled once: its id is marked in
+has queued meanwhile in one call of ``gyroscope_budget_settle`` (committed without waiting
+for the WAL flush, so the ledger rows' locks go at once), then makes them durable with a
+synchronous write of its own row in ``budget_settlers`` (0006_budget_settle_flush.sql): a
+settlement counts as written only after that, and one whose flush failed is written again. Each hold is settled once: its id is marked in
 ``budget_settled``, so writing a settlement twice (a journal replayed again) counts it once.
 
 When PostgreSQL does not answer:
@@ -33,7 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 from pathlib import Path
@@ -52,6 +56,9 @@ _RESERVE = ("SELECT * FROM gyroscope_budget_reserve(%s::text[], %s::text[], %s::
 _SETTLE = ("SELECT gyroscope_budget_settle(%s::bigint[], %s::float8[], %s::int[], %s::text[], "
            "%s::text[], %s::float8)")
 _SWEEP = "SELECT gyroscope_budget_sweep(%s::float8)"
+_FLUSH = ("INSERT INTO budget_settlers (owner, at) VALUES (%s, %s) ON CONFLICT (owner) "
+          "DO UPDATE SET at = excluded.at")
+_OWNER = f"{socket.gethostname()}:{os.getpid()}"
 REPLAY_S = 1.0            # how often settlements waiting in the journal are tried again
 OUTAGE_RETRY_S = 2.0      # Retry-After of a request refused because the ledger is unreachable
 RECONNECT_S = 0.5         # while PostgreSQL is gone, how often the settler tries to connect
@@ -304,6 +311,9 @@ class PgBudgets(Budgets):
                         self._sconn = _own_connection(self.db.url)
                     for i in range(0, len(once), SETTLE_CHUNK):
                         self._sconn.execute(_SETTLE, (*_settle_args(once[i:i + SETTLE_CHUNK]), now))
+                    # The settlements committed without waiting for the disk; this commit
+                    # waits, for them too, and holds no lock another replica waits for.
+                    self._sconn.execute(_FLUSH, (_OWNER, now))
                     return
                 except psycopg.Error as exc:
                     gone = isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
