@@ -68,10 +68,12 @@ async def health(request: Request) -> JSONResponse:
     # memory; a replay it may start runs on the writer thread).
     recording = gyro.history.status()
     backends = gyro.backends()      # e.g. Redis down: local breaker, cache and pacing
+    budget = gyro.budgets.health()  # PostgreSQL's ledger: settlements waiting, or unreachable
     degraded = (recording["history"] != "ok" or recording["history_rows_lost"]
+                or budget.get("budgets", "ok") != "ok"
                 or any(b["state"] != "ok" for b in backends.values()))
     return JSONResponse({"status": "degraded" if degraded else "ok", "provider": gyro.provider.name,
-                         "simulated": gyro.is_simulated, **recording,
+                         "simulated": gyro.is_simulated, **recording, **budget,
                          **({"backends": backends} if backends else {})})
 
 

@@ -300,6 +300,10 @@ class Budgets:
         """Wait until the settlements queued so far are written."""
         self.db.flush(timeout)
 
+    def health(self) -> dict:
+        """What /api/health adds about budgets (the file's ledger: nothing of its own)."""
+        return {}
+
     def close(self) -> None:
         """Nothing of its own to release here (the database is the service's)."""
 

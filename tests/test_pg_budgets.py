@@ -123,6 +123,8 @@ def test_two_replicas_never_hold_or_spend_past_one_shared_limit(tmp_path, pg_url
         for base in (base_a, base_b):
             text = httpx2.get(base + "/api/metrics", timeout=10).text
             assert left(text, "day") == pytest.approx(max(0.0, limit - spent), abs=1e-9)
+        health = httpx2.get(base_a + "/api/health", timeout=10).json()
+        assert health["budgets"] == "ok" and health["budget_settlements_waiting"] == 0
         # The real openai client through B's /v1: the same 402, with when it resets.
         sdk = openai.OpenAI(api_key="x", base_url=base_b + "/v1", max_retries=0)
         with pytest.raises(openai.APIStatusError) as no:
@@ -280,11 +282,15 @@ def test_postgresql_gone_refuses_budgeted_requests_and_keeps_settlements_until_i
         gyro.budgets.settle(in_flight, one * 0.5)                     # its answer's cost
         gyro.budgets.flush()
         assert gyro.budgets.settles_waiting == 1
+        health = gyro.budgets.health()
+        assert health["budgets"] == "unreachable" and health["budget_settlements_waiting"] == 1
+        assert "refused until it does" in health["budgets_message"]
         assert json.loads(gyro.budgets.journal.path.read_text()) == {
             "hold": in_flight.id, "cost": one * 0.5, "rows": [["source:api", DAY]]}
 
         cluster.start()
         assert gyro.budgets.replay() and gyro.budgets.settles_waiting == 0
+        assert gyro.budgets.health()["budget_settlements_waiting"] == 0
         assert day_row(url, "source:api") == pytest.approx((one * 0.5, 0.0))
         deadline = time.monotonic() + 10 * RECONNECT_S    # the settler thread connects again
         while True:
@@ -295,6 +301,7 @@ def test_postgresql_gone_refuses_budgeted_requests_and_keeps_settlements_until_i
                 assert time.monotonic() < deadline, "budgets did not come back"
                 time.sleep(RECONNECT_S / 10)
         gyro.budgets.flush()
+        assert gyro.budgets.health() == {"budgets": "ok", "budget_settlements_waiting": 0}
         assert result.outcome == "ok" and day_row(url, "source:api") == pytest.approx((one * 0.5 + result.cost, 0.0))
     finally:
         if gyro is not None:

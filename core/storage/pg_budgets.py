@@ -215,6 +215,21 @@ class PgBudgets(Budgets):
         """Settlements answered but not yet in PostgreSQL (journal and memory)."""
         return (self.journal.pending if self.journal is not None else 0) + len(self._unsaved)
 
+    def health(self) -> dict:
+        """For /api/health: "ok", "spilling" (settlements wait for PostgreSQL) or
+        "unreachable" (budgeted requests are refused until it answers)."""
+        waiting = self.settles_waiting
+        state = "unreachable" if self._rconn is None else "spilling" if waiting else "ok"
+        out = {"budgets": state, "budget_settlements_waiting": waiting}
+        if state == "unreachable":
+            out["budgets_message"] = (f"The PostgreSQL database {self.db.path} that keeps the "
+                                      "budgets does not answer: requests a budget applies to are "
+                                      "refused until it does.")
+        elif state == "spilling":
+            out["budgets_message"] = (f"{waiting} budget settlement(s) wait for PostgreSQL in "
+                                      f"{self.journal.path if self.journal else 'memory'}.")
+        return out
+
     def flush(self, timeout: float = 30) -> None:
         """Wait until the settlements queued so far are written (or, the server gone, kept)."""
         with self._cond:
