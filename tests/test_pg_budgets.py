@@ -21,7 +21,7 @@ from core.errors import BudgetExceeded, StorageError  # noqa: E402
 from core.models import GenerationRequest  # noqa: E402
 from core.providers.simulator_provider import SimulatorProvider  # noqa: E402
 from core.service import Gyroscope  # noqa: E402
-from core.storage.pg_budgets import OUTAGE_RETRY_S, RECONNECT_S, PgBudgets  # noqa: E402
+from core.storage.pg_budgets import OUTAGE_RETRY_S, RECONNECT_S, SETTLED_KEEP_S, PgBudgets  # noqa: E402
 
 from pg_support import TempCluster, create_database, pg_bin  # noqa: E402
 from tests.support import FakeClock  # noqa: E402
@@ -205,6 +205,10 @@ def test_holds_of_a_replica_that_died_are_given_back_after_their_expiry(tmp_path
         assert day_row(pg_url) == pytest.approx((result.cost + one, 0.0))
         with psycopg.connect(pg_url) as conn:
             assert conn.execute("SELECT count(*) FROM budget_holds").fetchone()[0] == 0
+        # Marks of settled holds go after a day (the settler prunes them, off the requests).
+        assert alive.budgets.prune() == 0
+        clock.advance(SETTLED_KEEP_S + 1)
+        assert dead.budgets.prune() == 2                     # the stuck hold's and ask(3)'s
     finally:
         dead.close()
         alive.close()

@@ -63,6 +63,8 @@ REPLAY_S = 1.0            # how often settlements waiting in the journal are tri
 OUTAGE_RETRY_S = 2.0      # Retry-After of a request refused because the ledger is unreachable
 RECONNECT_S = 0.5         # while PostgreSQL is gone, how often the settler tries to connect
 SETTLE_CHUNK = 1000
+SETTLED_KEEP_S = 86400.0  # how long a settled hold's mark is kept (a replay within it counts once)
+PRUNE_EVERY_S = 600.0     # how often the settler prunes older marks (per replica)
 
 
 def journal_path(history_spill: str | Path) -> Path:
@@ -105,6 +107,7 @@ class PgBudgets(Budgets):
         self._sconn: psycopg.Connection | None = None     # the settler's
         self._swrite = threading.Lock()
         self._connect_at = 0.0
+        self._prune_at = time.monotonic() + PRUNE_EVERY_S / 10
         self._connect_reserver()
         self._thread = threading.Thread(target=self._run, name="gyroscope-pg-budgets", daemon=True)
         self._thread.start()
@@ -302,6 +305,8 @@ class PgBudgets(Budgets):
                     self.replay()
                 except Exception:  # noqa: BLE001 - tried again in REPLAY_S
                     _log.exception("Replaying budget settlements failed")
+            if time.monotonic() >= self._prune_at:
+                self.prune()
             if closing:
                 with self._cond:
                     if not self._queue:
@@ -340,6 +345,24 @@ class PgBudgets(Budgets):
                         raise StorageError(f"The PostgreSQL database {self.db.path} did not take "
                                            f"budget settlements ({_first_line(exc)}).",
                                            detail=_first_line(exc)) from exc
+
+    def prune(self) -> int:
+        """Drop the marks of holds settled over SETTLED_KEEP_S ago (on the settler thread, at
+        most every PRUNE_EVERY_S: never on a request's path); how many went."""
+        self._prune_at = time.monotonic() + PRUNE_EVERY_S
+        with self._swrite:
+            try:
+                if self._sconn is None:
+                    self._sconn = _own_connection(self.db.url)
+                return self._sconn.execute("DELETE FROM budget_settled WHERE at < %s",
+                                           (self.clock() - SETTLED_KEEP_S,)).rowcount
+            except psycopg.Error as exc:      # tried again next time; nothing depends on it
+                _log.info("Pruning settled budget holds failed: %s", _first_line(exc))
+                if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+                    with contextlib.suppress(Exception):
+                        self._sconn.close()
+                    self._sconn = None
+                return 0
 
     def _keep(self, settles: list[tuple], exc: StorageError) -> None:
         """Settlements PostgreSQL did not take: into the journal (else memory) until it does."""
