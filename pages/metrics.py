@@ -21,6 +21,13 @@ DEMO_ROWS, DEMO_DAYS = 5_000, 30
 REFRESH_S = 5
 TABS = ("Cost", "Requests and errors", "Speed", "Cache", "Retries and breakers")
 STATE_BADGE = {"closed": "green", "half-open": "orange", "open": "red"}
+# The charts come in a second pass. Plotly's component is a 4.7 MB script that the browser
+# loads and runs (1.7 s of a core on this 2-core VM) when the first chart arrives, and it held
+# back everything drawn with it: the headline numbers and filters waited for the charts. So a
+# tab's first visit draws the page without charts, and the browser asks for them by itself
+# CHART_DELAY_S after it has drawn that (a timer it runs; see ask_for_charts).
+CHARTS_ON = "metrics_charts_on"      # session: this tab has asked for charts (Plotly loaded)
+CHART_DELAY_S = 0.25
 
 st.title("Metrics")
 try:
@@ -97,11 +104,14 @@ def show_range(start: float, end: float, unit: str, partial: dict[str, str]) -> 
     note = (f" The {edges} {unit_word}{'s are' if ' and ' in edges else ' is'} only partly in the "
             "range (shaded in the charts).") if edges else ""
     st.caption(f"{words} ({tz}), by {'hour' if unit == 'hour' else 'day'}.{note}")
-    with st.expander("Technical details", icon=":material/terminal:"):
+    # Lazy: its code box needs the 1.5 MB syntax highlighter, loaded only when opened.
+    details = st.expander("Technical details", icon=":material/terminal:", key="metrics_details",
+                          on_change="rerun")
+    if details.open:
         since, until = (d.isoformat() for d in shown)
-        st.markdown(f"Range: `{since}` to `{until}` (end excluded). The same totals from the "
-                    "command line:")
-        st.code(f"python -m core stats --json --since {since} --until {until}", language="bash")
+        details.markdown(f"Range: `{since}` to `{until}` (end excluded). The same totals from the "
+                         "command line:")
+        details.code(f"python -m core stats --json --since {since} --until {until}", language="bash")
 
 
 def show_headline(totals: dict, infos: list[dict]) -> None:
@@ -137,9 +147,31 @@ def show_budget(now: float) -> None:
     chart(st, cost_charts.budget(days, monthly, start, end, now, plan.tz), "chart_budget")
 
 
+def ask_for_charts() -> None:
+    """The first pass's stand-in for the charts: a note, and a fragment whose timer (run in
+    the browser, so it starts once the browser has handled this pass) brings the charts:
+    its first timed run turns them on and reruns the page, which stops the timer."""
+    st.caption("Drawing the charts…")
+    first_call = [True]
+
+    def come_back() -> None:
+        if first_call:                   # the call inside this pass: wait for the timer
+            first_call.clear()
+            return
+        st.session_state[CHARTS_ON] = True
+        st.session_state["metrics_reuse"] = True     # the same range and figures as the first pass
+        st.rerun()
+
+    st.fragment(run_every=CHART_DELAY_S)(come_back)()
+
+
 def show_charts(data: dict, filters: Filters, infos: list[dict], unit: str, partial: dict) -> None:
-    # Lazy tabs: only the open tab's charts are built and drawn, so the page is usable at once.
+    # Lazy tabs: only the open tab's charts are built and drawn.
     tabs = st.tabs(TABS, key="metrics_tab", on_change="rerun")
+    if not st.session_state.get(CHARTS_ON):
+        with next(tab for tab in tabs if tab.open):
+            ask_for_charts()
+        return
     series = data["series"]
     if tabs[0].open:
         with tabs[0]:
@@ -202,11 +234,18 @@ def show_exports(data: dict, filters: Filters) -> None:
 
 def body() -> None:
     try:
-        # Whole seconds, so the technical range reproduces these numbers exactly.
-        now = math.ceil(time.time())
+        key = (choice, tz, first, last, tuple(picked_models), tuple(picked_sources))
+        memo = st.session_state.get("metrics_memo")
+        if st.session_state.pop("metrics_reuse", False) and memo and memo["key"] == key:
+            now, data = memo["now"], memo["data"]    # the charts' pass: what the first pass read
+        else:
+            # Whole seconds, so the technical range reproduces these numbers exactly.
+            now, data = math.ceil(time.time()), None
         start, end, unit = charts.resolve_range(choice, tz, now, first, last)
         filters = Filters(start, end, tuple(picked_models), tuple(picked_sources), tz)
-        data = {name: query() for name, query in charts.page_queries(gyro.history, filters, unit).items()}
+        if data is None:
+            data = {name: query() for name, query in charts.page_queries(gyro.history, filters, unit).items()}
+            st.session_state["metrics_memo"] = {"key": key, "now": now, "data": data}
         infos = charts.seen_breakers(charts.with_event_breakers(
             charts.for_models(gyro.breakers.all_info(), filters.models),
             charts.for_models(data["events"], filters.models, key="subject")),

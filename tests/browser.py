@@ -31,16 +31,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def streamlit_app(tmp: Path, *, unset: tuple[str, ...] = (), **env_vars: str):
-    """`streamlit run streamlit_app.py` with a database in ``tmp``; yields its URL. The app
-    gets this environment without an OpenAI key or URL (nor the names in ``unset``), plus
-    ``env_vars``."""
+def streamlit_app(tmp: Path, *, unset: tuple[str, ...] = (), script: Path | str = "streamlit_app.py",
+                  **env_vars: str):
+    """`streamlit run streamlit_app.py` (or ``script``) with a database in ``tmp``; yields its
+    URL. The app gets this environment without an OpenAI key or URL (nor the names in
+    ``unset``), plus ``env_vars``."""
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", *unset)}
     env.update(GYROSCOPE_DB=str(tmp / "app.db"), **env_vars)
     log = open(tmp / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py",
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(script),
                              "--server.port", str(port), "--server.headless", "true",
                              "--browser.gatherUsageStats", "false"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -59,6 +59,7 @@ def charts_tabs():
 def figures(at, tabs=("Cost",)) -> dict[str, dict]:
     """The figures of the chart tabs (lazy: only the open one draws), opened one by one."""
     out = {}
+    at.session_state["metrics_charts_on"] = True     # what the page's timer does after its first pass
     for tab in tabs:
         at.session_state["metrics_tab"] = tab     # what a click on the tab does
         at.run()
@@ -91,6 +92,32 @@ def test_demo_button_fills_history_and_the_page_shows_figures_and_charts(page):
     assert at.download_button(key="export_rows").label.startswith("Requests (CSV, newest ")
 
 
+def test_the_first_pass_draws_numbers_filters_and_exports_and_the_charts_come_next(page):
+    """No chart in a tab's first pass (Plotly's browser bundle would hold the page back);
+    the pass that the browser's timer asks for draws them over the same figures."""
+    at, gyro = page
+    fill_history(gyro.db, rows=2000, days=10)
+    at.run()
+    first = shown(at)
+    assert len(first) == 9 and not at.get("plotly_chart")
+    assert "Drawing the charts…" in texts(at)
+    assert at.radio(key="metrics_range").value == "Last 7 days"
+    assert at.download_button(key="export_rows") and at.download_button(key="export_daily")
+    assert at.session_state["metrics_memo"]["data"]["totals"]["total_requests"] == \
+        int(first["Requests"].replace(",", ""))
+    fill_history(gyro.db, rows=50, days=1, seed=9)         # new rows between the two passes
+    at.session_state["metrics_charts_on"] = True           # what the timer's run sets
+    at.session_state["metrics_reuse"] = True
+    at.run()
+    assert shown(at) == first                              # the same range and figures
+    assert [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")] == \
+        ["Cost per day by model"]
+    assert "Drawing the charts…" not in texts(at)
+    at.run()                                               # any later run reads afresh
+    assert int(shown(at)["Requests"].replace(",", "")) > int(first["Requests"].replace(",", ""))
+    assert len(at.get("plotly_chart")) == 1
+
+
 def test_filters_change_the_figures(page):
     at, gyro = page
     fill_history(gyro.db, rows=3000, days=30)
@@ -117,6 +144,8 @@ def test_headline_equals_the_cli_for_the_same_range(page):
     at.context = {"timezone": "Europe/Berlin"}
     at.run()
     custom(at, dt.date(2026, 11, 15), dt.date(2026, 11, 22))
+    at.session_state["metrics_details"] = True       # a click on "Technical details"
+    at.run()
     since, until = re.search(r"--since (\S+) --until (\S+)$", texts(at), re.M).groups()
     assert since == "2026-11-15T00:00:00+01:00" and until == "2026-11-23T00:00:00+01:00"
     out = subprocess.run([sys.executable, "-m", "core", "stats", "--json", "--since", since, "--until", until],
@@ -242,6 +271,10 @@ def test_technical_details_are_folded_away_and_the_range_is_in_words(page):
     fill_history(gyro.db, rows=300, days=3, end=END)
     at.run()
     custom(at, dt.date(2026, 11, 25), dt.date(2026, 11, 27), tz="UTC")
+    [details] = [e for e in at.expander if e.label == "Technical details"]
+    assert not details.markdown and not details.code    # folded: drawn only when opened
+    at.session_state["metrics_details"] = True          # a click on it
+    at.run()
     outside = [c.value for c in at.caption] + [m.value for m in at.markdown]
     [details] = [e for e in at.expander if e.label == "Technical details"]
     inside = [m.value for m in details.markdown] + [c.value for c in details.code]
