@@ -6,7 +6,10 @@ One app server for the module (the built-in simulator, with demo history), one b
 
 from __future__ import annotations
 
+import csv
+import datetime as dt
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -32,12 +35,17 @@ CUT_OFF = """() => [...document.querySelectorAll(
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
+def app_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pages")
     db = Database(tmp / "app.db")
     fill_history(db, rows=3000, days=30)
     db.close()
-    with streamlit_app(tmp, GYROSCOPE_SIM_TTFT_MS="0", GYROSCOPE_SIM_TOKENS_PER_S="0") as url:
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def url(app_dir):
+    with streamlit_app(app_dir, GYROSCOPE_SIM_TTFT_MS="0", GYROSCOPE_SIM_TOKENS_PER_S="0") as url:
         yield url
 
 
@@ -113,4 +121,44 @@ def test_a_rehearsal_outage_is_confirmed_and_counts_down(browser, url):
     assert 0 < later < first <= 60
     page.get_by_role("button", name="Clear all faults").click()
     expect(page.get_by_text("No outage running")).to_be_visible(timeout=15_000)
+    page.context.close()
+
+
+def test_the_requests_csv_downloads_in_the_viewers_zone_with_money_rounded(browser, url, app_dir):
+    """The requests CSV as a manager gets it: clicked in the page, saved by the browser."""
+    from playwright.sync_api import expect
+
+    page = visit(browser, url, "metrics", timezone_id="Pacific/Kiritimati")
+    page.get_by_text("Technical details").click()          # the page's exact range, to count rows
+    command = page.locator('[data-testid="stCode"]').filter(has_text="python -m core stats")
+    expect(command).to_be_visible(timeout=30_000)
+    since, until = re.search(r"--since (\S+) --until (\S+)", command.inner_text()).groups()
+    start, end = dt.datetime.fromisoformat(since), dt.datetime.fromisoformat(until)
+    assert start.utcoffset() == end.utcoffset() == dt.timedelta(hours=14)
+    requests_shown = int(page.locator('[data-testid="stMetric"]').filter(has_text="Requests").first
+                         .locator('[data-testid="stMetricValue"]').inner_text().replace(",", ""))
+    wait_idle(page, 60_000)
+    with page.expect_download(timeout=60_000) as download:
+        page.get_by_role("button", name=re.compile(r"^Requests \(CSV, newest ")).click()
+    saved = Path(download.value.path())
+    assert download.value.suggested_filename.startswith("gyroscope-requests-")
+    rows = list(csv.DictReader(saved.read_text(encoding="utf-8").splitlines()))
+
+    with sqlite3.connect(app_dir / "app.db") as conn:
+        conn.row_factory = sqlite3.Row
+        stored = {r["request_id"]: r for r in conn.execute(
+            "SELECT request_id, ts, cost, cost_saved FROM requests WHERE ts >= ? AND ts < ?",
+            (start.timestamp(), end.timestamp()))}
+    assert len(rows) == len(stored) == requests_shown > 100          # every request of the range
+    for row in rows:
+        db = stored[row["request_id"]]
+        ts = dt.datetime.fromisoformat(row["ts"])
+        assert row["ts"].endswith("+14:00") and ts.utcoffset() == dt.timedelta(hours=14)
+        assert abs(ts.timestamp() - db["ts"]) < 0.001 and start <= ts < end
+        for col in ("cost", "cost_saved"):
+            if db[col] is None:
+                assert row[col] == ""
+            else:
+                assert re.fullmatch(r"\d+\.\d{6}", row[col]), row[col]       # no 5.4e-05, no ...0000001
+                assert abs(float(row[col]) - db[col]) <= 5e-7 + 1e-12    # rounded to a millionth
     page.context.close()
