@@ -12,6 +12,8 @@ import operator
 import sqlite3
 import threading
 import time
+import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -68,6 +70,10 @@ _INSERT = (f"INSERT INTO requests ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 _INSERT_OR_IGNORE = _INSERT.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
 _values = operator.attrgetter(*_COLUMNS)
+_EVENT_COLUMNS = ("ts", "kind", "subject", "old", "new", "cause", "actor", "uid")
+_INSERT_EVENT = (f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' for _ in _EVENT_COLUMNS)})")
+_INSERT_EVENT_OR_IGNORE = _INSERT_EVENT.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
 PROBE_EVERY_S = 1.0     # while rows wait in the journal, how often the database is retried
 # A row whose request ran alone (no other request of this process in flight) is committed on
 # its caller's thread; rows of concurrent requests share the writer's commits. Measured at 1000
@@ -352,10 +358,21 @@ class History:
         end = [0]
 
         def write(conn) -> int:
-            rows, end[0] = self.journal.read()
+            lines, end[0] = self.journal.read()
+            rows, events, other = [], [], []
+            for line in lines:          # request rows (no "_t"), events, batch results
+                kind = line.get("_t")
+                (rows if kind is None else events if kind == "event" else other).append(line)
             values = [tuple(row.get(c) for c in _COLUMNS) for row in rows]
             self._insert_rows(conn, _INSERT_OR_IGNORE, values)   # a refused line blocks no other
-            return len(values)
+            # Events in the order they happened (ids follow it); their uid makes a repeated
+            # replay insert each once.
+            events.sort(key=lambda e: e.get("ts") or 0.0)
+            self._insert_rows(conn, _INSERT_EVENT_OR_IGNORE,
+                              [tuple(e.get(c) for c in _EVENT_COLUMNS) for e in events])
+            if other:
+                self._replay_other(conn, other)
+            return len(lines)
 
         def done(exc: BaseException | None) -> None:
             if exc is None:
@@ -369,6 +386,22 @@ class History:
 
         self.db.post(write, done, lazy=False)
 
+    def _replay_other(self, conn, lines: list[dict]) -> None:
+        """Journal lines other than rows and events (PostgreSQL's batch results): none here."""
+        _log.warning("Skipping %d spill-journal line(s) of another backend (%s) in %s",
+                     len(lines), ", ".join(sorted({str(l.get("_t")) for l in lines})), self.journal.path)
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Replay the journal now and wait for it (blocking); True when nothing waits in it.
+        False at once when the database refused the replay (it is still unreachable)."""
+        deadline = time.monotonic() + timeout
+        while self.journal.pending and time.monotonic() < deadline:
+            self.replay()
+            self.db.flush(timeout=max(0.1, deadline - time.monotonic()))
+            if self.journal.pending and not self._replaying:
+                return False
+        return not self.journal.pending
+
     def _lose(self, rows: int, exc: BaseException) -> None:
         self.lost_rows += rows
         self.last_loss = getattr(exc, "user_message", None) or str(exc)
@@ -379,13 +412,43 @@ class History:
         return self.db.write(insert_fn(record))
 
     def event(self, kind: str, subject: str, old: Any, new: Any, cause: str = "",
-              actor: str | None = None, ts: float | None = None):
-        """Queue an event (breaker transition, cache clear, fault change...)."""
-        values = (ts if ts is not None else time.time(), kind, subject,
-                  None if old is None else str(old), None if new is None else str(new), cause, actor)
-        return self.db.submit(lambda conn: conn.execute(
-            "INSERT INTO events (ts, kind, subject, old, new, cause, actor) VALUES (?,?,?,?,?,?,?)",
-            values))
+              actor: str | None = None, ts: float | None = None) -> Future:
+        """Queue an event (breaker transition, cache clear, fault change...). The future
+        resolves once it is committed or, when the database refuses it (PostgreSQL gone), kept
+        in the spill journal with the rows: replayed in order, each once (its ``uid``)."""
+        line = {"_t": "event", "ts": ts if ts is not None else time.time(), "kind": kind,
+                "subject": subject, "old": None if old is None else str(old),
+                "new": None if new is None else str(new), "cause": cause, "actor": actor,
+                "uid": uuid.uuid4().hex}
+        fut: Future = Future()
+        if self.spilling:            # rows go to the journal: so do events, in the same order
+            self._spool_event(line, fut)
+            return fut
+        values = tuple(line[c] for c in _EVENT_COLUMNS)
+
+        def done(exc: BaseException | None) -> None:
+            if exc is None:
+                fut.set_result(None)
+            elif isinstance(exc, StorageError):     # the database refused it: keep it
+                self._db_error = getattr(exc, "user_message", None) or str(exc)
+                self.spilling = True
+                self._probe_at = time.monotonic() + PROBE_EVERY_S
+                self._spool_event(line, fut)
+            else:
+                fut.set_exception(exc)
+        self.db.post(lambda conn: conn.execute(_INSERT_EVENT, values), done)
+        return fut
+
+    def _spool_event(self, line: dict, fut: Future) -> None:
+        try:
+            self.journal.append([line])
+        except StorageError as exc:
+            _log.error("An event (%s %s) was not saved: %s", line["kind"], line["subject"],
+                       exc.user_message)
+            fut.set_exception(exc)
+            return
+        fut.set_result(None)
+        self._probe_soon()
 
     # -- reading ---------------------------------------------------------------------
     # Sums come from the hourly rollup (migration m002) for every hour that lies wholly in

@@ -256,3 +256,11 @@ def m010_pacing_pinned_and_waiting(db) -> None:
     db.execute("ALTER TABLE pacing ADD COLUMN pinned INTEGER NOT NULL DEFAULT 1")
     db.execute("CREATE TABLE pacing_waiting (key TEXT NOT NULL, owner TEXT NOT NULL, "
                "until REAL NOT NULL, PRIMARY KEY (key, owner))")
+
+
+@migrations()
+def m011_event_uid(db) -> None:
+    """A unique id on events (core/history.py ``event``), so one spooled to the spill journal
+    is inserted once however often a replay repeats; the settings' audit events have none."""
+    db.execute("ALTER TABLE events ADD COLUMN uid TEXT")
+    db.execute("CREATE UNIQUE INDEX idx_events_uid ON events (uid)")

@@ -381,6 +381,73 @@ def test_rows_are_claimed_once_and_a_dead_replicas_rows_again_after_their_lease(
         db.close()
 
 
+def test_a_stalled_replicas_late_answer_is_refused_and_the_row_is_done_once(tmp_path, pg_url):
+    """Fencing: A holds row 0 past its lease without renewing (stalled), B claims it; A's late
+    answer is refused by the claim generation, B's is recorded: one done, and the refusal is
+    an event naming A's request (its history row stays). Time from an injected clock."""
+    from core.storage.pg_ledger import ROW_LEASE_S, PgLedger
+    now = [1_800_000_000.0]
+    db = PgDatabase(pg_url)
+    history = PgHistory(db, tmp_path / "spill")
+    try:
+        a, b = (PgLedger(db, clock=lambda: now[0], owner=o) for o in ("host:1", "host:2"))
+        job = a.create([{"line": i + 1, "request": {"prompt": f"p{i}"}} for i in range(2)])
+        a.take(job, a.owner)
+        b.take(job, b.owner)
+        (ra,) = asyncio.run(a.claim(job, 1))
+        now[0] += ROW_LEASE_S + 1                      # A stalls: no heartbeat
+        history.wait(history.add(RequestRecord(ts=now[0], request_id="a-late", job_id=job)))
+        (rb,) = asyncio.run(b.claim(job, 1))
+        assert rb["idx"] == ra["idx"] == 0 and rb["claim"] == ra["claim"] + 1
+        a.done(job, 0, {"content": "from A", "request_id": "a-late", "cost": 0.01}, claim=ra["claim"])
+        b.done(job, 0, {"content": "from B", "request_id": "b-0", "cost": 0.01}, claim=rb["claim"])
+        a.done(job, 0, {"content": "from A", "request_id": "a-late", "cost": 0.01}, claim=ra["claim"])
+        db.flush()
+        (row,) = [r for r in b.rows(job) if r["idx"] == 0]
+        assert (row["status"], row["content"], row["tries"]) == ("done", "from B", 1)
+        refused = history.events("batch")
+        assert [e["new"] for e in refused] == ["late answer refused"] * 2
+        assert "a-late" in refused[0]["cause"] and "host:2" in refused[0]["cause"]
+        assert history.totals()["total_requests"] == 1          # A's request stays in history
+        # The same runner claiming its own expired row again: only the newest claim finishes it.
+        (r1,) = asyncio.run(a.claim(job, 1))
+        now[0] += ROW_LEASE_S + 1
+        (r2,) = asyncio.run(a.claim(job, 1))
+        assert r1["idx"] == r2["idx"] == 1
+        asyncio.run(a.back(job, 1, tried=True, claim=r1["claim"]))          # stale: nothing
+        a.done(job, 1, {"content": "old", "request_id": "a-1-old", "cost": 0.0}, claim=r1["claim"])
+        a.done(job, 1, {"content": "new", "request_id": "a-1-new", "cost": 0.0}, claim=r2["claim"])
+        db.flush()
+        (row,) = [r for r in a.rows(job) if r["idx"] == 1]
+        assert (row["status"], row["content"], row["tries"]) == ("done", "new", 1)
+    finally:
+        db.close()
+
+
+def test_the_heartbeat_keeps_a_live_runners_rows_past_the_first_lease(pg_url):
+    """A runner that renews (its loop alive) keeps its row however long the request takes;
+    once it stops renewing, the row is claimable one lease later, not before."""
+    from core.storage.pg_ledger import ROW_LEASE_S, PgLedger
+    now = [1_800_000_000.0]
+    db = PgDatabase(pg_url)
+    try:
+        a, b = (PgLedger(db, clock=lambda: now[0], owner=o) for o in ("host:1", "host:2"))
+        job = a.create([{"line": 1, "request": {"prompt": "slow"}}])
+        a.take(job, a.owner)
+        (ra,) = asyncio.run(a.claim(job, 1))
+        for _ in range(6):                         # three leases' time, renewed every 15 s
+            now[0] += ROW_LEASE_S / 2
+            asyncio.run(a.renew(job, a.owner))
+            assert asyncio.run(b.claim(job, 1)) == []
+        now[0] += ROW_LEASE_S - 1                  # A stops renewing
+        assert asyncio.run(b.claim(job, 1)) == []
+        now[0] += 2
+        (rb,) = asyncio.run(b.claim(job, 1))
+        assert rb["claim"] == ra["claim"] + 1
+    finally:
+        db.close()
+
+
 def test_the_last_runner_out_finishes_the_job(pg_url):
     from core.storage.pg_ledger import PgLedger
     db = PgDatabase(pg_url)

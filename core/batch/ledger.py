@@ -51,7 +51,7 @@ def ledger_for(gyro) -> "Ledger":
     """The service's ledger: in PostgreSQL when configured (shared by replicas), else the file's."""
     if getattr(gyro, "pg", None) is not None:
         from ..storage.pg_ledger import PgLedger
-        return PgLedger(gyro.pg, clock=gyro.clock.time)
+        return PgLedger(gyro.pg, clock=gyro.clock.time, journal=gyro.history.journal)
     return Ledger(gyro.db, clock=gyro.clock.time)
 
 
@@ -184,6 +184,24 @@ class Ledger:
                          (now, status, status, status, note, job_id, owner))
         self.db.write(write)
 
+    def ping(self) -> None:
+        """A round trip through the writer: StorageError while the database is unreachable."""
+        self.db.write(lambda conn: conn.execute("SELECT 1"), timeout=30)
+
+    def rejoin(self, job_id: str, keep: dict[int, int | None]) -> set[int]:
+        """After the database refused writes: renew the job's lease, put every running row
+        not in ``keep`` (claimed, not sent yet) back to ``pending``; the rows of ``keep`` held."""
+        now = self.clock()
+
+        def write(conn) -> None:
+            conn.execute("UPDATE batch_jobs SET lease_until = ? WHERE id = ?", (now + LEASE_S, job_id))
+            running = [r[0] for r in conn.execute("SELECT idx FROM batch_rows WHERE job_id = ? AND "
+                                                  "status = 'running'", (job_id,))]
+            conn.executemany("UPDATE batch_rows SET status = 'pending', started_at = NULL WHERE "
+                             "job_id = ? AND idx = ?", [(job_id, i) for i in running if i not in keep])
+        self.db.write(write)
+        return set(keep)
+
     def others_hold(self, job_id: str) -> float | None:
         """Seconds until another runner's lease on a row of the job runs out (None: no other
         runner holds one). The file has one runner per job: always None."""
@@ -204,7 +222,7 @@ class Ledger:
         return [{"idx": r[0], "line": r[1], "request": json.loads(r[2]), "max_cost": r[3],
                  "tries": r[4]} for r in rows]
 
-    def done(self, job_id: str, idx: int, result: dict) -> None:
+    def done(self, job_id: str, idx: int, result: dict, claim: int | None = None) -> None:
         """Mark a row done with its result, without waiting for the commit: a crash before it
         leaves the row ``running``, so a resume asks it again (it was in flight)."""
         now = self.clock()
@@ -216,15 +234,17 @@ class Ledger:
                 "model", "finish_reason", "usage", "cost", "from_cache", "attempts", "latency_ms")}),
              result.get("cost") or 0.0, now, result.get("request_id"), job_id, idx)), lazy=False)
 
-    async def failed(self, job_id: str, idx: int, kind: str, message: str, request_id: str | None) -> None:
+    async def failed(self, job_id: str, idx: int, kind: str, message: str, request_id: str | None,
+                     claim: int | None = None) -> None:
         now = self.clock()
         await self.db.awrite(lambda conn: conn.execute(
             "UPDATE batch_rows SET status = 'failed', error = ?, error_kind = ?, finished_at = ?, "
             "request_id = ?, tries = tries + 1 WHERE job_id = ? AND idx = ?",
             (message, kind, now, request_id, job_id, idx)))
 
-    async def back(self, job_id: str, idx: int, tried: bool) -> None:
-        """Put a running row back to ``pending`` (``tried``: the attempt counts)."""
+    async def back(self, job_id: str, idx: int, tried: bool, claim: int | None = None) -> None:
+        """Put a running row back to ``pending`` (``tried``: the attempt counts). ``claim``
+        (PostgreSQL's fencing) means nothing here: one runner holds a job's rows."""
         await self.db.awrite(lambda conn: conn.execute(
             "UPDATE batch_rows SET status = 'pending', started_at = NULL, tries = tries + ? "
             "WHERE job_id = ? AND idx = ?", (int(tried), job_id, idx)))

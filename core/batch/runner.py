@@ -12,6 +12,12 @@ What a failed row means for the job:
 - anything else (a bad request, a prompt too long, an unknown model): the row fails with
   the message the user would see.
 
+The ledger's database unreachable (PostgreSQL gone): the job *pauses* by itself. No row is
+sent or claimed; rows in flight finish, and their results go to the spill journal with their
+claim (PgLedger.done). The runner retries the database every ``DB_RETRY_S``; once it answers,
+the journal is replayed first (so those rows are done and never sent again), then the rows
+this runner still holds are renewed (``Ledger.rejoin``) and the job goes on.
+
 The cost cap counts what done rows cost plus the *maximum* cost of every row in flight: a
 row whose maximum would pass the cap is not sent, and the job stops as ``capped``.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 
 from .. import errors, portal
@@ -29,6 +36,8 @@ from .ledger import JobBusy, ledger_for, owner_id
 POLL_S = 0.25           # how often a pause or cancel from elsewhere (the page) is looked for
 RENEW_S = 5.0           # how often the job's lease is renewed
 MAX_HOLD_STEP_S = 1.0   # a wait for the breaker is taken in steps, so a pause is noticed
+DB_RETRY_S = 2.0        # while the ledger's database is unreachable, how often it is retried
+_log = logging.getLogger(__name__)
 
 
 class JobRunner:
@@ -47,6 +56,8 @@ class JobRunner:
         self._hold_until = 0.0
         self._stop_note: str | None = None
         self._exhausted = False
+        self._db_down: str | None = None       # why the job is paused for its database
+        self.outages = 0                       # how many times it paused for it
         self._task: asyncio.Task | None = None
 
     # -- the loop ------------------------------------------------------------------------------
@@ -85,31 +96,38 @@ class JobRunner:
                 if self._stop_note:
                     status, note = "paused", self._stop_note
                     break
-                if now >= next_renew:
+                if now >= next_renew and not self._db_down:
                     next_renew = now + RENEW_S
-                    await ledger.renew(self.job_id, self.owner)
+                    try:                # the heartbeat: this runner's rows stay its own
+                        await ledger.renew(self.job_id, self.owner)
+                    except errors.StorageError as exc:
+                        self._database_gone(exc)
                 hold = self._hold_until - clock.time()
-                if hold > 0 and not waiting:
+                if hold > 0 and not waiting and not self._db_down:
                     waiting = True
-                    await portal.off_loop(ledger.set_status, self.job_id, "waiting",
-                                          f"upstream paused; going on in {hold:.0f} s", ("running",))
-                elif hold <= 0 and waiting:
+                    await self._off(ledger.set_status, self.job_id, "waiting",
+                                    f"upstream paused; going on in {hold:.0f} s", ("running",))
+                elif hold <= 0 and waiting and not self._db_down:
                     waiting = False
-                    await portal.off_loop(ledger.set_status, self.job_id, "running", None, ("waiting",))
+                    await self._off(ledger.set_status, self.job_id, "running", None, ("waiting",))
                 if claim is not None and claim.done():
-                    claimed, claim = claim.result(), None
-                    self._exhausted = len(claimed) < wanted
+                    try:
+                        claimed, claim = claim.result(), None
+                        self._exhausted = len(claimed) < wanted
+                    except errors.StorageError as exc:
+                        claimed, claim = [], None
+                        self._database_gone(exc)
                     ready.extend(claimed)
                 free = concurrency - len(tasks)
                 if (claim is None and hold <= 0 and not capped and not self._exhausted
-                        and len(ready) < free + concurrency // 2):
+                        and not self._db_down and len(ready) < free + concurrency // 2):
                     # Claimed ahead, half a round at a time, in the background: a claim
                     # waits for its commit, and slots left empty meanwhile cost throughput
                     # (measured: 1.35x of the ideal with the claim awaited here, see
                     # docs/benchmarks.md).
                     wanted = free - len(ready) + concurrency // 2
                     claim = asyncio.ensure_future(ledger.claim(self.job_id, wanted))
-                while hold <= 0 and not capped and ready and len(tasks) < concurrency:
+                while hold <= 0 and not capped and not self._db_down and ready and len(tasks) < concurrency:
                     worst = ready[0]["max_cost"] or 0.0
                     if cap is not None and spent + in_flight_max + worst > cap:
                         capped = True       # claimed rows left go back when the job is released
@@ -120,13 +138,19 @@ class JobRunner:
                 if not tasks and claim is not None:
                     await asyncio.wait((claim,))
                     continue
+                if not tasks and self._db_down:
+                    ready = await self._rejoin(ready)   # paused until the database answers
+                    next_renew = clock.monotonic() + RENEW_S
+                    continue
                 if not tasks:
                     if hold > 0:
                         await clock.sleep(min(hold, MAX_HOLD_STEP_S))
                         continue
                     # Other replicas still hold rows of this job (a shared ledger): wait for
                     # them, and claim those whose lease runs out (their replica died).
-                    others = None if capped else await portal.off_loop(ledger.others_hold, self.job_id)
+                    others = None if capped else await self._off(ledger.others_hold, self.job_id)
+                    if self._db_down:
+                        continue
                     if others is not None and not ready:
                         self._exhausted = False
                         await clock.sleep(min(max(others, 0.05), POLL_S))
@@ -176,6 +200,40 @@ class JobRunner:
             return None
         return row["status"] if row else None
 
+    async def _off(self, fn, *args):
+        """A ledger call off the loop; None (and the job pauses) if its database is unreachable."""
+        try:
+            return await portal.off_loop(fn, *args)
+        except errors.StorageError as exc:
+            self._database_gone(exc)
+            return None
+
+    def _database_gone(self, exc: errors.StorageError) -> None:
+        if self._db_down is None:
+            self._db_down = exc.user_message
+            self.outages += 1
+            _log.warning("Batch job %s paused: its database is unreachable (%s). It goes on by "
+                         "itself when the database answers.", self.job_id, exc.user_message)
+
+    async def _rejoin(self, ready: collections.deque) -> collections.deque:
+        """Wait until the database answers, write what was kept meanwhile (the journal: done
+        rows, history), then renew the rows still held; the claimed rows this runner keeps."""
+        clock = self.gyro.clock
+        while True:
+            try:
+                await portal.off_loop(self.ledger.ping)
+                if await portal.off_loop(self.gyro.history.drain):
+                    keep = {r["idx"]: r.get("claim") for r in ready}
+                    held = await portal.off_loop(self.ledger.rejoin, self.job_id, keep)
+                    break
+            except errors.StorageError:
+                pass
+            await clock.sleep(DB_RETRY_S)
+        _log.info("Batch job %s goes on: its database answers again", self.job_id)
+        self._db_down = None
+        self._exhausted = False
+        return collections.deque(r for r in ready if r["idx"] in held)
+
     def _hold(self, seconds: float | None) -> None:
         until = self.gyro.clock.time() + max(0.05, seconds or 1.0)
         self._hold_until = max(self._hold_until, until)
@@ -196,6 +254,9 @@ class JobRunner:
         except (errors.QuotaExhausted, errors.AuthFailed, errors.BudgetExceeded) as exc:
             self._stop_note = exc.user_message
             return await self._back(row, exc, tried=False)
+        except errors.StorageError as exc:       # its history cannot be saved: the database is gone
+            self._database_gone(exc)
+            return await self._back(row, exc, tried=False)
         except (errors.RetryableError, errors.StreamInterrupted) as exc:
             open_for = self._breaker_open_for(req)
             if open_for:
@@ -206,18 +267,25 @@ class JobRunner:
             return await self._fail(row, exc)
         except errors.GyroscopeError as exc:
             return await self._fail(row, exc)
-        ledger.done(job_id, idx, result.as_dict())
+        ledger.done(job_id, idx, result.as_dict(), claim=row.get("claim"))
         return result.cost or 0.0
 
     async def _back(self, row: dict, exc: errors.GyroscopeError, tried: bool) -> float:
-        await self.ledger.back(self.job_id, row["idx"], tried)
+        try:
+            await self.ledger.back(self.job_id, row["idx"], tried, claim=row.get("claim"))
+        except errors.StorageError as db_exc:    # the row goes back when the job rejoins
+            self._database_gone(db_exc)
         self._exhausted = False
         return _cost_of(exc)
 
     async def _fail(self, row: dict, exc: errors.GyroscopeError) -> float:
         result = getattr(exc, "result", None)
-        await self.ledger.failed(self.job_id, row["idx"], exc.kind, exc.user_message,
-                                 result.request_id if result is not None else None)
+        try:
+            await self.ledger.failed(self.job_id, row["idx"], exc.kind, exc.user_message,
+                                     result.request_id if result is not None else None,
+                                     claim=row.get("claim"))
+        except errors.StorageError as db_exc:    # not recorded: the row is tried again later
+            self._database_gone(db_exc)
         return _cost_of(exc)
 
     def _breaker_open_for(self, req: GenerationRequest) -> float:

@@ -3,7 +3,9 @@
 The write path is History's (core/history.py): a row is handed out only once it is durable,
 committed by PgDatabase's writer (group commit) or, while the server is gone, appended to
 the spill journal and replayed when it is back (``ON CONFLICT DO NOTHING`` on the unique
-``request_id``, so a replay repeated after a crash inserts nothing twice).
+``request_id``, so a replay repeated after a crash inserts nothing twice). Events take the
+same way (unique ``uid``), and so do the batch ledger's done rows (core/storage/pg_ledger.py),
+replayed under the ledger's fencing: a row is recorded done once, by the claim that holds it.
 
 The read path aggregates in SQL over the raw rows (a range scan on ``ts``): sums of
 expressions that mirror core/schema.py's ROLLUP_SUMS, local days and
@@ -22,6 +24,7 @@ import psycopg
 from ..buckets import _Buckets, bucket_label
 from ..errors import InvalidParameter
 from ..history import _INSERT, Filters, History, RequestRecord, _values, with_rates
+from .pg_ledger import apply_done
 from .postgres import PgConn, pg_error
 
 # The rollup's sums (core/schema.py ROLLUP_SUMS) in PostgreSQL, with each sum's type.
@@ -96,6 +99,21 @@ class PgHistory(History):
                         conn.execute(sql, values)
                 except (psycopg.IntegrityError, psycopg.DataError) as exc:
                     self._lose(1, pg_error(exc, self.db.path))
+
+    def _replay_other(self, conn: PgConn, lines: list[dict]) -> None:
+        """The batch ledger's done rows, in the order they were spooled, each in a savepoint
+        (one the table refuses blocks no other; the server gone fails the whole replay)."""
+        for line in lines:
+            if line.get("_t") != "batch_done":
+                super()._replay_other(conn, [line])
+                continue
+            try:
+                with conn.raw.transaction():
+                    apply_done(conn, line)
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise
+            except (psycopg.Error, KeyError) as exc:
+                self._lose(1, exc if isinstance(exc, KeyError) else pg_error(exc, self.db.path))
 
     def record(self, record: RequestRecord) -> int:
         """Insert the row and wait for its commit; its id."""

@@ -4,20 +4,36 @@ Unlike the file's ledger (one runner per job, holding the job's lease), any numb
 runners may take a job. Rows are claimed with ``SELECT … FOR UPDATE SKIP LOCKED`` (two
 replicas claiming at once get different rows, neither waits for the other), each under a
 lease of the claiming process (``owner``, ``lease_until``) that its runner renews with the
-job's. A row whose lease ran out (its replica died) is claimable again. A row is finished
-(done, failed or put back) only by the owner that holds it, so a replica that lost its lease
-cannot mark a row a second time. The job is ``done`` when the last runner leaves it with no
-row pending or running.
+job's (``renew``: the heartbeat of a live runner, every few seconds from its loop, so a long
+request keeps its row; only a dead or stalled runner stops renewing). A row whose lease ran
+out is claimable again.
+
+Fencing: every claim bumps the row's claim generation (``claim``), and a row is finished
+(done, failed or put back) only under the claim that is current, so a runner that stalled
+past its lease, whose row another runner claimed since, cannot record it: its late answer is
+refused (an event ``batch``/``late answer refused`` says so; its request's history row, with
+what it cost, stays). A row is recorded done exactly once. Its request may still have reached
+the upstream twice (the stalled runner's and the new one's): leases bound how long a row
+waits for a runner that stopped answering, they cannot undo a request already sent.
+
+While the database is unreachable, a done row's result goes to the spill journal (with its
+claim) and is written when the database is back (core/storage/pg_history.py replays it under
+the same fencing); the runner pauses meanwhile (core/batch/runner.py). The job is ``done``
+when the last runner leaves it with no row pending or running.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Callable
 
 from ..batch.ledger import LEASE_S, UNFINISHED, Ledger, owner_id
+from ..errors import StorageError
 from .postgres import PgDatabase
+
+_log = logging.getLogger(__name__)
 
 ROW_LEASE_S = LEASE_S    # renewed every few seconds (runner.RENEW_S) while the runner lives
 
@@ -26,9 +42,10 @@ class PgLedger(Ledger):
     """Ledger over a PgDatabase; ``owner`` is this process (host:pid) unless given."""
 
     def __init__(self, db: PgDatabase, clock: Callable[[], float] | None = None,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, journal=None) -> None:
         super().__init__(db, clock or time.time)
         self.owner = owner or owner_id()
+        self.journal = journal        # the spill journal (History's): done rows while PG is gone
 
     # -- reading (PostgreSQL spellings of the file's queries) -----------------------------
     def counts(self, job_id: str) -> dict:
@@ -88,6 +105,7 @@ class PgLedger(Ledger):
         return self.db.write(write)
 
     async def renew(self, job_id: str, owner: str) -> None:
+        """The heartbeat: extend the job's lease and this runner's leases on its running rows."""
         now = self.clock()
 
         def write(conn) -> None:
@@ -95,6 +113,33 @@ class PgLedger(Ledger):
             conn.execute("UPDATE batch_rows SET lease_until = ? WHERE job_id = ? AND owner = ? "
                          "AND status = 'running'", (now + ROW_LEASE_S, job_id, self.owner))
         await self.db.awrite(write)
+
+    def rejoin(self, job_id: str, keep: dict[int, int]) -> set[int]:
+        """After the database was unreachable: renew the leases of the rows in ``keep``
+        ({idx: claim}, claimed and not sent yet) that this runner still holds, put every other
+        row it holds back to ``pending`` (a put-back or a failure that could not be written),
+        and say which of ``keep`` it still holds (another runner may have claimed the rest)."""
+        now = self.clock()
+
+        def write(conn) -> set[int]:
+            conn.execute("UPDATE batch_jobs SET lease_until = ?, status = CASE WHEN status IN "
+                         "('running', 'waiting') THEN 'running' ELSE status END, note = CASE WHEN "
+                         "status IN ('running', 'waiting') THEN NULL ELSE note END WHERE id = ?",
+                         (now + LEASE_S, job_id))
+            held = {r[0]: r[1] for r in conn.execute(
+                "SELECT idx, claim FROM batch_rows WHERE job_id = ? AND owner = ? AND status = 'running'",
+                (job_id, self.owner))}
+            mine = [i for i, c in keep.items() if held.get(i) == c]
+            back = [i for i in held if i not in mine]
+            if mine:
+                conn.execute("UPDATE batch_rows SET lease_until = ? WHERE job_id = ? AND idx = ANY(?)",
+                             (now + ROW_LEASE_S, job_id, mine))
+            if back:
+                conn.execute("UPDATE batch_rows SET status = 'pending', started_at = NULL, owner = NULL, "
+                             "lease_until = NULL WHERE job_id = ? AND idx = ANY(?) AND owner = ?",
+                             (job_id, back, self.owner))
+            return set(mine)
+        return self.db.write(write)
 
     def release(self, job_id: str, owner: str, status: str, note: str | None = None) -> None:
         """Leave the job: this runner's running rows go back. A ``done`` (or a ``paused``: this
@@ -137,7 +182,8 @@ class PgLedger(Ledger):
     # -- rows ---------------------------------------------------------------------------------
     async def claim(self, job_id: str, n: int = 1) -> list[dict]:
         """Up to ``n`` rows (lowest first) that are pending or whose lease ran out, now running
-        under this process's lease; rows another replica is claiming are skipped, not waited for."""
+        under this process's lease and a new claim generation (``claim``, which finishing the
+        row must name); rows another replica is claiming are skipped, not waited for."""
         now = self.clock()
 
         def write(conn):
@@ -145,32 +191,86 @@ class PgLedger(Ledger):
                 "WITH c AS (SELECT idx FROM batch_rows WHERE job_id = ? AND (status = 'pending' OR "
                 "(status = 'running' AND lease_until < ?)) ORDER BY idx LIMIT ? FOR UPDATE SKIP LOCKED) "
                 "UPDATE batch_rows AS b SET status = 'running', started_at = ?, owner = ?, "
-                "lease_until = ? FROM c WHERE b.job_id = ? AND b.idx = c.idx "
-                "RETURNING b.idx, b.line, b.request, b.max_cost, b.tries",
+                "lease_until = ?, claim = b.claim + 1 FROM c WHERE b.job_id = ? AND b.idx = c.idx "
+                "RETURNING b.idx, b.line, b.request, b.max_cost, b.tries, b.claim",
                 (job_id, now, n, now, self.owner, now + ROW_LEASE_S, job_id)).fetchall()
         rows = sorted(await self.db.awrite(write), key=lambda r: r[0])
         return [{"idx": r[0], "line": r[1], "request": json.loads(r[2]), "max_cost": r[3],
-                 "tries": r[4]} for r in rows]
+                 "tries": r[4], "claim": r[5]} for r in rows]
 
-    def done(self, job_id: str, idx: int, result: dict) -> None:
-        now = self.clock()
-        self.db.post(lambda conn: conn.execute(
-            "UPDATE batch_rows SET status = 'done', content = ?, result = ?, cost = ?, error = NULL, "
-            "error_kind = NULL, finished_at = ?, request_id = ?, tries = tries + 1, lease_until = NULL "
-            "WHERE job_id = ? AND idx = ? AND owner = ? AND status = 'running'",
-            (result.get("content"), json.dumps({k: result.get(k) for k in (
-                "model", "finish_reason", "usage", "cost", "from_cache", "attempts", "latency_ms")}),
-             result.get("cost") or 0.0, now, result.get("request_id"), job_id, idx, self.owner)), lazy=False)
+    def _held(self, claim: int | None) -> tuple[str, tuple]:
+        """The condition a finishing write needs: this owner, still running, and (when the
+        runner names it) the claim it was given."""
+        if claim is None:
+            return "owner = ? AND status = 'running'", (self.owner,)
+        return "owner = ? AND status = 'running' AND claim = ?", (self.owner, claim)
 
-    async def failed(self, job_id: str, idx: int, kind: str, message: str, request_id: str | None) -> None:
+    def done(self, job_id: str, idx: int, result: dict, claim: int | None = None) -> None:
+        """Record the row's result (without waiting for the commit). Refused when the claim is
+        no longer this runner's (an event says so; the request's history row stays). If the
+        database cannot be reached the result goes to the spill journal, replayed later."""
+        values = done_values(job_id, idx, result, self.clock(), self.owner, claim)
+
+        def failed(exc: BaseException | None) -> None:
+            if exc is None or not isinstance(exc, StorageError) or self.journal is None:
+                if exc is not None:
+                    _log.error("Batch row %s#%d: its result was not recorded: %s", job_id, idx, exc)
+                return
+            try:
+                self.journal.append([values])
+            except StorageError as jexc:
+                _log.error("Batch row %s#%d: its result could not be recorded or spooled (%s); the "
+                           "row is asked again when its lease runs out", job_id, idx, jexc.user_message)
+        self.db.post(lambda conn: apply_done(conn, values), failed, lazy=False)
+
+    async def failed(self, job_id: str, idx: int, kind: str, message: str, request_id: str | None,
+                     claim: int | None = None) -> None:
         now = self.clock()
+        cond, cparams = self._held(claim)
         await self.db.awrite(lambda conn: conn.execute(
             "UPDATE batch_rows SET status = 'failed', error = ?, error_kind = ?, finished_at = ?, "
-            "request_id = ?, tries = tries + 1, lease_until = NULL WHERE job_id = ? AND idx = ? "
-            "AND owner = ? AND status = 'running'", (message, kind, now, request_id, job_id, idx, self.owner)))
+            f"request_id = ?, tries = tries + 1, lease_until = NULL WHERE job_id = ? AND idx = ? AND {cond}",
+            (message, kind, now, request_id, job_id, idx, *cparams)))
 
-    async def back(self, job_id: str, idx: int, tried: bool) -> None:
+    async def back(self, job_id: str, idx: int, tried: bool, claim: int | None = None) -> None:
+        cond, cparams = self._held(claim)
         await self.db.awrite(lambda conn: conn.execute(
             "UPDATE batch_rows SET status = 'pending', started_at = NULL, owner = NULL, lease_until = NULL, "
-            "tries = tries + ? WHERE job_id = ? AND idx = ? AND owner = ? AND status = 'running'",
-            (int(tried), job_id, idx, self.owner)))
+            f"tries = tries + ? WHERE job_id = ? AND idx = ? AND {cond}",
+            (int(tried), job_id, idx, *cparams)))
+
+
+def done_values(job_id: str, idx: int, result: dict, now: float, owner: str,
+                claim: int | None) -> dict:
+    """A done row's write as a plain dict: what ``apply_done`` needs, and a spill-journal line."""
+    return {"_t": "batch_done", "job_id": job_id, "idx": idx, "owner": owner, "claim": claim,
+            "content": result.get("content"), "finished_at": now,
+            "result": json.dumps({k: result.get(k) for k in (
+                "model", "finish_reason", "usage", "cost", "from_cache", "attempts", "latency_ms")}),
+            "cost": result.get("cost") or 0.0, "request_id": result.get("request_id")}
+
+
+def apply_done(conn, v: dict) -> bool:
+    """Mark the row done if ``v``'s runner still holds its claim (else an event says its
+    answer was refused); True when recorded. Replaying it again changes nothing."""
+    cond = "owner = ? AND status = 'running'" + (" AND claim = ?" if v.get("claim") is not None else "")
+    cparams = (v["owner"],) + ((v["claim"],) if v.get("claim") is not None else ())
+    n = conn.execute(
+        "UPDATE batch_rows SET status = 'done', content = ?, result = ?, cost = ?, error = NULL, "
+        "error_kind = NULL, finished_at = ?, request_id = ?, tries = tries + 1, lease_until = NULL "
+        f"WHERE job_id = ? AND idx = ? AND {cond}",
+        (v["content"], v["result"], v["cost"], v["finished_at"], v["request_id"], v["job_id"], v["idx"],
+         *cparams)).rowcount
+    if n:
+        return True
+    row = conn.execute("SELECT status, owner, request_id FROM batch_rows WHERE job_id = ? AND idx = ?",
+                       (v["job_id"], v["idx"])).fetchone()
+    if row is None or (row[0] == "done" and row[2] == v["request_id"]):
+        return False        # no such row, or this very answer is recorded (a replay repeated)
+    conn.execute("INSERT INTO events (ts, kind, subject, old, new, cause, actor) VALUES (?,?,?,?,?,?,?)",
+                 (v["finished_at"], "batch", f"{v['job_id']}#{v['idx']}", row[0], "late answer refused",
+                  f"runner {v['owner']} lost the row's lease (held now by {row[1] or 'nobody'}); its "
+                  f"request {v['request_id']} stays in history", v["owner"]))
+    _log.warning("Batch row %s#%d: a late answer was refused (the row's lease ran out and it is "
+                 "now %s); request %s stays in history", v["job_id"], v["idx"], row[0], v["request_id"])
+    return False

@@ -19,6 +19,7 @@ advisory lock, so only one applies them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import re
 import time
@@ -100,11 +101,16 @@ class PgConn:
         return cur
 
 
+class DatabaseUnreachable(StorageError):
+    """The PostgreSQL server cannot be reached (gone, refusing connections, a broken link)."""
+
+
 def pg_error(exc: BaseException, where: str) -> StorageError:
     """A psycopg error as a StorageError that names the (redacted) server and what to do."""
     if isinstance(exc, (psycopg.OperationalError, PoolTimeout, psycopg.InterfaceError)):
         msg = (f"The PostgreSQL database {where} cannot be reached ({_first_line(exc)}). Start it "
                "or fix GYROSCOPE_DATABASE_URL; history waits in the spill journal meanwhile.")
+        return DatabaseUnreachable(msg, detail=_first_line(exc))
     else:
         msg = f"The PostgreSQL database {where} failed: {_first_line(exc)}."
     return StorageError(msg, detail=_first_line(exc))
@@ -162,14 +168,23 @@ class PgDatabase(WriteQueue):
 
     # -- reading -----------------------------------------------------------------------
     def query(self, sql: str, params: Any = (), *, timeout: float = 10.0) -> list[dict]:
-        """Rows of a read query as dicts (SQLite-style ``?`` placeholders)."""
-        try:
-            with self._pool.connection(timeout=timeout) as conn:
-                return [dict(zip(r.keys(), r)) for r in PgConn(conn).execute(sql, params)]
-        except (psycopg.Error, PoolTimeout) as exc:
-            if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)):
-                self._down_until = time.monotonic() + DOWN_S
-            raise pg_error(exc, self.path) from exc
+        """Rows of a read query as dicts (SQLite-style ``?`` placeholders). A pooled
+        connection the server dropped (it restarted) fails the read once: the pool's idle
+        connections are checked then (broken ones replaced) and the read is tried once more."""
+        for attempt in (1, 2):
+            try:
+                with self._pool.connection(timeout=timeout) as conn:
+                    return [dict(zip(r.keys(), r)) for r in PgConn(conn).execute(sql, params)]
+            except (psycopg.Error, PoolTimeout) as exc:
+                broken = isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+                if broken and attempt == 1 and time.monotonic() >= self._down_until:
+                    with contextlib.suppress(psycopg.Error, PoolTimeout):
+                        self._pool.check()
+                    continue
+                if broken or isinstance(exc, PoolTimeout):
+                    self._down_until = time.monotonic() + DOWN_S
+                raise pg_error(exc, self.path) from exc
+        raise AssertionError("not reached")
 
     def query_one(self, sql: str, params: Any = (), *, timeout: float = 10.0) -> dict | None:
         rows = self.query(sql, params, timeout=timeout)
