@@ -9,6 +9,7 @@ import time
 import streamlit as st
 
 from .batch import InputRefused, files
+from .errors import StorageError
 
 ACTIVE = ("starting", "running", "waiting")
 PREVIEW_ROWS = 20
@@ -23,7 +24,11 @@ def render(gyro) -> None:
     if parsed is not None:
         _preview_and_start(gyro, parsed, name)
     st.divider()
-    listed = jobs.ledger.jobs(30)
+    try:
+        listed = jobs.ledger.jobs(30)
+    except StorageError as exc:
+        st.warning(f"{exc.user_message} Jobs running here pause and go on by themselves when it answers.")
+        return
     if not listed:
         st.caption("No batch jobs yet.")
         return
@@ -114,7 +119,11 @@ def _preview_and_start(gyro, parsed: files.ParsedInput, name: str) -> None:
 
 def _progress(gyro, job_id: str) -> None:
     jobs = gyro.batch
-    p = jobs.progress(job_id)
+    try:
+        p = jobs.progress(job_id)
+    except StorageError as exc:     # the job pauses meanwhile; this view goes on when it is back
+        st.warning(f"{exc.user_message} The job pauses and goes on by itself when it answers.")
+        return
     if p is None:
         return
     status = _status(p)

@@ -261,3 +261,52 @@ def test_the_settings_api_answers_503_with_what_to_do_while_postgresql_is_gone(t
         if not cluster.running:
             start(cluster)
         stop_proc(proc)
+
+
+def test_the_batch_command_pauses_through_a_restart_and_finishes(tmp_path, cluster, url):
+    """`python -m core batch` (its own process, real time): PostgreSQL stopped mid-job and
+    started again; the command neither crashes nor fails rows, and exits 0 with every row
+    done once and sent once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    rows = 80
+    gyro = Gyroscope(Config(provider="simulator", base_url=None, db_path=tmp_path / "c.db", database_url=url))
+    try:
+        src = tmp_path / "in.csv"
+        src.write_text("prompt\n" + "".join(f"row number {i}\n" for i in range(rows)))
+        job = gyro.batch.create(gyro.batch.parse_path(src), name="restart")
+    finally:
+        gyro.close()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GYROSCOPE_PROVIDER", "GYROSCOPE_API_TOKEN")}
+    env.update(GYROSCOPE_DB=str(tmp_path / "r.db"), GYROSCOPE_DATABASE_URL=url, PYTHONPATH=str(root),
+               GYROSCOPE_SIM_TTFT_MS="50", GYROSCOPE_SIM_TOKENS_PER_S="0")
+    proc = subprocess.Popen([sys.executable, "-m", "core", "batch", "--resume", job, "-o",
+                             str(tmp_path / "out.jsonl"), "--no-progress", "--concurrency", "4"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def done_rows() -> int:
+            with psycopg.connect(url) as conn:
+                return conn.execute("SELECT count(*) FROM batch_rows WHERE job_id = %s AND "
+                                    "status = 'done'", (job,)).fetchone()[0]
+        until(lambda: done_rows() >= 10, "10 rows done")
+        stop(cluster)
+        spill = tmp_path / "r.db-spill.jsonl"
+        until(lambda: spill.exists() and b"batch_done" in spill.read_bytes(), "results kept in the journal")
+        assert proc.poll() is None
+        start(cluster)
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with psycopg.connect(url) as conn:
+        got = conn.execute("SELECT status, tries FROM batch_rows WHERE job_id = %s", (job,)).fetchall()
+        history = conn.execute("SELECT count(*), count(DISTINCT request_id) FROM requests "
+                               "WHERE job_id = %s", (job,)).fetchone()
+    assert [s for s, _ in got] == ["done"] * rows and {t for _, t in got} == {1}
+    assert history == (rows, rows)                  # each row sent once
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == rows

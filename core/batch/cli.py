@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import StorageError
 from . import files
 
 
@@ -136,7 +137,11 @@ def _follow(jobs, job_id: str, runner, show: bool) -> bool:
 
 
 def _update(jobs, job_id: str, bar) -> None:
-    c = jobs.ledger.counts(job_id)
+    try:
+        c = jobs.ledger.counts(job_id)
+    except StorageError:         # the runner pauses meanwhile and goes on by itself
+        bar.set_postfix_str("paused: the database cannot be reached; goes on when it answers")
+        return
     bar.n = c["done"] + c["failed"]
     bar.set_postfix(failed=c["failed"], cost=f"${c['cost']:.4f}", refresh=False)
     bar.refresh()
