@@ -187,6 +187,10 @@ class JobRunner:
             self.final = status
             try:
                 await portal.off_loop(self.ledger.release, self.job_id, self.owner, status, note)
+            except errors.StorageError as exc:   # stopped during an outage: its leases run out
+                _log.warning("Batch job %s: could not record that this runner left it (%s); its "
+                             "rows are taken up again when their lease runs out", self.job_id,
+                             exc.user_message)
             finally:
                 self.finished.set()
         return status
