@@ -311,3 +311,29 @@ def test_postgresql_gone_refuses_budgeted_requests_and_keeps_settlements_until_i
         if gyro is not None:
             gyro.close()
         cluster.remove()
+
+
+def test_the_metrics_page_shows_what_another_replica_spent(app_env, pg_url, monkeypatch):
+    """Money spent through another service (a replica: its own file, its own connections) on
+    the same PostgreSQL is what the Metrics page of this one reports as spent and left."""
+    from streamlit.testing.v1 import AppTest
+
+    import core.service
+    from core.providers.simulator_provider import shared_simulator
+    from tests.test_metrics_page import ROOT
+    monkeypatch.setenv("GYROSCOPE_DATABASE_URL", pg_url)
+    other = Gyroscope(Config(provider="simulator", base_url=None, db_path=app_env / "other.db",
+                             database_url=pg_url), provider=SimulatorProvider(shared_simulator()))
+    try:
+        other.settings.set_many({"budget.monthly_usd": 0.002, "budget.warn_percent": 1}, actor="test")
+        spent = sum(other.generate(ask(i, max_tokens=400)).cost for i in range(3))
+        other.budgets.flush()
+    finally:
+        other.close()
+    assert isinstance(core.service.default_service().budgets, PgBudgets)     # this replica spent nothing
+    at = AppTest.from_file(str(ROOT / "pages" / "metrics.py"), default_timeout=60).run()
+    assert not at.exception
+    shown = " ".join(str(c.value) for c in at.caption)
+    assert f"Monthly budget: **${0.002 - spent:,.2f}** left of $0.00" in shown
+    warning = next(w.value for w in at.warning if "monthly budget is" in w.value)
+    assert f"(${spent:,.4f} spent, $0.0000 held, limit $0.00)" in warning and spent >= 0.0001
