@@ -320,7 +320,7 @@ def test_the_metrics_page_shows_what_another_replica_spent(app_env, pg_url, monk
 
     import core.service
     from core.providers.simulator_provider import shared_simulator
-    from tests.test_metrics_page import ROOT
+    from tests.test_metrics_page import ROOT, figures
     monkeypatch.setenv("GYROSCOPE_DATABASE_URL", pg_url)
     other = Gyroscope(Config(provider="simulator", base_url=None, db_path=app_env / "other.db",
                              database_url=pg_url), provider=SimulatorProvider(shared_simulator()))
@@ -333,6 +333,7 @@ def test_the_metrics_page_shows_what_another_replica_spent(app_env, pg_url, monk
     assert isinstance(core.service.default_service().budgets, PgBudgets)     # this replica spent nothing
     at = AppTest.from_file(str(ROOT / "pages" / "metrics.py"), default_timeout=60).run()
     assert not at.exception
+    assert "Budget this month" in figures(at)        # the second pass, where budgets are drawn
     shown = " ".join(str(c.value) for c in at.caption)
     assert f"Monthly budget: **${0.002 - spent:,.2f}** left of $0.00" in shown
     warning = next(w.value for w in at.warning if "monthly budget is" in w.value)
