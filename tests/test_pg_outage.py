@@ -201,6 +201,66 @@ def test_a_batch_job_pauses_while_postgresql_is_gone_and_goes_on_by_itself(tmp_p
         gyro.close()
 
 
+def test_back_from_an_outage_a_runner_leaves_another_replicas_rows_until_it_has_replayed(
+        tmp_path, cluster, url, simulator):
+    """Replica A holds the last row and got its answer during the outage (kept in A's journal);
+    its lease runs out meanwhile. Back from the outage, the runner claims pending rows only
+    for REJOIN_GRACE_S, so A replays its answer first: the row is done once, by A, and the
+    simulator never asked for it."""
+    from core.batch.runner import JobRunner
+    from core.providers.simulator_provider import SimulatorProvider
+    from core.storage.pg_ledger import ROW_LEASE_S, PgLedger
+    clock = PacedClock()
+    simulator.sim.set_latency(20, 0)
+    gyro = Gyroscope(Config(provider="simulator", base_url=None, db_path=tmp_path / "g.db",
+                            database_url=url), provider=SimulatorProvider(simulator),
+                     clock=clock.as_clock())
+    db_a = PgDatabase(url)
+    history_a = PgHistory(db_a, tmp_path / "a-spill.jsonl")
+    n = 24
+    try:
+        src = tmp_path / "in.csv"
+        src.write_text("prompt\n" + "".join(f"row {i}\n" for i in range(n)))
+        job = gyro.batch.create(gyro.batch.parse_path(src))
+        a = PgLedger(db_a, clock=clock.time, owner="replica-a:1", journal=history_a.journal)
+        a.take(job, a.owner)
+        held_from = clock.time()
+        rows_a = asyncio.run(a.claim(job, 1))           # A takes row 0 (the lowest pending)
+        assert [r["idx"] for r in rows_a] == [0]
+        runner = JobRunner(gyro, job, concurrency=4)
+        final: list[str] = []
+        thread = threading.Thread(target=lambda: final.append(asyncio.run(runner.run())))
+        thread.start()
+
+        def done_rows() -> int:
+            with psycopg.connect(url) as conn:
+                return conn.execute("SELECT count(*) FROM batch_rows WHERE job_id = %s AND "
+                                    "status = 'done'", (job,)).fetchone()[0]
+        until(lambda: done_rows() >= 4, "4 rows done")
+        stop(cluster)
+        a.done(job, 0, {"content": "from A", "request_id": "a-0", "cost": 0.0}, claim=rows_a[0]["claim"])
+        until(lambda: history_a.journal.pending == 1, "A's answer kept in its journal")
+        until(lambda: clock.time() > held_from + ROW_LEASE_S + 1, "A's lease to run out (injected clock)")
+        start(cluster)
+        until(lambda: done_rows() >= n - 1, "every other row done")
+        assert history_a.drain(30)                      # A, back too, records its answer
+        thread.join(120)
+        assert final == ["done"]
+        with psycopg.connect(url) as conn:
+            row0 = conn.execute("SELECT status, content, owner, tries FROM batch_rows WHERE job_id = %s "
+                                "AND idx = 0", (job,)).fetchone()
+            refused = conn.execute("SELECT count(*) FROM events WHERE kind = 'batch'").fetchone()[0]
+            statuses = {r[0] for r in conn.execute("SELECT status FROM batch_rows WHERE job_id = %s", (job,))}
+        assert row0 == ("done", "from A", "replica-a:1", 1) and refused == 0 and statuses == {"done"}
+        assert simulator.sim.stats()["completions"] == n - 1      # row 0 never sent by the runner
+    finally:
+        simulator.sim.set_latency(0, 0)
+        if not cluster.running:
+            start(cluster)
+        db_a.close()
+        gyro.close()
+
+
 def test_a_spooled_result_whose_row_was_claimed_again_is_refused_on_replay(tmp_path, cluster, url):
     """The outage outlasted the lease and another runner claimed the row before this one's
     journal was replayed: its result is refused (fencing), the other's recorded, one done."""

@@ -442,6 +442,7 @@ def test_the_heartbeat_keeps_a_live_runners_rows_past_the_first_lease(pg_url):
         now[0] += ROW_LEASE_S - 1                  # A stops renewing
         assert asyncio.run(b.claim(job, 1)) == []
         now[0] += 2
+        assert asyncio.run(b.claim(job, 1, reclaim=False)) == []    # pending rows only
         (rb,) = asyncio.run(b.claim(job, 1))
         assert rb["claim"] == ra["claim"] + 1
     finally:

@@ -208,8 +208,9 @@ class Ledger:
         return None
 
     # -- rows ----------------------------------------------------------------------------------
-    async def claim(self, job_id: str, n: int = 1) -> list[dict]:
-        """Up to ``n`` pending rows (lowest first), now ``running``, in one transaction."""
+    async def claim(self, job_id: str, n: int = 1, reclaim: bool = True) -> list[dict]:
+        """Up to ``n`` pending rows (lowest first), now ``running``, in one transaction
+        (``reclaim`` is PostgreSQL's: the file's job has one runner)."""
         now = self.clock()
 
         def write(conn):

@@ -37,6 +37,10 @@ POLL_S = 0.25           # how often a pause or cancel from elsewhere (the page) 
 RENEW_S = 5.0           # how often the job's lease is renewed
 MAX_HOLD_STEP_S = 1.0   # a wait for the breaker is taken in steps, so a pause is noticed
 DB_RETRY_S = 2.0        # while the ledger's database is unreachable, how often it is retried
+# Back from an outage, leases of other runners' rows ran out meanwhile (their clocks went on):
+# for this long only pending rows are claimed, so those runners, back too, record the answers
+# they kept in their journal before their rows are taken (and sent again).
+REJOIN_GRACE_S = RENEW_S + 2 * DB_RETRY_S
 _log = logging.getLogger(__name__)
 
 
@@ -58,6 +62,7 @@ class JobRunner:
         self._exhausted = False
         self._db_down: str | None = None       # why the job is paused for its database
         self.outages = 0                       # how many times it paused for it
+        self._reclaim_after = 0.0              # (monotonic) after an outage: see REJOIN_GRACE_S
         self._task: asyncio.Task | None = None
 
     # -- the loop ------------------------------------------------------------------------------
@@ -126,7 +131,8 @@ class JobRunner:
                     # (measured: 1.35x of the ideal with the claim awaited here, see
                     # docs/benchmarks.md).
                     wanted = free - len(ready) + concurrency // 2
-                    claim = asyncio.ensure_future(ledger.claim(self.job_id, wanted))
+                    claim = asyncio.ensure_future(ledger.claim(self.job_id, wanted,
+                                                               now >= self._reclaim_after))
                 while hold <= 0 and not capped and not self._db_down and ready and len(tasks) < concurrency:
                     worst = ready[0]["max_cost"] or 0.0
                     if cap is not None and spent + in_flight_max + worst > cap:
@@ -236,6 +242,7 @@ class JobRunner:
         _log.info("Batch job %s goes on: its database answers again", self.job_id)
         self._db_down = None
         self._exhausted = False
+        self._reclaim_after = clock.monotonic() + REJOIN_GRACE_S
         return collections.deque(r for r in ready if r["idx"] in held)
 
     def _hold(self, seconds: float | None) -> None:

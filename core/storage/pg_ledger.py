@@ -180,20 +180,24 @@ class PgLedger(Ledger):
         return None if until is None else max(0.0, until - self.clock())
 
     # -- rows ---------------------------------------------------------------------------------
-    async def claim(self, job_id: str, n: int = 1) -> list[dict]:
-        """Up to ``n`` rows (lowest first) that are pending or whose lease ran out, now running
-        under this process's lease and a new claim generation (``claim``, which finishing the
-        row must name); rows another replica is claiming are skipped, not waited for."""
+    async def claim(self, job_id: str, n: int = 1, reclaim: bool = True) -> list[dict]:
+        """Up to ``n`` rows (lowest first) that are pending or (``reclaim``) whose lease ran
+        out, now running under this process's lease and a new claim generation (``claim``,
+        which finishing the row must name); rows another replica is claiming are skipped, not
+        waited for. A runner just back from an outage claims pending rows only for a while,
+        so the other runners, back too, replay their answers before their rows are taken."""
         now = self.clock()
+        expired = " OR (status = 'running' AND lease_until < ?)" if reclaim else ""
 
         def write(conn):
             return conn.execute(
-                "WITH c AS (SELECT idx FROM batch_rows WHERE job_id = ? AND (status = 'pending' OR "
-                "(status = 'running' AND lease_until < ?)) ORDER BY idx LIMIT ? FOR UPDATE SKIP LOCKED) "
+                f"WITH c AS (SELECT idx FROM batch_rows WHERE job_id = ? AND (status = 'pending'{expired}) "
+                "ORDER BY idx LIMIT ? FOR UPDATE SKIP LOCKED) "
                 "UPDATE batch_rows AS b SET status = 'running', started_at = ?, owner = ?, "
                 "lease_until = ?, claim = b.claim + 1 FROM c WHERE b.job_id = ? AND b.idx = c.idx "
                 "RETURNING b.idx, b.line, b.request, b.max_cost, b.tries, b.claim",
-                (job_id, now, n, now, self.owner, now + ROW_LEASE_S, job_id)).fetchall()
+                (job_id, *((now,) if reclaim else ()), n, now, self.owner, now + ROW_LEASE_S,
+                 job_id)).fetchall()
         rows = sorted(await self.db.awrite(write), key=lambda r: r[0])
         return [{"idx": r[0], "line": r[1], "request": json.loads(r[2]), "max_cost": r[3],
                  "tries": r[4], "claim": r[5]} for r in rows]
