@@ -5,8 +5,13 @@ window and the pacer's waits share one injected clock, so nothing really sleeps.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import sqlite3
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -14,6 +19,8 @@ from core import errors
 from core.config import Config
 from core.db import Database
 from core.models import GenerationRequest
+from core.pipeline import Clock
+from core.providers.openai_provider import OpenAIProvider
 from core.providers.simulator_provider import SimulatorProvider
 from core.resilience.pacing import (Bucket, MemoryPacingStore, Pacer, PacingConf, SQLitePacingStore,
                                     parse_reset, read_limits)
@@ -445,3 +452,65 @@ def test_a_batch_job_reaches_a_short_window_limit_with_a_few_429s_at_most(tmp_pa
     finally:
         gyro.close()
         running.stop()
+
+
+# -- interactive first, across processes -------------------------------------------------------
+def _done_rows(db) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT count(*) FROM batch_rows WHERE status = 'done'").fetchone()[0]
+    except sqlite3.OperationalError:        # the batch process has not made its tables yet
+        return 0
+    finally:
+        conn.close()
+
+
+def test_an_interactive_request_waiting_here_holds_the_batch_rows_of_another_process(tmp_path, simulator):
+    """The app (this process) and ``python -m core batch`` (a child process) on one file,
+    against the simulator allowing 1 request per 1 s window, with no interactive reserve:
+    only the waiting mark in the file can put the writer first. It starts waiting while the
+    job's rows wait for the same window, and this process is slow to wake (its injected
+    clock sleeps 0.3 s longer than asked, as a loaded machine does): without the mark the
+    job's rows took the window's request at the turn, and the writer waited behind all 5."""
+    window = 1.0
+    sim = simulator.sim
+    sim.set_faults(rate_limit_requests=1, rate_limit_window_s=window)
+    db = tmp_path / "g.db"
+    cfg = Config(provider="openai", base_url=simulator.base_url, db_path=db, api_key="sk-test")
+    late = 0.3
+
+    async def sleep(seconds: float) -> None:
+        await asyncio.sleep(seconds + late)
+    app = Gyroscope(cfg, provider=OpenAIProvider("sk-test", simulator.base_url),
+                    clock=Clock(sleep=sleep, sleep_blocking=lambda seconds: time.sleep(seconds + late)))
+    proc = None
+    try:
+        app.settings.set_many({"pacing.interactive_reserve": 0.0, "cache.enabled": False,
+                               "retry.jitter": 0}, actor="test")
+        # The limit is learnt first (so the job's first rows do not all go before anybody knows it).
+        assert app.generate(GenerationRequest(prompt="learn the limit", source="api")).outcome == "ok"
+        (tmp_path / "in.txt").write_text("".join(f"Batch row {i}\n" for i in range(6)))
+        env = {**os.environ, "GYROSCOPE_DB": str(db), "OPENAI_BASE_URL": simulator.base_url,
+               "OPENAI_API_KEY": "sk-test", "GYROSCOPE_PROVIDER": "openai"}
+        proc = subprocess.Popen([sys.executable, "-m", "core", "batch", "in.txt", "-o", "out.jsonl",
+                                 "--concurrency", "6", "--no-progress"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while _done_rows(db) < 1:           # the job's first row went; its 5 others wait
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        writer = app.generate(GenerationRequest(prompt="a writer", source="api"))
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert writer.outcome == "ok" and writer.attempts == 1
+        assert app.pacer.waits == 1
+        # It waited for the window to turn (up to 1 s), not for a batch row after that.
+        assert app.pacer.waited_s < 1.5 * window, app.pacer.waited_s
+        assert sim.stats()["rate_limited"] == 0
+        assert _done_rows(db) == 6
+        assert app.db.query("SELECT * FROM pacing_waiting") == []     # its mark went with it
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        app.close()

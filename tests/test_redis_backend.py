@@ -272,6 +272,32 @@ def test_two_replicas_together_stay_under_one_shared_rate_limit(shared, tmp_path
         running.stop()
 
 
+def test_a_waiting_mark_in_redis_holds_the_other_replicas_until_removed_or_past_its_time(shared, tmp_path):
+    """The marks interactive requests leave while they wait for pacing (core/resilience/pacing.py),
+    as replicas see them through Redis: another owner's mark counts until its time, one's own
+    never; a mark removed or past its time holds nobody; the key expires by itself."""
+    url, prefix = shared
+    running = start_in_background()
+    a, b = (_service(tmp_path, name, url, prefix, running, FakeClock()) for name in "ab")
+    try:
+        sa, sb = a.pacer.store, b.pacer.store
+        now = 1_800_000_000.0
+        sa.mark_waiting("up|m", a.pacer.owner, now + 2.0, now)
+        assert sb.others_waiting("up|m", b.pacer.owner, now)
+        assert not sa.others_waiting("up|m", a.pacer.owner, now)        # its own mark
+        assert not sb.others_waiting("up|other", b.pacer.owner, now)    # another limit
+        assert not sb.others_waiting("up|m", b.pacer.owner, now + 2.5)  # a dead process's, past its time
+        ttl = redis.Redis.from_url(url).ttl(f"{prefix}pacing-waiting:up|m")
+        assert 0 < ttl <= 62
+        sa.mark_waiting("up|m", a.pacer.owner, None, now)
+        assert not sb.others_waiting("up|m", b.pacer.owner, now)
+        assert not a.db.query("SELECT * FROM pacing_waiting")           # in Redis, not the file
+    finally:
+        a.close()
+        b.close()
+        running.stop()
+
+
 # -- Redis gone --------------------------------------------------------------------------------
 def test_the_link_rejoins_with_a_growing_backoff_on_the_injected_clock(own_redis):
     clock = FakeClock()

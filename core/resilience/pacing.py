@@ -24,18 +24,28 @@ before the window began, about a window that ended by then, is the last window's
 late (under load, by more than half a window): it is ignored, not taken as this window's.
 
 Buckets are shared by every request of the process and, through a small table in the
-SQLite file updated in one transaction, by every process on that file (``PacingStore`` is
-the interface; a Redis store comes with the scale-out issue).
+SQLite file updated in one transaction, by every process on that file, or through Redis by
+every replica (``PacingStore`` is the interface; core/storage/redis_pacing.py).
 
 Priority: interactive requests (page, api, v1, cli) go first. A batch row may not take the
-last ``pacing.interactive_reserve`` share of a bucket, and while an interactive request of
-this process waits for pacing, batch rows wait too. So a writer is never queued behind a
-10,000-row job: at worst it waits for the window to turn, never for the job.
+last ``pacing.interactive_reserve`` share of a bucket, and while an interactive request
+waits for pacing, batch rows for the same limit wait too: in this process at once, and in
+every other process sharing the buckets (the app beside a ``python -m core batch`` on one
+file, or replicas on Redis) through a mark in the store: (key, this pacer, until when). The
+mark says until when the request sleeps plus ``WAITING_GRACE_S``, so a process that dies
+waiting holds the others' batch rows at most that grace past the window's turn; a batch row
+looks for other processes' marks at most every ``OTHERS_CHECK_S`` (one cheap read), and a
+request that stops waiting (it went, or gave up) removes its mark. So a writer is never
+queued behind a 10,000-row job, whichever process runs it: at worst it waits for the window
+to turn, never for the job.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import secrets
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -69,6 +79,9 @@ class Pacer:
 
     RECHECK_S = 1.0         # how often a key nobody here knows is looked up in the store
     LEASE = 8               # requests taken from the shared buckets in one transaction (at most)
+    HOLD_S = 0.05           # a batch row held for an interactive request looks again this soon
+    OTHERS_CHECK_S = 0.05   # other processes' waiting marks are read at most this often a key
+    WAITING_GRACE_S = 1.0   # a waiting mark lasts this long past the request's wake-up
 
     def __init__(self, store: PacingStore, clock=None) -> None:
         from ..pipeline import Clock
@@ -83,6 +96,12 @@ class Pacer:
         # that say no less are not news, and cost no transaction.
         self._belief: dict[str, dict[str, tuple[float, float, bool]]] = {}
         self.interactive_waiting = 0
+        # Interactive requests of this process waiting, per key, and until when the store's
+        # mark says so; other processes' marks as last read {key: (read at, any)}.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._marks: dict[str, list] = {}
+        self._others: dict[str, tuple[float, bool]] = {}
+        self.held_for_others = 0    # batch rows held for another process's interactive request
         self.waits = 0              # requests held back (a count for metrics and benchmarks)
         self.waited_s = 0.0
 
@@ -116,11 +135,14 @@ class Pacer:
             return Ticket(key, now)
         batch = source in BATCH_SOURCES
         need_tokens: int | None = None
-        waited, counted = 0.0, False
+        waited, counted, held = 0.0, False, False
         try:
             while True:
-                if batch and self.interactive_waiting:
-                    wait = 0.05        # interactive requests first: look again shortly
+                if batch and (self.interactive_waiting or self._others_waiting(key)):
+                    wait = self.HOLD_S      # interactive requests first: look again shortly
+                    if not held and not self.interactive_waiting:
+                        held = True
+                        self.held_for_others += 1
                 else:
                     if need_tokens is None:
                         need_tokens = max(1, int(tokens()))
@@ -142,10 +164,13 @@ class Pacer:
                         return Ticket(key, now)
                 if waited + wait > deadline_left:
                     raise errors.RetryLater(retry_in_s=wait, detail="held back by pacing")
-                if not batch and not counted:
-                    counted = True
-                    with self._lock:
-                        self.interactive_waiting += 1
+                if not batch:
+                    if not counted:
+                        counted = True
+                        with self._lock:
+                            self.interactive_waiting += 1
+                            self._marks.setdefault(key, [0, 0.0])[0] += 1
+                    self._mark(key, self.clock.time() + wait + self.WAITING_GRACE_S)
                 waited += wait
                 if blocking:
                     self.clock.sleep_blocking(wait)
@@ -155,6 +180,34 @@ class Pacer:
             if counted:
                 with self._lock:
                     self.interactive_waiting -= 1
+                    mark = self._marks[key]
+                    mark[0] -= 1
+                    last = mark[0] == 0
+                    if last:
+                        del self._marks[key]
+                if last:
+                    self.store.mark_waiting(key, self.owner, None, self.clock.time())
+
+    def _mark(self, key: str, until: float) -> None:
+        """Tell the other processes that an interactive request here waits for ``key`` until
+        ``until`` (a store write only when that is later than the mark already says)."""
+        with self._lock:
+            mark = self._marks[key]
+            if until <= mark[1]:
+                return
+            mark[1] = until
+        self.store.mark_waiting(key, self.owner, until, self.clock.time())
+
+    def _others_waiting(self, key: str) -> bool:
+        """Whether an interactive request of another process waits for ``key`` (read from
+        the store at most every OTHERS_CHECK_S)."""
+        now = self.clock.monotonic()
+        seen = self._others.get(key)
+        if seen is not None and now - seen[0] < self.OTHERS_CHECK_S:
+            return seen[1]
+        waiting = self.store.others_waiting(key, self.owner, self.clock.time())
+        self._others[key] = (now, waiting)
+        return waiting
 
     def _from_lease(self, key: str, tokens: int, batch: bool, now: float) -> float:
         """0 when this process's lease on ``key`` covers the request (taken from it), else 1."""

@@ -14,6 +14,7 @@ from typing import Mapping
 DIMENSIONS = ("requests", "tokens")
 FALLBACK_WINDOW_S = 60.0            # pacing.rpm / pacing.tpm are per minute
 LEASE_SHARE = 0.05                  # a process takes ahead at most this share of a limit
+UNPINNED_MARGIN = 0.1               # a guessed window end is trusted this share of a window later
 BATCH_SOURCES = frozenset({"batch"})
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|μs|ns|h|m|s)")
@@ -84,8 +85,15 @@ class Bucket:
     learned: bool = False           # from headers (True) or from the settings (False)
     pinned: bool = True             # reset_at from the server's headers (or the settings')
 
+    @property
+    def turns_at(self) -> float:
+        """When the bucket refills: at ``reset_at`` when the server said so; a guessed end
+        (no answer of the window back yet: under load, or the request failed) is given
+        ``UNPINNED_MARGIN`` of the window more, for the trip that started the server's window."""
+        return self.reset_at if self.pinned else self.reset_at + UNPINNED_MARGIN * self.window_s
+
     def refill(self, now: float) -> None:
-        if now >= self.reset_at:
+        if now >= self.turns_at:
             self.remaining = self.limit
             self.reset_at = now + self.window_s
             self.pinned = not self.learned      # a guess, until an answer of the window says
@@ -97,7 +105,7 @@ class Bucket:
         need = min(n, self.limit)
         if self.remaining - need >= min(reserve, self.limit - need):
             return 0.0
-        return max(self.reset_at - now, 0.001)
+        return max(self.turns_at - now, 0.001)
 
 
 @dataclass(frozen=True)

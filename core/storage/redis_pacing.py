@@ -8,7 +8,9 @@ again on the new values, so ``fn`` must be re-runnable: ``_take`` and ``_learn``
 they only change the buckets handed to them).
 
 One hash per key (``pacing:<key>``), a field per dimension holding the bucket as JSON,
-expiring a day after its last change (a model nobody calls leaves nothing behind).
+expiring a day after its last change (a model nobody calls leaves nothing behind). The
+marks of interactive requests waiting for a key are a sorted set (``pacing-waiting:<key>``,
+member: the pacer, score: until when), expiring a minute after the latest mark.
 While Redis is down, buckets come from this machine's SQLite store: each replica paces
 alone until Redis returns (the rate limit is then per replica, and the upstream's 429s,
 retried, are the backstop).
@@ -17,6 +19,7 @@ retried, are the backstop).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import astuple, replace
 
 from redis.exceptions import WatchError
@@ -25,6 +28,7 @@ from ..resilience.pacing import Bucket, PacingStore
 from .redis_link import RedisDown, RedisLink
 
 KEEP_S = 86400
+WAITING_KEEP_S = 60     # a waiting mark is removed this long after its time, if nobody did
 MAX_TRIES = 50          # optimistic retries under contention before falling back locally
 
 
@@ -79,3 +83,32 @@ class RedisPacingStore(PacingStore):
             return bool(self.link.run(lambda r: r.exists(self._key(key))))
         except RedisDown:
             return self.local.has(key)
+
+    def mark_waiting(self, key, owner, until, now):
+        if not self.link.up:
+            return self.local.mark_waiting(key, owner, until, now)
+        name = self.link.key("pacing-waiting", key)
+
+        def step(r):
+            with r.pipeline(transaction=True) as pipe:
+                if until is None:
+                    pipe.zrem(name, owner)
+                else:
+                    pipe.zadd(name, {owner: until})
+                    pipe.expire(name, max(1, math.ceil(until - now + WAITING_KEEP_S)))
+                pipe.zremrangebyscore(name, "-inf", now - WAITING_KEEP_S)   # marks of the dead
+                pipe.execute()
+        try:
+            self.link.run(step)
+        except RedisDown:
+            self.local.mark_waiting(key, owner, until, now)
+
+    def others_waiting(self, key, owner, now):
+        if not self.link.up:
+            return self.local.others_waiting(key, owner, now)
+        name = self.link.key("pacing-waiting", key)
+        try:
+            marks = self.link.run(lambda r: r.zrangebyscore(name, f"({now}", "+inf"))
+        except RedisDown:
+            return self.local.others_waiting(key, owner, now)
+        return any(m.decode() != owner for m in marks)
