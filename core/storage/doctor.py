@@ -1,7 +1,7 @@
 """`python -m core doctor`: which storage backends are configured, and how each answers.
 
-Checks the SQLite file (always in use: cache, breakers, pacing and budgets live there, or
-are its fallback), Redis when ``GYROSCOPE_REDIS_URL`` is set and PostgreSQL when
+Checks the SQLite file (always in use: cache, breakers and pacing live there, or it is
+their fallback; budgets too without PostgreSQL), Redis when ``GYROSCOPE_REDIS_URL`` is set and PostgreSQL when
 ``GYROSCOPE_DATABASE_URL`` is set: each is asked once (a round trip timed, the server's
 version read) without building the service, so a backend that fails is reported rather
 than stopping the check. URLs are printed through ``redact_url`` (never a password). The
@@ -71,7 +71,7 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def check_sqlite(path: Path, database_url: str | None) -> Check:
-    holds = ("cache, breakers, pacing, budgets (and their fallback while Redis is down)"
+    holds = ("cache, breakers, pacing (and their fallback while Redis is down)"
              if database_url else "history, events, settings, audit, batch jobs, cache, breakers, "
              "pacing, budgets")
     c = Check("sqlite", holds, True, str(path))
@@ -123,7 +123,7 @@ def check_redis(url: str | None, prefix: str) -> Check:
 
 
 def check_postgres(url: str | None) -> Check:
-    holds = "history, events, settings and their audit, the batch ledger"
+    holds = "history, events, settings and their audit, the batch ledger, budgets"
     if not url:
         return Check("postgresql", holds, False, detail="GYROSCOPE_DATABASE_URL")
     c = Check("postgresql", holds, True, redact_url(url))
