@@ -52,8 +52,8 @@ const check = () => {
   const heads = document.querySelectorAll('[data-testid="stMetricValue"]').length;
   const range = document.querySelector('.st-key-metrics_range input[type=radio]');
   if (heads >= %d && range) mark('headline');
-  const charts = document.querySelectorAll('[data-testid="stPlotlyChart"]').length;
-  const drawn = document.querySelectorAll('[data-testid="stPlotlyChart"] .main-svg').length;
+  const boxes = [...document.querySelectorAll('[data-testid="stPlotlyChart"]')];
+  const charts = boxes.length, drawn = boxes.filter(e => e.querySelector('.main-svg')).length;
   if (drawn) mark('chart');
   const app = document.querySelector('[data-testid="stApp"]');
   const idle = app && app.getAttribute('data-test-script-state') === 'notRunning';

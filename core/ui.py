@@ -12,6 +12,34 @@ from .service import Gyroscope, default_service
 
 SIMULATOR_BANNER = "Simulated responses — set OPENAI_API_KEY for real content."
 
+# A component with no look: its script waits until every other element on the page has been
+# drawn (no loading skeleton left; 5 s at most), lets the browser paint that, and then sends
+# one trigger, "drawn". Streamlit loads each element's component on its own, and a heavy one
+# (Plotly's) sent with the rest made the rest wait; this lets a page send it afterwards.
+_WHEN_DRAWN_JS = """
+export default function ({ setTriggerValue }) {
+  const started = performance.now();
+  let stopped = false, timer = 0;
+  const loading = () => document.querySelector(
+    '[data-testid="stSkeleton"], [data-testid="stSkeletonElement"], [data-testid="stAppSkeleton"]');
+  const fire = () => { if (!stopped) { stopped = true; setTriggerValue("drawn", true); } };
+  const check = () => {
+    if (stopped) return;
+    if (loading() && performance.now() - started < 5000) { timer = setTimeout(check, 50); return; }
+    requestAnimationFrame(() => requestAnimationFrame(() => { timer = setTimeout(fire, 0); }));
+  };
+  check();
+  return () => { stopped = true; clearTimeout(timer); };
+}
+"""
+_when_drawn = st.components.v2.component("gyroscope_when_drawn", js=_WHEN_DRAWN_JS)
+
+
+def when_drawn(key: str, on_drawn) -> None:
+    """Call ``on_drawn`` (then rerun, as a widget does) once the browser has drawn and painted
+    everything else on the page."""
+    _when_drawn(key=key, on_drawn_change=on_drawn)
+
 
 def get_gyro() -> Gyroscope:
     """The process's Gyroscope service (one per process, shared by every session and the API).

@@ -15,7 +15,7 @@ from core import budgets, charts, cost_charts, display
 from core.demo import fill_history
 from core.errors import GyroscopeError
 from core.history import Filters
-from core.ui import get_gyro, provider_badge, show_error
+from core.ui import get_gyro, provider_badge, show_error, when_drawn
 
 DEMO_ROWS, DEMO_DAYS = 5_000, 30
 REFRESH_S = 5
@@ -24,10 +24,9 @@ STATE_BADGE = {"closed": "green", "half-open": "orange", "open": "red"}
 # The charts come in a second pass. Plotly's component is a 4.7 MB script that the browser
 # loads and runs (1.7 s of a core on this 2-core VM) when the first chart arrives, and it held
 # back everything drawn with it: the headline numbers and filters waited for the charts. So a
-# tab's first visit draws the page without charts, and the browser asks for them by itself
-# CHART_DELAY_S after it has drawn that (a timer it runs; see ask_for_charts).
+# tab's first visit draws the page without charts, and asks for them once the browser has
+# drawn the rest (core.ui.when_drawn).
 CHARTS_ON = "metrics_charts_on"      # session: this tab has asked for charts (Plotly loaded)
-CHART_DELAY_S = 0.25
 
 st.title("Metrics")
 try:
@@ -147,22 +146,16 @@ def show_budget(now: float) -> None:
     chart(st, cost_charts.budget(days, monthly, start, end, now, plan.tz), "chart_budget")
 
 
+def _charts_on() -> None:
+    st.session_state[CHARTS_ON] = True
+    st.session_state["metrics_reuse"] = True     # the same range and figures as the first pass
+
+
 def ask_for_charts() -> None:
-    """The first pass's stand-in for the charts: a note, and a fragment whose timer (run in
-    the browser, so it starts once the browser has handled this pass) brings the charts:
-    its first timed run turns them on and reruns the page, which stops the timer."""
+    """The first pass's stand-in for the charts: a note, and a component that reruns the page
+    with the charts on once the browser has drawn this pass."""
     st.caption("Drawing the charts…")
-    first_call = [True]
-
-    def come_back() -> None:
-        if first_call:                   # the call inside this pass: wait for the timer
-            first_call.clear()
-            return
-        st.session_state[CHARTS_ON] = True
-        st.session_state["metrics_reuse"] = True     # the same range and figures as the first pass
-        st.rerun()
-
-    st.fragment(run_every=CHART_DELAY_S)(come_back)()
+    when_drawn("metrics_drawn", _charts_on)
 
 
 def show_charts(data: dict, filters: Filters, infos: list[dict], unit: str, partial: dict) -> None:

@@ -59,7 +59,7 @@ def charts_tabs():
 def figures(at, tabs=("Cost",)) -> dict[str, dict]:
     """The figures of the chart tabs (lazy: only the open one draws), opened one by one."""
     out = {}
-    at.session_state["metrics_charts_on"] = True     # what the page's timer does after its first pass
+    at.session_state["metrics_charts_on"] = True     # what the page does once the browser drew its first pass
     for tab in tabs:
         at.session_state["metrics_tab"] = tab     # what a click on the tab does
         at.run()
@@ -94,22 +94,25 @@ def test_demo_button_fills_history_and_the_page_shows_figures_and_charts(page):
 
 def test_the_first_pass_draws_numbers_filters_and_exports_and_the_charts_come_next(page):
     """No chart in a tab's first pass (Plotly's browser bundle would hold the page back);
-    the pass that the browser's timer asks for draws them over the same figures."""
+    the pass that the browser asks for once it has drawn the first draws them, over the same
+    figures."""
     at, gyro = page
     fill_history(gyro.db, rows=2000, days=10)
     at.run()
     first = shown(at)
     assert len(first) == 9 and not at.get("plotly_chart")
     assert "Drawing the charts…" in texts(at)
+    assert [e.key for e in at.get("bidi_component")] == ["metrics_drawn"]   # asks once drawn
     assert at.radio(key="metrics_range").value == "Last 7 days"
     assert at.download_button(key="export_rows") and at.download_button(key="export_daily")
     assert at.session_state["metrics_memo"]["data"]["totals"]["total_requests"] == \
         int(first["Requests"].replace(",", ""))
     fill_history(gyro.db, rows=50, days=1, seed=9)         # new rows between the two passes
-    at.session_state["metrics_charts_on"] = True           # what the timer's run sets
+    at.session_state["metrics_charts_on"] = True           # what its "drawn" trigger sets
     at.session_state["metrics_reuse"] = True
     at.run()
     assert shown(at) == first                              # the same range and figures
+    assert not at.get("bidi_component")
     assert [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")] == \
         ["Cost per day by model"]
     assert "Drawing the charts…" not in texts(at)

@@ -524,7 +524,7 @@ def test_the_metrics_page_reads_postgresql_and_agrees_with_the_cli(app_env, pg_u
     at.radio(key="metrics_range").set_value("Last 30 days").run()
     assert at.metric and len(at.exception) == 0
     at.session_state["metrics_tab"] = "Requests and errors"
-    at.session_state["metrics_charts_on"] = True      # what the page's timer does after its first pass
+    at.session_state["metrics_charts_on"] = True      # what the page does once the browser drew its first pass
     at.session_state["metrics_details"] = True        # a click on "Technical details"
     at.run()
     assert at.get("plotly_chart") and len(at.exception) == 0
