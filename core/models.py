@@ -231,16 +231,18 @@ class GenerationResult:
     optimizer: dict | None = None
     error: Any = None
 
+    def usage_dict(self) -> dict | None:
+        """The usage in the JSON shape of ``as_dict``."""
+        u = self.usage
+        if u is None:
+            return None
+        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                "total_tokens": u.total_tokens, "cached_tokens": u.cached_tokens,
+                "cache_write_tokens": u.cache_write_tokens, "reasoning_tokens": u.reasoning_tokens}
+
     def as_dict(self) -> dict:
         """The JSON shape of the CLI's --json and the API."""
-        usage = None
-        if self.usage is not None:
-            usage = {"prompt_tokens": self.usage.prompt_tokens,
-                     "completion_tokens": self.usage.completion_tokens,
-                     "total_tokens": self.usage.total_tokens,
-                     "cached_tokens": self.usage.cached_tokens,
-                     "cache_write_tokens": self.usage.cache_write_tokens,
-                     "reasoning_tokens": self.usage.reasoning_tokens}
+        usage = self.usage_dict()
         out = {k: v for k, v in asdict(self).items() if k not in ("usage", "error", "prompt_sent")}
         for name in ("tool_calls", "choices", "logprobs"):   # conversation answers only
             if out[name] is None:

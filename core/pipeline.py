@@ -19,6 +19,7 @@ answer (or error) leaves only once that row is committed or spooled (see History
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time as _time
 from dataclasses import dataclass
@@ -43,6 +44,13 @@ CACHE_CHUNK_CHARS = 24
 # generate.max_tokens setting (and the page's input). Without it a model with no known
 # context window would be sent max_tokens=10**30.
 MAX_TOKENS = int(BY_NAME["generate.max_tokens"].max)
+
+
+# Called (no arguments) when a run has its answer and has handed its history row to the
+# writer: all it has left is to wait for that commit. A batch slot sets it to send its next
+# row meanwhile (core/batch/runner.py). Successful runs only: a failure may pause the job.
+answered: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "gyroscope_answered", default=None)
 
 
 @dataclass
@@ -650,7 +658,12 @@ class Pipeline:
                 observe(record, result, run.messages)
             except Exception:  # noqa: BLE001 - telemetry must never cost the request its row
                 _log.exception("a history observer failed")
-        return self.history.add(record)
+        ticket = self.history.add(record)
+        if outcome == "ok":
+            hook = answered.get()
+            if hook is not None:
+                hook()
+        return ticket
 
 
 def merge_tool_calls(calls: list[dict] | None, pieces: list[dict]) -> list[dict]:

@@ -629,3 +629,28 @@ def test_a_probe_slot_held_by_a_crashed_process_expires(tmp_path):
     storage.clear_probes()
     assert storage.lease_probe(1, ttl_s=10, now=111.0) is not None
     db.close()
+
+
+def test_answered_is_called_once_the_row_is_handed_over_and_only_on_success(gyro, simulator):
+    """core.pipeline.answered (what frees a batch slot) is called for a run with an answer,
+    once its history row is with the writer, and never for a failure."""
+    from core import pipeline
+
+    calls: list[str] = []
+
+    async def run(request):
+        token = pipeline.answered.set(lambda: calls.append("answered"))
+        try:
+            return await gyro.agenerate(request)
+        finally:
+            calls.append("returned")
+            pipeline.answered.reset(token)
+
+    result = asyncio.run(run(req(cache=False)))
+    assert result.outcome == "ok" and calls == ["answered", "returned"]
+    assert len(rows(gyro)) == 1
+    gyro.settings.set_many({"retry.max_retries": 0}, actor="test")
+    simulator.sim.set_faults(fail_next=1, fail_status=400)
+    with pytest.raises(errors.GyroscopeError):
+        asyncio.run(run(req("another prompt", cache=False)))
+    assert calls == ["answered", "returned", "returned"] and len(rows(gyro)) == 2

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
+import functools
 import logging
 import threading
 
-from .. import errors, portal
+from .. import errors, pipeline, portal
 from ..models import GenerationRequest
 from .ledger import JobBusy, ledger_for, owner_id
 
@@ -64,15 +66,31 @@ class JobRunner:
         self.outages = 0                       # how many times it paused for it
         self._reclaim_after = 0.0              # (monotonic) after an outage: see REJOIN_GRACE_S
         self._task: asyncio.Task | None = None
+        # What the loop and the slots share (one event loop: no locks).
+        self._slots: set[asyncio.Task] = set()
+        # Each row's own task (to its ledger write), with the future its answer settles.
+        self._rows: dict[asyncio.Task, asyncio.Future] = {}
+        self._ready: collections.deque[dict] = collections.deque()   # claimed, not sent yet
+        self._waiter: asyncio.Future | None = None
+        self._halted = self._capped = False
+        self._cap: float | None = None
+        self._spent = self._in_flight_max = 0.0
+        self._slot_error: BaseException | None = None
 
     # -- the loop ------------------------------------------------------------------------------
+    # Each of up to ``concurrency`` slots sends rows back to back: when its row has its
+    # answer it takes the next claimed row itself, at once, while nothing stops the job (a
+    # pause, a hold, the cap, the database gone). The loop below only claims rows ahead,
+    # watches for a pause or cancel, renews the lease and refills slots that stopped; a slot
+    # wakes it after each row. (Measured: with every row going back through this loop, which
+    # waited on all rows in flight at each step, slots stood empty 3-10 % of the time on a
+    # busy machine; see docs/benchmarks.md.)
     async def run(self) -> str:
         """Run until no row is left, or a pause, cancel, cost cap or Ctrl-C; the final status."""
         self._task = asyncio.current_task()
         clock, ledger = self.gyro.clock, self.ledger
         status, note = "paused", "interrupted"
-        tasks: dict[asyncio.Task, dict] = {}
-        ready: collections.deque[dict] = collections.deque()    # claimed, not sent yet
+        slots, rows = self._slots, self._rows
         claim: asyncio.Task | None = None                       # a claim on its way
         wanted = 0
         try:
@@ -85,12 +103,14 @@ class JobRunner:
             job = await portal.off_loop(ledger.job, self.job_id)
             concurrency = (self.concurrency or job["concurrency"]
                            or self.gyro.settings.get("batch.concurrency"))
-            cap = job["max_cost"] or None
-            spent = await portal.off_loop(ledger.spent, self.job_id)
-            in_flight_max = 0.0
-            capped = waiting = False
+            self._cap = job["max_cost"] or None
+            self._spent = await portal.off_loop(ledger.spent, self.job_id)
+            waiting = False
             next_poll = next_renew = clock.monotonic()
             while True:
+                if self._slot_error is not None:
+                    raise self._slot_error
+                ready = self._ready
                 now = clock.monotonic()
                 if now >= next_poll:
                     next_poll = now + POLL_S
@@ -123,73 +143,69 @@ class JobRunner:
                         claimed, claim = [], None
                         self._database_gone(exc)
                     ready.extend(claimed)
-                free = concurrency - len(tasks)
-                if (claim is None and hold <= 0 and not capped and not self._exhausted
+                free = concurrency - len(slots)
+                if (claim is None and hold <= 0 and not self._capped and not self._exhausted
                         and not self._db_down and len(ready) < free + concurrency // 2):
-                    # Claimed ahead, half a round at a time, in the background: a claim
-                    # waits for its commit, and slots left empty meanwhile cost throughput
-                    # (measured: 1.35x of the ideal with the claim awaited here, see
-                    # docs/benchmarks.md).
-                    wanted = free - len(ready) + concurrency // 2
+                    # Claimed ahead in the background: a claim waits for its commit, and
+                    # slots left empty meanwhile cost throughput (measured: 1.35x of the
+                    # ideal with the claim awaited here, see docs/benchmarks.md). Below half
+                    # a round ready, claim up to a full round: topping up to the mark each
+                    # time claimed one row per commit, and on a busy machine slots found
+                    # nothing ready at one row in six.
+                    wanted = free - len(ready) + concurrency
                     claim = asyncio.ensure_future(ledger.claim(self.job_id, wanted,
                                                                now >= self._reclaim_after))
-                while hold <= 0 and not capped and not self._db_down and ready and len(tasks) < concurrency:
-                    worst = ready[0]["max_cost"] or 0.0
-                    if cap is not None and spent + in_flight_max + worst > cap:
-                        capped = True       # claimed rows left go back when the job is released
+                    claim.add_done_callback(self._wake)
+                while len(slots) < concurrency:
+                    row = self._next_row()
+                    if row is None:
                         break
-                    in_flight_max += worst
-                    row = ready.popleft()
-                    tasks[asyncio.ensure_future(self._row(row))] = row
-                if not tasks and claim is not None:
+                    slot = asyncio.ensure_future(self._slot(row))
+                    slots.add(slot)
+                    slot.add_done_callback(self._slot_ended)
+                if not slots and not rows and claim is not None:
                     await asyncio.wait((claim,))
                     continue
-                if not tasks and self._db_down:
-                    ready = await self._rejoin(ready)   # paused until the database answers
+                if not slots and not rows and self._db_down:
+                    # paused until the database answers
+                    self._ready = await self._rejoin(ready)
                     next_renew = clock.monotonic() + RENEW_S
                     continue
-                if not tasks:
+                if not slots and not rows:
                     if hold > 0:
                         await clock.sleep(min(hold, MAX_HOLD_STEP_S))
                         continue
                     # Other replicas still hold rows of this job (a shared ledger): wait for
                     # them, and claim those whose lease runs out (their replica died).
-                    others = None if capped else await self._off(ledger.others_hold, self.job_id)
+                    others = None if self._capped else await self._off(ledger.others_hold, self.job_id)
                     if self._db_down:
                         continue
                     if others is not None and not ready:
                         self._exhausted = False
                         await clock.sleep(min(max(others, 0.05), POLL_S))
                         continue
-                    if capped:
+                    if self._capped:
                         status = "capped"
-                        note = (f"stopped before the cost cap of ${cap:.4f}: ${spent:.4f} spent; "
-                                "raise the cap to go on")
+                        note = (f"stopped before the cost cap of ${self._cap:.4f}: ${self._spent:.4f} "
+                                "spent; raise the cap to go on")
                     else:
                         status, note = "done", None
                     break
-                finished, _ = await asyncio.wait((*tasks, claim) if claim is not None else tasks,
-                                                 timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    if task is claim:
-                        continue
-                    row = tasks.pop(task)
-                    in_flight_max -= row["max_cost"] or 0.0
-                    spent += task.result()
+                await self._woken(POLL_S)
+            self._halted = True           # slots finish the row they run and take no other
             if claim is not None:         # its rows go back to pending when the job is released
                 await asyncio.gather(claim, return_exceptions=True)
-            if tasks:                     # a pause lets the rows in flight finish (they are paid)
-                if status == "cancelled":
-                    for task in tasks:
-                        task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            # A pause lets the rows in flight finish (they are paid); a cancel stops those
+            # still waiting for their answer.
+            await self._drain(cancel=status == "cancelled")
+            if self._slot_error is not None:
+                raise self._slot_error
         except asyncio.CancelledError:     # Ctrl-C, or the service stopping: rows go back
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, *([claim] if claim is not None else []),
-                                 return_exceptions=True)
+            self._halted = True
+            await self._drain(cancel=True, also=claim)
             raise
         finally:
+            self._halted = True
             self.final = status
             try:
                 await portal.off_loop(self.ledger.release, self.job_id, self.owner, status, note)
@@ -200,6 +216,88 @@ class JobRunner:
             finally:
                 self.finished.set()
         return status
+
+    async def _drain(self, cancel: bool, also: asyncio.Task | None = None) -> None:
+        """Wait for every slot and row to end; ``cancel``: rows without their answer yet are
+        cancelled (they go back to pending). A row that has its answer is left to write it
+        to the ledger: it is paid for."""
+        if cancel:
+            for slot in self._slots:
+                slot.cancel()
+            for task, freed in self._rows.items():
+                if not freed.done():
+                    task.cancel()
+        await asyncio.gather(*self._slots, *self._rows, *([also] if also is not None else []),
+                             return_exceptions=True)
+
+    def _next_row(self) -> dict | None:
+        """The next claimed row to send, when nothing stops the job; None otherwise (the cap
+        reached sets ``_capped``: the claimed rows left go back when the job is released)."""
+        if (self._halted or self._stop_note or self._db_down or not self._ready or self._capped
+                or self._hold_until > self.gyro.clock.time()):
+            return None
+        worst = self._ready[0]["max_cost"] or 0.0
+        if self._cap is not None and self._spent + self._in_flight_max + worst > self._cap:
+            self._capped = True
+            return None
+        self._in_flight_max += worst
+        return self._ready.popleft()
+
+    async def _slot(self, row: dict) -> None:
+        """Send rows one after another, starting with ``row``, until none may be sent now.
+        A row's answer frees the slot: the wait for its history row's commit and its write
+        to the ledger go on in the row's own task (measured on a busy VM: that commit took
+        14-20 ms a row at the median and 46-167 ms at p90, all of it time the slot stood
+        idle; see docs/benchmarks.md)."""
+        loop = asyncio.get_running_loop()
+        while row is not None:
+            freed = loop.create_future()
+            context = contextvars.copy_context()
+            context.run(pipeline.answered.set, functools.partial(_settle, freed))
+            task = loop.create_task(self._own_row(row, freed), context=context)
+            self._rows[task] = freed
+            task.add_done_callback(self._row_ended)
+            await freed
+            row = self._next_row()
+            self._wake()          # the loop claims ahead and notices a stop
+
+    async def _own_row(self, row: dict, freed: asyncio.Future) -> None:
+        try:
+            cost = await self._row(row)
+        finally:
+            self._in_flight_max -= row["max_cost"] or 0.0
+            _settle(freed)
+        self._spent += cost
+
+    def _slot_ended(self, slot: asyncio.Task) -> None:
+        self._slots.discard(slot)
+        self._note_error(slot)
+        self._wake()
+
+    def _row_ended(self, task: asyncio.Task) -> None:
+        self._rows.pop(task, None)
+        self._note_error(task)
+        self._wake()
+
+    def _note_error(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None and self._slot_error is None:
+            self._slot_error = task.exception()
+
+    def _wake(self, _=None) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _woken(self, timeout: float) -> None:
+        """Wait until a slot, a row or a claim wakes the loop, or ``timeout`` passes."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, self._wake)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     def _asked(self) -> str | None:
         """The status somebody else set (the page's Pause or Cancel), read without waiting."""
@@ -278,7 +376,12 @@ class JobRunner:
             return await self._fail(row, exc)
         except errors.GyroscopeError as exc:
             return await self._fail(row, exc)
-        ledger.done(job_id, idx, result.as_dict(), claim=row.get("claim"))
+        # What the ledger keeps of the answer (``as_dict`` deep-copies all of it: ~0.1 ms).
+        ledger.done(job_id, idx, {
+            "content": result.content, "model": result.model, "finish_reason": result.finish_reason,
+            "usage": result.usage_dict(), "cost": result.cost, "from_cache": result.from_cache,
+            "attempts": result.attempts, "latency_ms": round(result.latency_ms, 3),
+            "request_id": result.request_id}, claim=row.get("claim"))
         return result.cost or 0.0
 
     async def _back(self, row: dict, exc: errors.GyroscopeError, tried: bool) -> float:
@@ -308,6 +411,11 @@ class JobRunner:
         task = self._task
         if task is not None and not task.done():
             task.get_loop().call_soon_threadsafe(task.cancel)
+
+
+def _settle(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _cost_of(exc: errors.GyroscopeError) -> float:
