@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -17,14 +18,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class SimulatorURL(str):
+    """The base URL of a simulator process, with its ``pid``."""
+
+    pid: int
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def simulator_process(ttft_ms: float = 0, tokens_per_s: float = 0):
-    """Yield the base URL of a simulator running in a child process."""
+    """Yield the base URL of a simulator running in a child process (a SimulatorURL: its
+    ``pid`` tells process_cpu_s which process to read)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "core", "simulator", "--port", str(port),
                              "--ttft-ms", str(ttft_ms), "--tokens-per-s", str(tokens_per_s)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}/v1"
+    base = SimulatorURL(f"http://127.0.0.1:{port}/v1")
+    base.pid = proc.pid
     try:
         for _ in range(200):
             try:
