@@ -19,10 +19,11 @@ For each visit it prints, from navigation (or the click):
   chart     the first chart drawn;  all  every chart of the open tab drawn, page idle
   freeze    the longest main-thread task after the headline (a click then waits that long)
 
-The same is measured for an empty Streamlit page (one st.metric) as the floor: the part that
-is Streamlit's own boot in this browser, whatever the page does. Goal: usable within 2 s.
-The machine's load average is printed with the figures: on a shared machine they scale
-with it.
+Each cold and warm visit is followed by the same kind of visit to an empty Streamlit page
+(one st.metric, the app's config): Streamlit's own boot in this browser at that moment, the
+floor under any page. Goal: usable within 2 s. The load average is printed with each line;
+on this shared machine the figures scale with it, and with what the other processes are
+doing at that second, hence the empty page beside each visit.
 """
 
 from __future__ import annotations
@@ -111,46 +112,31 @@ def in_app(context, url: str) -> dict[str, float]:
     return out
 
 
-def show(kind: str, r: dict[str, float]) -> None:
+def empty_visit(context, url: str) -> float:
+    """Seconds to the empty page's one metric."""
+    page = context.new_page()
+    wall0 = time.perf_counter()
+    page.goto(url, wait_until="commit")
+    page.locator('[data-testid="stMetricValue"]').wait_for(timeout=120_000)
+    took = time.perf_counter() - wall0
+    page.close()
+    return took
+
+
+def show(kind: str, r: dict[str, float], empty: float | None) -> None:
+    floor = f"   empty page {empty:5.2f} s" if empty is not None else " " * 22
     print(f"  {kind:<10} headline {r['headline']:5.2f} s  usable {r['usable']:5.2f} s  "
-          f"chart {r['chart']:5.2f} s  all {r['all']:5.2f} s  freeze {r['freeze']:4.2f} s   load {load()}")
+          f"chart {r['chart']:5.2f} s  all {r['all']:5.2f} s  freeze {r['freeze']:4.2f} s{floor}   "
+          f"load {load()}")
 
 
-def empty_page(browser, tmp: Path, visits: int) -> tuple[list[float], list[float]]:
-    """(cold, warm) seconds to an empty Streamlit page's one metric: Streamlit's own boot,
-    with the app's .streamlit/config.toml, in the same browser."""
-    script = tmp / "empty" / "empty_page.py"
-    script.parent.mkdir()
-    script.write_text("import streamlit as st\n\nst.metric('Requests', '1')\n")
-
-    def one(context) -> float:
-        page = context.new_page()
-        wall0 = time.perf_counter()
-        page.goto(url, wait_until="commit")
-        page.locator('[data-testid="stMetricValue"]').wait_for(timeout=120_000)
-        took = time.perf_counter() - wall0
-        page.close()
-        return took
-
-    cold, warm = [], []
-    with streamlit_app(script.parent, script=script) as url:
-        for i in range(visits):
-            context = browser.new_context(viewport=VIEWPORT)
-            cold.append(one(context))
-            if i == 0:
-                shared = context             # its cache is warm now
-            else:
-                context.close()
-        warm = [one(shared) for _ in range(visits)]
-    return cold, warm
-
-
-def summary(kind: str, rows: list[dict[str, float]]) -> str:
+def summary(kind: str, rows: list[dict[str, float]], empty: list[float]) -> str:
     def med(k: str) -> float:
         return statistics.median(r[k] for r in rows)
+    floor = f"   empty page {statistics.median(empty):5.2f} s" if empty else ""
     return (f"  {kind:<10} usable {med('usable'):5.2f} s (max {max(r['usable'] for r in rows):.2f})   "
             f"headline {med('headline'):5.2f} s   first chart {med('chart'):5.2f} s   "
-            f"all charts {med('all'):5.2f} s   freeze {med('freeze'):.2f} s")
+            f"all charts {med('all'):5.2f} s   freeze {med('freeze'):.2f} s{floor}")
 
 
 def main() -> None:
@@ -165,33 +151,40 @@ def main() -> None:
         t = time.perf_counter()
         fill_history(db, rows=args.rows, days=args.days)
         db.close()
+        empty_script = tmp / "empty" / "empty_page.py"
+        empty_script.parent.mkdir()
+        empty_script.write_text("import streamlit as st\n\nst.metric('Requests', '1')\n")
         print(f"Metrics page bench: {args.rows:,} requests over {args.days} days "
               f"(written in {time.perf_counter() - t:.1f} s); Chromium 1280x800; range 'Last 7 days'; "
               f"load average at start {load()} on {os.cpu_count()} cores")
+        print("Each Metrics visit is followed by the same kind of visit to an empty Streamlit page "
+              "(one st.metric, same config): Streamlit's own boot at that moment.")
         results: dict[str, list[dict[str, float]]] = {"cold": [], "warm": [], "in-app": []}
-        with chromium() as browser:
-            with streamlit_app(tmp) as url:
-                for i in range(args.visits):
-                    context = browser.new_context(viewport=VIEWPORT)
-                    context.add_init_script(MARKS)
-                    results["cold"].append(by_url(context, url))
-                    show("cold" + (" (1st)" if i == 0 else ""), results["cold"][-1])
-                    if i == 0:
-                        warm = context          # its cache is warm now
-                    else:
-                        context.close()
-                for _ in range(args.visits):
-                    results["warm"].append(by_url(warm, url))
-                    show("warm", results["warm"][-1])
-                for _ in range(args.visits):
-                    results["in-app"].append(in_app(warm, url))
-                    show("in-app", results["in-app"][-1])
-            cold, warm_empty = empty_page(browser, tmp, args.visits)
+        empties: dict[str, list[float]] = {"cold": [], "warm": [], "in-app": []}
+        with chromium() as browser, streamlit_app(tmp) as url, \
+                streamlit_app(empty_script.parent, script=empty_script) as empty_url:
+            warm = warm_empty = None
+            for i in range(args.visits):
+                context, context_empty = browser.new_context(viewport=VIEWPORT), browser.new_context(viewport=VIEWPORT)
+                context.add_init_script(MARKS)
+                results["cold"].append(by_url(context, url))
+                empties["cold"].append(empty_visit(context_empty, empty_url))
+                show("cold" + (" (1st)" if i == 0 else ""), results["cold"][-1], empties["cold"][-1])
+                if i == 0:
+                    warm, warm_empty = context, context_empty     # their caches are warm now
+                else:
+                    context.close()
+                    context_empty.close()
+            for _ in range(args.visits):
+                results["warm"].append(by_url(warm, url))
+                empties["warm"].append(empty_visit(warm_empty, empty_url))
+                show("warm", results["warm"][-1], empties["warm"][-1])
+            for _ in range(args.visits):
+                results["in-app"].append(in_app(warm, url))
+                show("in-app", results["in-app"][-1], None)
     print("medians:")
     for kind, rows in results.items():
-        print(summary(kind, rows))
-    print(f"  empty Streamlit page (one st.metric): cold {statistics.median(cold):.2f} s, "
-          f"warm {statistics.median(warm_empty):.2f} s  (Streamlit's own boot: the floor)")
+        print(summary(kind, rows, empties[kind]))
     print(f"load average (1, 5, 15 min) at the end: {load()} on {os.cpu_count()} cores")
     for kind, rows in results.items():
         worst = max(r["usable"] for r in rows)
