@@ -1,6 +1,9 @@
 """The spill journal: history rows the database could not take, kept until it can.
 
-An append-only file of JSON lines, one row each. History writes here when a commit fails
+An append-only file of JSON lines, one row each: request rows, and lines marked ``"_t"``:
+events (``"event"``, with a unique ``uid``) and, with PostgreSQL, the batch ledger's done
+rows (``"batch_done"``, with the claim they were answered under; core/storage/pg_ledger.py).
+History writes here when a commit fails
 (disk full, read-only, locked past the writer's timeout) and replays the lines into the
 database once it takes writes again; ``request_id`` is unique there, so replaying a line
 twice (a crash between the replay's commit and the journal's truncation) inserts it once.
