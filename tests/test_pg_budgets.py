@@ -338,3 +338,46 @@ def test_the_metrics_page_shows_what_another_replica_spent(app_env, pg_url, monk
     assert f"Monthly budget: **${0.002 - spent:,.2f}** left of $0.00" in shown
     warning = next(w.value for w in at.warning if "monthly budget is" in w.value)
     assert f"(${spent:,.4f} spent, $0.0000 held, limit $0.00)" in warning and spent >= 0.0001
+
+
+def test_a_replica_answers_503_for_budgeted_requests_while_postgresql_is_gone(tmp_path, simulator):
+    """A real app process on our own cluster, stopped and started: the HTTP shape of the
+    refusal (503, Retry-After, the message), health, and service again once it is back."""
+    import httpx2
+    if not (pg_bin("initdb") and pg_bin("pg_ctl")):
+        pytest.skip("initdb/pg_ctl are not installed (apt-get install postgresql): no cluster to stop.")
+    cluster = TempCluster()
+    cluster.start()
+    proc = None
+    try:
+        url = create_database(cluster.url)
+        setup = pg_gyro(tmp_path, "setup", simulator, FakeClock(time.time()), url)
+        setup.settings.set_many({"prices.upstreams": json.dumps({simulator.base_url: "openai"}),
+                                 "budget.daily_usd": 10.0}, actor="test")
+        setup.close()
+        proc, base = start_replica(tmp_path, "r", url, OPENAI_BASE_URL=simulator.base_url,
+                                   OPENAI_API_KEY="sk-test")
+        body = {"prompt": "A tagline for a bakery", "model": "gpt-4o-mini", "max_tokens": 20, "cache": False}
+        with httpx2.Client(base_url=base, timeout=30) as client:
+            assert client.post("/api/generate", json=body).status_code == 200
+            cluster.stop("fast")
+            simulator.sim.reset_stats()
+            refused = [client.post("/api/generate", json=body) for _ in range(2)]
+            assert [r.status_code for r in refused] == [503, 503]
+            assert refused[0].headers["retry-after"] == str(round(OUTAGE_RETRY_S))
+            error = refused[0].json()["error"]
+            assert error["kind"] == "storage" and error["message"].startswith("The budget could not be checked")
+            assert "Nothing was sent" in error["message"] and "sk-test" not in refused[0].text
+            assert simulator.sim.stats()["chat_requests"] == 0
+            health = client.get("/api/health").json()
+            assert health["status"] == "degraded" and health["budgets"] == "unreachable"
+            cluster.start()
+            deadline = time.monotonic() + 30     # the settler connects again (every RECONNECT_S)
+            while (again := client.post("/api/generate", json=body)).status_code != 200:
+                assert again.status_code == 503 and time.monotonic() < deadline, again.text
+                time.sleep(RECONNECT_S / 5)
+            assert simulator.sim.stats()["chat_requests"] == 1
+    finally:
+        if proc is not None:
+            stop(proc)
+        cluster.remove()
