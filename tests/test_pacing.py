@@ -188,6 +188,29 @@ def test_two_processes_share_the_buckets_through_the_file(tmp_path):
         db_b.close()
 
 
+def test_requests_let_go_just_before_the_turn_and_still_in_flight_count_in_the_next_window():
+    """The server counts a request when it arrives: one let go just before its window turns
+    may land in the next, which the pacer refills whole. Those still in flight, let go in
+    the last fifth of a window, are charged to the next one (once); older ones are not
+    (they arrived long ago and their answers are slow)."""
+    clock = FakeClock()
+    p = pacer(clock)
+    p.observe("up|m", {"x-ratelimit-limit-requests": "4", "x-ratelimit-remaining-requests": "4",
+                       "x-ratelimit-reset-requests": "10s"}, None)
+    slow = take(p, conf=PacingConf())               # at 0 s: a long answer, not charged
+    clock.advance(9.0)
+    late = [take(p, conf=PacingConf()) for _ in range(3)]     # at 9 s, of a 10 s window
+    clock.advance(1.0)                              # the window turns; all 4 still in flight
+    take(p, conf=PacingConf())                      # 4 - 3 stragglers: one goes at once
+    assert clock.slept == []
+    for ticket in late:                             # their answers come: no news of the window
+        p.observe("up|m", None, ticket)
+    take(p, conf=PacingConf())                      # charged once: the bucket is empty now
+    # It waits for the window, and a tenth more: no answer of it said when it ends.
+    assert clock.slept == [pytest.approx(11.0)]
+    p.observe("up|m", None, slow)
+
+
 def test_bucket_refills_when_its_window_turns():
     b = Bucket(limit=5, remaining=0, reset_at=100.0, window_s=10.0, learned=True)
     assert b.wait_for(1, 0, now=95.0) == pytest.approx(5.0)

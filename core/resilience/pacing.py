@@ -66,6 +66,28 @@ class _Lease:
     until: float
 
 
+# Requests let go this share of a window before it began, and still in flight, are charged
+# to it: a trip that long is likely; older requests arrived long ago and are answering.
+STRAGGLER_SHARE = 0.2
+
+
+class _Stragglers:
+    """This process's requests in flight that were let go just before a window began: the
+    server may count them in that window (they arrive after its turn), which the pacer
+    refilled whole. ``take`` charges them to the window, once per process and window:
+    ``start`` is the window they were charged to, when they were."""
+
+    def __init__(self, flying: list[float], charged: float | None) -> None:
+        self.flying, self.charged, self.start = flying, charged, None
+
+    def __call__(self, start: float, window_s: float) -> int:
+        if self.charged is not None and abs(start - self.charged) < 0.5 * window_s:
+            return 0            # this window's are charged already (its start was pinned since)
+        self.start = start
+        since = start - STRAGGLER_SHARE * window_s    # older ones arrived (a long answer)
+        return sum(1 for at in self.flying if since <= at < start)
+
+
 @dataclass
 class Ticket:
     """A request that took from the buckets; ``settle`` it with the answer's headers."""
@@ -91,6 +113,10 @@ class Pacer:
         self._known: set[str] = set()
         self._checked: dict[str, float] = {}
         self._in_flight: dict[str, int] = {}
+        # When each request in flight was let go, and the window whose stragglers this
+        # process has charged already {key: the window's start}.
+        self._flying: dict[str, list[float]] = {}
+        self._charged: dict[str, float] = {}
         self._leases: dict[str, _Lease] = {}
         # What the last transaction said of each bucket {dim: (remaining, reset_at)}: headers
         # that say no less are not news, and cost no transaction.
@@ -132,6 +158,7 @@ class Pacer:
             now = self.clock.time()
             with self._lock:
                 self._in_flight[key] = self._in_flight.get(key, 0) + 1
+                self._flying.setdefault(key, []).append(now)
             return Ticket(key, now)
         batch = source in BATCH_SOURCES
         need_tokens: int | None = None
@@ -149,15 +176,19 @@ class Pacer:
                     now = self.clock.time()
                     wait = self._from_lease(key, need_tokens, batch, now)
                     if wait:
+                        charge = self._stragglers(key)
                         wait, n, until, belief = self.store.transact(
                             key, lambda b: take(b, now, conf, need_tokens,
-                                                 conf.reserve if batch else 0.0, self.LEASE))
+                                                 conf.reserve if batch else 0.0, self.LEASE, charge))
                         self._belief[key] = belief
+                        if charge.start is not None:
+                            self._charged[key] = charge.start
                         if n > 1:
                             self._leases[key] = _Lease(n - 1, need_tokens * (n - 1), until)
                     if wait == 0:
                         with self._lock:
                             self._in_flight[key] = self._in_flight.get(key, 0) + 1
+                            self._flying.setdefault(key, []).append(now)
                         if waited:
                             self.waits += 1
                             self.waited_s += waited
@@ -187,6 +218,11 @@ class Pacer:
                         del self._marks[key]
                 if last:
                     self.store.mark_waiting(key, self.owner, None, self.clock.time())
+
+    def _stragglers(self, key: str) -> "_Stragglers":
+        with self._lock:
+            flying = list(self._flying.get(key, ()))
+        return _Stragglers(flying, self._charged.get(key))
 
     def _mark(self, key: str, until: float) -> None:
         """Tell the other processes that an interactive request here waits for ``key`` until
@@ -228,6 +264,9 @@ class Pacer:
         if ticket is not None:
             with self._lock:
                 self._in_flight[key] = max(0, self._in_flight.get(key, 0) - 1)
+                flying = self._flying.get(key)
+                if flying and ticket.at in flying:
+                    flying.remove(ticket.at)
         limits = read_limits(headers)
         if not limits:
             return

@@ -124,11 +124,13 @@ class PacingConf:
 
 
 def take(buckets: dict[str, Bucket], now: float, conf: PacingConf, tokens: int,
-          reserve_share: float, lease: int = 1) -> tuple[float, int, float, dict]:
+          reserve_share: float, lease: int = 1, stragglers=None) -> tuple[float, int, float, dict]:
     """Take one request and ``tokens`` from every bucket of a key (and up to ``lease`` - 1
     more of each, for this process's next requests), or none: (seconds to wait, requests
     taken, when the earliest bucket turns, ``beliefs``). Settings fill in a dimension the
-    headers never spoke of."""
+    headers never spoke of. ``stragglers(window start, window_s)``: how many requests of
+    this process, let go before the window began, are still on their way (charged to it
+    once per process: see core/resilience/pacing.py)."""
     for dim, per_minute in (("requests", conf.rpm), ("tokens", conf.tpm)):
         b = buckets.get(dim)
         if per_minute and (b is None or not b.learned):
@@ -136,6 +138,14 @@ def take(buckets: dict[str, Bucket], now: float, conf: PacingConf, tokens: int,
                 buckets[dim] = Bucket(per_minute, per_minute, now + FALLBACK_WINDOW_S, FALLBACK_WINDOW_S)
         elif b is not None and not b.learned and not per_minute:
             del buckets[dim]            # the setting was turned off
+    b = buckets.get("requests")
+    if stragglers is not None and b is not None and b.learned:
+        # Requests of this process let go before this window began and still on their way:
+        # the server counts those that arrive after its turn in this window.
+        b.refill(now)
+        late = stragglers(b.reset_at - b.window_s, b.window_s)
+        if late:
+            b.remaining = max(0.0, b.remaining - late)
     need = {"requests": 1, "tokens": tokens}
     reserve = {d: math.ceil(b.limit * reserve_share) if reserve_share else 0 for d, b in buckets.items()}
     wait = max((b.wait_for(need[d], reserve[d], now) for d, b in buckets.items()), default=0.0)

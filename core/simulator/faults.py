@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import email.utils
 import random
 import threading
@@ -215,6 +216,8 @@ class Simulator:
         self._latency = {"ttft_ms": 0.0, "tokens_per_s": None}
         self._stats = dict.fromkeys(_STAT_NAMES, 0)
         self._window = (0.0, 0, 0)       # the rate limit's window: (start, requests, tokens)
+        # What each window of the rate limit saw: [start, requests let through, refused].
+        self._windows: collections.deque[list] = collections.deque(maxlen=1000)
         from core.simulator.usage import PromptCache   # usage imports core.tokens: load lazily
         self.prompt_cache = PromptCache()
         self.set_latency(ttft_ms=ttft_ms, tokens_per_s=tokens_per_s)
@@ -365,12 +368,14 @@ class Simulator:
                 return None, {}
             window, now = f["rate_limit_window_s"], self.clock()
             start, used_req, used_tok = self._window
-            if now - start >= window:
+            if now - start >= window or not self._windows:
                 start, used_req, used_tok = now, 0, 0
+                self._windows.append([start, 0, 0])
             over = ((max_req is not None and used_req + 1 > max_req)
                     or (max_tok is not None and used_tok + tokens > max_tok and used_tok > 0))
             if not over:
                 used_req, used_tok = used_req + 1, used_tok + tokens
+            self._windows[-1][2 if over else 1] += 1
             self._window = (start, used_req, used_tok)
             reset = _duration(max(0.0, start + window - now))
             headers = {}
@@ -425,6 +430,18 @@ class Simulator:
         """Zero the counters; `in_flight` keeps counting requests still being served."""
         with self._lock:
             self._stats = {**dict.fromkeys(_STAT_NAMES, 0), "in_flight": self._stats["in_flight"]}
+            running = self._windows[-1] if self._windows else None
+            self._windows.clear()
+            if running is not None:
+                self._windows.append(running)   # the window running goes on counting
+
+    def rate_limit_windows(self) -> list[dict]:
+        """The rate limit's windows since the counters were zeroed (the last 1000), oldest
+        first: when each started (on the simulator's clock), the requests it let through and
+        those it refused with 429."""
+        with self._lock:
+            return [{"start": start, "requests": let, "refused": refused}
+                    for start, let, refused in self._windows]
 
     def asgi_app(self):
         """A new Starlette app serving the OpenAI routes and the `/_sim` control routes."""

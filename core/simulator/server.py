@@ -404,10 +404,14 @@ def _control_routes(sim: Simulator) -> list[Route]:
             sim.reset_stats()
         return JSONResponse(sim.stats())
 
+    async def rate_limit(request: Request) -> JSONResponse:
+        return JSONResponse({"windows": sim.rate_limit_windows()})
+
     return [
         Route("/_sim/faults", faults, methods=["GET", "POST", "DELETE"]),
         Route("/_sim/latency", latency, methods=["GET", "POST"]),
         Route("/_sim/stats", stats, methods=["GET", "DELETE"]),
+        Route("/_sim/rate_limit", rate_limit, methods=["GET"]),
     ]
 
 
