@@ -12,7 +12,8 @@ prints its CPU per row (this process, all threads) and the simulator's: on a sma
 they share the cores, so CPU is the steadier figure. ``--repeat`` runs the sides in turn
 that many times and prints the medians. Pacing: the simulator allows ``limit`` requests per
 ``window-s`` (x-ratelimit-* headers, 429 + Retry-After past it); the same job with pacing
-on and off, against the limit's ideal (the windows the rows need, the first one free).
+on and off, against the limit's ideal (the windows the rows need, the first one free), and
+with the interactive reserve on, against the ideal of what batch rows may take a window.
 """
 
 from __future__ import annotations
@@ -163,10 +164,13 @@ def pacing(rows: int, limit: int, window_s: float, concurrency: int, tmp: Path) 
             finally:
                 gyro.close()
             stats = _sim(base, "/_sim/stats")
+        share = limit - (math.ceil(limit * reserve) if paced else 0)    # what batch rows may take a window
+        kept = (math.ceil(rows / share) - 1) * window_s
+        with_reserve = f", {wall / kept:.2f}x of {kept:.2f} s with the reserve kept" if kept != ideal else ""
         print(f"pacing {f'on (reserve {reserve:g})' if paced else 'off'}: {rows} rows under {limit} requests per "
               f"{window_s:g} s, concurrency {concurrency}: {wall:.2f} s (limit's ideal {ideal:.2f} s, "
-              f"{wall / ideal:.2f}x); 429s {stats['rate_limited']}; requests {stats['chat_requests']}; "
-              f"done {p['done']}, failed {p['failed']}")
+              f"{wall / ideal:.2f}x{with_reserve}); 429s {stats['rate_limited']}; requests {stats['chat_requests']}; "
+              f"done {p['done']}, failed {p['failed']}; load average {os.getloadavg()[0]:.1f}")
 
 
 def main() -> None:
