@@ -22,6 +22,11 @@ less than the tolerance for "no news" refilled the bucket while the server still
 the old window: 11-21 of 120 rows refused in bench/batch.py). An answer to a request sent
 before the window began, about a window that ended by then, is the last window's, read
 late (under load, by more than half a window): it is ignored, not taken as this window's.
+The other way round, a request let go just before the turn (the client's window ends a trip
+after the server's) may reach the server after it, and count in the window the pacer
+refilled whole: at its first take in a window, each process charges to it its own requests
+still in flight that it let go in the last ``STRAGGLER_SHARE`` of a window before it began
+(once per process and window; another process's such requests are not known here).
 
 Buckets are shared by every request of the process and, through a small table in the
 SQLite file updated in one transaction, by every process on that file, or through Redis by
