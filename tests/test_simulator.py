@@ -498,3 +498,20 @@ def test_reply_text_answers_verbatim_streamed_or_not_and_is_cut_at_max_tokens(si
         simulator.sim.set_faults(reply_text=42)
     simulator.sim.clear_faults()
     assert simulator.sim.faults()["reply_text"] is None
+
+
+def test_the_rate_limit_counts_what_each_window_let_through_and_refused():
+    clock = FakeClock()
+    with start_in_background(Simulator(clock=clock)) as running:
+        running.sim.set_faults(rate_limit_requests=2, rate_limit_window_s=10)
+        for _ in range(2):
+            chat(running)
+        with pytest.raises(openai.RateLimitError):
+            chat(running)
+        clock.now += 10                              # the next window
+        chat(running)
+        windows = http().get(running.url + "/_sim/rate_limit").json()["windows"]
+        assert windows == [{"start": 1000.0, "requests": 2, "refused": 1},
+                           {"start": 1010.0, "requests": 1, "refused": 0}]
+        running.sim.reset_stats()                    # the window running keeps its count
+        assert running.sim.rate_limit_windows() == [{"start": 1010.0, "requests": 1, "refused": 0}]
