@@ -18,9 +18,9 @@ _log = logging.getLogger(__name__)
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
-    """A new event loop for a thread Gyroscope owns: uvloop's when it is installed (it
-    takes about a fifth less CPU per request through the SDK's HTTP stack; see
-    docs/benchmarks.md, batch throughput), else asyncio's. GYROSCOPE_UVLOOP=0 keeps asyncio's."""
+    """A new event loop for a thread Gyroscope owns: uvloop's when it is installed (a batch
+    row took ~6 % less CPU on it, median of 10 runs; see docs/benchmarks.md, batch
+    throughput), else asyncio's. GYROSCOPE_UVLOOP=0 keeps asyncio's."""
     if os.environ.get("GYROSCOPE_UVLOOP", "1") != "0":
         try:
             import uvloop

@@ -184,9 +184,10 @@ def _chat_options(timeout: httpx2.Timeout):
 # For a body that is already plain JSON (no file objects, no dates) that walk changes
 # nothing, so the request goes out through the client's own ``post``: same auth, headers,
 # timeouts, error classes and response types. A plain answer comes back as its JSON
-# (``cast_to=object``), not as a ``ChatCompletion``: building the SDK's model of it cost
-# ~0.5-0.9 ms of CPU per answer (a quarter of a batch row's), and what Gyroscope keeps of
-# it is read from the JSON as it came (the model's model_dump gave the same dicts back).
+# (``cast_to=object``), not as a ``ChatCompletion``: parsing into the SDK's model cost
+# ~0.15-0.2 ms of CPU per answer (1.40 against 1.24 ms a request, bench figures in
+# docs/benchmarks.md), and what Gyroscope keeps of it is read from the JSON as it came
+# (the model's model_dump gave the same dicts back).
 async def _post_chat(client: openai.AsyncOpenAI, params: dict, timeout: httpx2.Timeout,
                      stream: bool = False):
     return await client.post("/chat/completions", body=params, cast_to=object,
