@@ -132,7 +132,8 @@ def chart(where, fig, key: str, partial: dict[str, str] | None = None, unit: str
     where.plotly_chart(charts.legend_below(fig), key=key, config={"displaylogo": False})
 
 
-def show_budget(now: float) -> None:
+def show_budget(now: float, with_chart: bool) -> None:
+    """Money left and warnings (words: the first pass too), then the budget line (a chart)."""
     plan = budgets.plan_of(gyro.settings.snapshot())
     if not plan.limits:
         return
@@ -141,6 +142,8 @@ def show_budget(now: float) -> None:
                           f"{charts.money(b['limit_usd'], 2)}" for b in status))
     for line in cost_charts.budget_warnings(status):
         st.warning(line, icon=":material/savings:")
+    if not with_chart:
+        return
     monthly = next((s["limit_usd"] for s in status if s["scope"] == "all" and s["period"] == "month"), None)
     days, start, end = cost_charts.budget_rows(gyro.history, plan, now)
     chart(st, cost_charts.budget(days, monthly, start, end, now, plan.tz), "chart_budget")
@@ -162,13 +165,16 @@ def show_charts(data: dict, filters: Filters, infos: list[dict], unit: str, part
     # Lazy tabs: only the open tab's charts are built and drawn.
     tabs = st.tabs(TABS, key="metrics_tab", on_change="rerun")
     if not st.session_state.get(CHARTS_ON):
+        if tabs[0].open:
+            with tabs[0]:
+                show_budget(time.time(), with_chart=False)
         with next(tab for tab in tabs if tab.open):
             ask_for_charts()
         return
     series = data["series"]
     if tabs[0].open:
         with tabs[0]:
-            show_budget(time.time())
+            show_budget(time.time(), with_chart=True)
             chart(st, charts.cost_by_model(data["daily_cost_by_model"]), "chart_cost",
                   charts.partial_buckets(filters.start, min(filters.end, time.time()), "day", filters.tz), "day")
     if tabs[1].open:

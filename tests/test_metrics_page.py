@@ -121,6 +121,20 @@ def test_the_first_pass_draws_numbers_filters_and_exports_and_the_charts_come_ne
     assert len(at.get("plotly_chart")) == 1
 
 
+def test_budget_words_come_in_the_first_pass_and_its_line_with_the_charts(page):
+    at, gyro = page
+    from core.models import GenerationRequest
+    gyro.settings.set_many({"budget.monthly_usd": 1e-4, "budget.warn_percent": 1}, actor="test")
+    gyro.generate(GenerationRequest(prompt="A tagline for a bakery", model="gpt-4o-mini", max_tokens=60,
+                                    cache=False, source="api"))
+    at.run()
+    assert any("Monthly budget: **" in c.value and " left of $0.00" in c.value for c in at.caption)
+    assert any("monthly budget is" in w.value for w in at.warning)
+    assert not at.get("plotly_chart")                           # no chart yet, the words already
+    assert set(figures(at)) == {"Budget this month", "Cost per day by model"}
+    assert any("monthly budget is" in w.value for w in at.warning)
+
+
 def test_filters_change_the_figures(page):
     at, gyro = page
     fill_history(gyro.db, rows=3000, days=30)
