@@ -18,6 +18,10 @@ if __name__ == "__main__":  # a browser session running the script
 else:  # imported by `streamlit run` (uvicorn) as the ASGI application
     from core.api import lifespan, routes
     from core.http import guard
+    # The providers import the `openai` package (0.45 s of this 2-core VM), which otherwise
+    # happens when the first page visit builds the service: the app's very first visit paid
+    # it. Imported here, the server start pays it instead (nothing is built or connected).
+    from core.providers import openai_provider, simulator_provider  # noqa: F401
 
     try:
         # Until some session has run st.navigation, Streamlit treats a `pages/` folder as a
