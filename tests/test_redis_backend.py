@@ -301,7 +301,10 @@ def test_two_replicas_together_stay_under_one_shared_rate_limit(shared, tmp_path
         assert stats["completions"] == 30
         assert stats["rate_limited"] <= 3       # learnt once, shared: not once per replica
         assert clock.now - start >= 50.0        # 30 at 5 per 10 s, whichever replica sent them
-        assert a.pacer.waits and b.pacer.waits
+        # Held back before being refused. Which replica waits is the scheduler's: on the shared
+        # fake clock one replica's wait moves time for both, so under load the other can find
+        # every window already turned (seen once with the cores busy).
+        assert a.pacer.waits + b.pacer.waits > 0
         assert not a.db.query("SELECT * FROM pacing")        # the buckets were in Redis
     finally:
         a.close()
