@@ -72,6 +72,21 @@ def until(cond, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
+def done_rows(url: str, job: str) -> int:
+    """The job's rows the ledger in PostgreSQL holds as done."""
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT count(*) FROM batch_rows WHERE job_id = %s AND "
+                            "status = 'done'", (job,)).fetchone()[0]
+
+
+def run_in_thread(runner) -> tuple[threading.Thread, list[str]]:
+    """Run a batch job on a thread of its own; the list gets its final status."""
+    final: list[str] = []
+    thread = threading.Thread(target=lambda: final.append(asyncio.run(runner.run())))
+    thread.start()
+    return thread, final
+
+
 def test_events_while_postgresql_is_gone_are_replayed_in_order_once(tmp_path, cluster, url):
     db = PgDatabase(url)
     history = PgHistory(db, tmp_path / "spill.jsonl")
@@ -160,15 +175,8 @@ def test_a_batch_job_pauses_while_postgresql_is_gone_and_goes_on_by_itself(tmp_p
         src.write_text("prompt\n" + "".join(f"row {i}\n" for i in range(n)))
         job = gyro.batch.create(gyro.batch.parse_path(src))
         runner = JobRunner(gyro, job, concurrency=4)
-        final: list[str] = []
-        thread = threading.Thread(target=lambda: final.append(asyncio.run(runner.run())))
-        thread.start()
-
-        def done_rows() -> int:
-            with psycopg.connect(url) as conn:
-                return conn.execute("SELECT count(*) FROM batch_rows WHERE job_id = %s AND "
-                                    "status = 'done'", (job,)).fetchone()[0]
-        until(lambda: done_rows() >= 10, "10 rows done")
+        thread, final = run_in_thread(runner)
+        until(lambda: done_rows(url, job) >= 10, "10 rows done")
         stop(cluster)
         until(lambda: runner.outages == 1, "the runner to pause")
 
@@ -228,21 +236,14 @@ def test_back_from_an_outage_a_runner_leaves_another_replicas_rows_until_it_has_
         rows_a = asyncio.run(a.claim(job, 1))           # A takes row 0 (the lowest pending)
         assert [r["idx"] for r in rows_a] == [0]
         runner = JobRunner(gyro, job, concurrency=4)
-        final: list[str] = []
-        thread = threading.Thread(target=lambda: final.append(asyncio.run(runner.run())))
-        thread.start()
-
-        def done_rows() -> int:
-            with psycopg.connect(url) as conn:
-                return conn.execute("SELECT count(*) FROM batch_rows WHERE job_id = %s AND "
-                                    "status = 'done'", (job,)).fetchone()[0]
-        until(lambda: done_rows() >= 4, "4 rows done")
+        thread, final = run_in_thread(runner)
+        until(lambda: done_rows(url, job) >= 4, "4 rows done")
         stop(cluster)
         a.done(job, 0, {"content": "from A", "request_id": "a-0", "cost": 0.0}, claim=rows_a[0]["claim"])
         until(lambda: history_a.journal.pending == 1, "A's answer kept in its journal")
         until(lambda: clock.time() > held_from + ROW_LEASE_S + 1, "A's lease to run out (injected clock)")
         start(cluster)
-        until(lambda: done_rows() >= n - 1, "every other row done")
+        until(lambda: done_rows(url, job) >= n - 1, "every other row done")
         assert history_a.drain(30)                      # A, back too, records its answer
         thread.join(120)
         assert final == ["done"]
@@ -348,11 +349,7 @@ def test_the_batch_command_pauses_through_a_restart_and_finishes(tmp_path, clust
                              str(tmp_path / "out.jsonl"), "--no-progress", "--concurrency", "4"],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        def done_rows() -> int:
-            with psycopg.connect(url) as conn:
-                return conn.execute("SELECT count(*) FROM batch_rows WHERE job_id = %s AND "
-                                    "status = 'done'", (job,)).fetchone()[0]
-        until(lambda: done_rows() >= 10, "10 rows done")
+        until(lambda: done_rows(url, job) >= 10, "10 rows done")
         stop(cluster)
         spill = tmp_path / "r.db-spill.jsonl"
         until(lambda: spill.exists() and b"batch_done" in spill.read_bytes(), "results kept in the journal")
