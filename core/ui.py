@@ -12,33 +12,36 @@ from .service import Gyroscope, default_service
 
 SIMULATOR_BANNER = "Simulated responses — set OPENAI_API_KEY for real content."
 
-# A component with no look: its script waits until every other element on the page has been
-# drawn (no loading skeleton left; 5 s at most), lets the browser paint that, and then sends
-# one trigger, "drawn". Streamlit loads each element's component on its own, and a heavy one
-# (Plotly's) sent with the rest made the rest wait; this lets a page send it afterwards.
-_WHEN_DRAWN_JS = """
-export default function ({ setTriggerValue }) {
+# Once the browser has drawn a page, press a hidden button on it. Its script waits until every
+# other element has been drawn (no loading skeleton left; 5 s at most), lets the browser paint
+# that, and then clicks the button, which reruns the page with the button's callback run
+# first. Streamlit loads each element's script on its own, and a heavy one (Plotly's) sent
+# with the rest made the rest wait; this lets a page send it afterwards. (A button and an
+# st.html script, rather than a custom component: a v2 component's script brings Arrow's
+# ~190 KB with it, which a cold browser parsed before it could draw the first pass.)
+_WHEN_DRAWN_HTML = """<style>.st-key-%(box)s { display: none; }</style><script>
+(() => {
   const started = performance.now();
-  let stopped = false, timer = 0;
+  const button = () => document.querySelector(".st-key-%(key)s button");
   const loading = () => document.querySelector(
     '[data-testid="stSkeleton"], [data-testid="stSkeletonElement"], [data-testid="stAppSkeleton"]');
-  const fire = () => { if (!stopped) { stopped = true; setTriggerValue("drawn", true); } };
+  const press = () => { const b = button(); if (b && !b.dataset.pressed) { b.dataset.pressed = "1"; b.click(); } };
   const check = () => {
-    if (stopped) return;
-    if (loading() && performance.now() - started < 5000) { timer = setTimeout(check, 50); return; }
-    requestAnimationFrame(() => requestAnimationFrame(() => { timer = setTimeout(fire, 0); }));
+    if ((loading() || !button()) && performance.now() - started < 5000) { setTimeout(check, 50); return; }
+    requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(press, 0)));
   };
   check();
-  return () => { stopped = true; clearTimeout(timer); };
-}
-"""
-_when_drawn = st.components.v2.component("gyroscope_when_drawn", js=_WHEN_DRAWN_JS)
+})();
+</script>"""
 
 
 def when_drawn(key: str, on_drawn) -> None:
-    """Call ``on_drawn`` (then rerun, as a widget does) once the browser has drawn and painted
-    everything else on the page."""
-    _when_drawn(key=key, on_drawn_change=on_drawn)
+    """Call ``on_drawn`` (then rerun, as a button does) once the browser has drawn and painted
+    everything else on the page. Nothing of it shows."""
+    box = f"{key}_box"
+    with st.container(key=box):
+        st.html(_WHEN_DRAWN_HTML % {"box": box, "key": key}, unsafe_allow_javascript=True)
+        st.button("Draw the rest", key=key, on_click=on_drawn)
 
 
 def get_gyro() -> Gyroscope:

@@ -161,7 +161,8 @@ def ask_for_charts() -> None:
     when_drawn("metrics_drawn", _charts_on)
 
 
-def show_charts(data: dict, filters: Filters, infos: list[dict], unit: str, partial: dict) -> None:
+def show_charts(data: dict, filters: Filters, infos: list[dict], unit: str, partial: dict) -> bool:
+    """The chart tabs; False in a first pass (no charts yet, asked for once drawn)."""
     # Lazy tabs: only the open tab's charts are built and drawn.
     tabs = st.tabs(TABS, key="metrics_tab", on_change="rerun")
     if not st.session_state.get(CHARTS_ON):
@@ -170,7 +171,7 @@ def show_charts(data: dict, filters: Filters, infos: list[dict], unit: str, part
                 show_budget(time.time(), with_chart=False)
         with next(tab for tab in tabs if tab.open):
             ask_for_charts()
-        return
+        return False
     series = data["series"]
     if tabs[0].open:
         with tabs[0]:
@@ -196,6 +197,7 @@ def show_charts(data: dict, filters: Filters, infos: list[dict], unit: str, part
             now = {i["name"]: i["state"] for i in infos}
             chart(right, charts.breaker_timeline(events, filters.start, min(filters.end, time.time()),
                                                  now, filters.tz), "chart_breakers")
+    return True
 
 
 def show_exports(data: dict, filters: Filters) -> None:
@@ -262,8 +264,10 @@ def body() -> None:
     drop = cost_charts.prompt_cache_warning(gyro.history, tz, time.time())
     if drop:
         st.warning(drop, icon=":material/trending_down:")
-    show_charts(data, filters, infos, unit, partial)
-    show_exports(data, filters)
+    # The exports (below the charts) come with them: their toggle and buttons are three more
+    # element scripts for the browser to load before the first pass is drawn.
+    if show_charts(data, filters, infos, unit, partial):
+        show_exports(data, filters)
 
 
 st.fragment(run_every=REFRESH_S if live else None)(body)()
