@@ -46,11 +46,13 @@ def streamlit_app(tmp: Path, *, unset: tuple[str, ...] = (), script: Path | str 
                              "--browser.gatherUsageStats", "false"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    base = env_vars.get("STREAMLIT_SERVER_BASE_URL_PATH", "").strip("/")   # served under /base
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                if urllib.request.urlopen(f"{url}{'/' + base if base else ''}/_stcore/health",
+                                          timeout=1).read() == b"ok":
                     break
             except OSError:
                 time.sleep(0.2)
