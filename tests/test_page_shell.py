@@ -35,6 +35,8 @@ def test_the_shell_is_streamlits_index_with_only_the_servers_root_added():
     assert page.replace(hook, "") == index                          # nothing else changed
     assert 'window.location.origin + "/gyro/"' in shell.build("/gyro/").decode()
     assert 'window.location.origin + "/a/b/"' in shell.build("a/b").decode()
+    odd = shell.build("x</script><script>alert(1)").decode()           # a base path cannot end the script
+    assert odd.count("</script>") == page.count("</script>") and "\\u003c/script>" in odd
 
 
 def test_without_streamlits_index_there_is_no_shell(tmp_path):

@@ -34,7 +34,7 @@ def build(base_path: str = "", static: Path = STATIC) -> bytes | None:
         return None
     if "</head>" not in index:
         return None
-    root = json.dumps(root_path(base_path) + "/")
+    root = json.dumps(root_path(base_path) + "/").replace("<", "\\u003c")   # no "</script>" in it
     hook = ("<script>window.__streamlit = Object.assign(window.__streamlit || {}, "
             f"{{BACKEND_BASE_URL: window.location.origin + {root}}});</script>")
     return index.replace("</head>", hook + "</head>", 1).encode("utf-8")
