@@ -16,9 +16,9 @@ if __name__ == "__main__":  # a browser session running the script
     ])
     nav.run()
 else:  # imported by `streamlit run` (uvicorn) as the ASGI application
-    from core.api import lifespan, routes
     from starlette.middleware import Middleware
 
+    from core.api import lifespan, routes
     from core.http import guard
     from core.http.shell import PageShell
     # The providers import the `openai` package (0.45 s of this 2-core VM), which otherwise
@@ -39,7 +39,7 @@ else:  # imported by `streamlit run` (uvicorn) as the ASGI application
     # The guard wraps everything, the dashboard's websocket included: Streamlit's own
     # server.allowedHosts and XSRF checks do not cover st.App routes (see core/http/guard.py).
     api = routes()
-    # Innermost: a page's HTML is Streamlit's index.html plus where the server is and the
-    # element scripts every first pass needs (core/http/shell.py); cold visits start sooner.
+    # Innermost: a page's HTML is Streamlit's index.html plus where the server's root is, so a
+    # page opened by its URL does not guess it wrong first (core/http/shell.py).
     shell = Middleware(PageShell, base_path=st.get_option("server.baseUrlPath"), reserved=("api", "v1"))
     app = st.App(__file__, routes=api, lifespan=lifespan, middleware=[*guard.middleware(routes=api), shell])
