@@ -3,6 +3,7 @@ a temporary cluster made with initdb and pg_ctl; a uniquely named database per t
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -80,6 +81,21 @@ class TempCluster:
         except subprocess.CalledProcessError:
             pass
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def own_cluster(purpose: str = "stop and start"):
+    """A started cluster of our own (never the machine's server, which a test must not stop),
+    removed afterwards; skips, saying why, where initdb/pg_ctl are not installed."""
+    import pytest
+    if not (pg_bin("initdb") and pg_bin("pg_ctl")):
+        pytest.skip(f"initdb/pg_ctl are not installed (apt-get install postgresql): no cluster to {purpose}.")
+    cluster = TempCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
 
 
 def with_database(url: str, name: str) -> str:

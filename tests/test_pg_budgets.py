@@ -15,18 +15,17 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[dev]')")
 
-from core import budgets, prices  # noqa: E402
+from core import budgets  # noqa: E402
 from core.config import Config  # noqa: E402
 from core.errors import BudgetExceeded, StorageError  # noqa: E402
-from core.models import GenerationRequest  # noqa: E402
 from core.providers.simulator_provider import SimulatorProvider  # noqa: E402
 from core.service import Gyroscope  # noqa: E402
 from core.storage.pg_budgets import OUTAGE_RETRY_S, RECONNECT_S, SETTLED_KEEP_S, PgBudgets  # noqa: E402
 
-from pg_support import TempCluster, create_database, pg_bin  # noqa: E402
+from pg_support import create_database  # noqa: E402
 from tests.support import FakeClock  # noqa: E402
 from tests.test_budgets import NEXT_MIDNIGHT, NOW, ask, hold_of  # noqa: E402
-from tests.test_postgres_backend import pg_server, pg_url, start_replica, stop  # noqa: E402,F401
+from tests.test_postgres_backend import cluster, pg_server, pg_url, start_replica, stop  # noqa: E402,F401
 
 DAY = "d:2027-01-15"
 
@@ -255,12 +254,8 @@ def test_ledger_rows_held_by_a_stuck_session_refuse_as_busy_and_send_nothing(
 
 # -- PostgreSQL gone ----------------------------------------------------------------------------
 def test_postgresql_gone_refuses_budgeted_requests_and_keeps_settlements_until_it_is_back(
-        tmp_path, simulator, clock):
+        tmp_path, simulator, clock, cluster):
     """Our own cluster (never the machine's server), stopped and started again."""
-    if not (pg_bin("initdb") and pg_bin("pg_ctl")):
-        pytest.skip("initdb/pg_ctl are not installed (apt-get install postgresql): no cluster to stop.")
-    cluster = TempCluster()
-    cluster.start()
     gyro = None
     try:
         url = create_database(cluster.url)
@@ -310,7 +305,6 @@ def test_postgresql_gone_refuses_budgeted_requests_and_keeps_settlements_until_i
     finally:
         if gyro is not None:
             gyro.close()
-        cluster.remove()
 
 
 def test_the_metrics_page_shows_what_another_replica_spent(app_env, pg_url, monkeypatch):
@@ -340,14 +334,10 @@ def test_the_metrics_page_shows_what_another_replica_spent(app_env, pg_url, monk
     assert f"(${spent:,.4f} spent, $0.0000 held, limit $0.00)" in warning and spent >= 0.0001
 
 
-def test_a_replica_answers_503_for_budgeted_requests_while_postgresql_is_gone(tmp_path, simulator):
+def test_a_replica_answers_503_for_budgeted_requests_while_postgresql_is_gone(tmp_path, simulator, cluster):
     """A real app process on our own cluster, stopped and started: the HTTP shape of the
     refusal (503, Retry-After, the message), health, and service again once it is back."""
     import httpx2
-    if not (pg_bin("initdb") and pg_bin("pg_ctl")):
-        pytest.skip("initdb/pg_ctl are not installed (apt-get install postgresql): no cluster to stop.")
-    cluster = TempCluster()
-    cluster.start()
     proc = None
     try:
         url = create_database(cluster.url)
@@ -380,4 +370,3 @@ def test_a_replica_answers_503_for_budgeted_requests_while_postgresql_is_gone(tm
     finally:
         if proc is not None:
             stop(proc)
-        cluster.remove()

@@ -23,19 +23,15 @@ from core.service import Gyroscope  # noqa: E402
 from core.storage.pg_history import PgHistory  # noqa: E402
 from core.storage.postgres import PgDatabase  # noqa: E402
 
-from pg_support import TempCluster, create_database, pg_bin  # noqa: E402
+from pg_support import create_database, own_cluster  # noqa: E402
 from support import FakeClock  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    if not (pg_bin("initdb") and pg_bin("pg_ctl")):
-        pytest.skip("initdb/pg_ctl are not installed (apt-get install postgresql): no cluster to stop.")
-    cluster = TempCluster()
-    cluster.start()
-    cluster.running = True
-    yield cluster
-    cluster.remove()
+    with own_cluster() as ours:
+        ours.running = True
+        yield ours
 
 
 def stop(cluster) -> None:

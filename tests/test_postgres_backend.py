@@ -31,7 +31,7 @@ from core.service import Gyroscope  # noqa: E402
 from core.storage.pg_history import PG_SUMS, PgHistory  # noqa: E402
 from core.storage.postgres import PgDatabase, migrate  # noqa: E402
 
-from pg_support import MACHINE_URL, TempCluster, answers, create_database, drop_database, pg_bin  # noqa: E402
+from pg_support import MACHINE_URL, TempCluster, answers, create_database, drop_database, own_cluster, pg_bin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +56,13 @@ def pg_url(pg_server):
     url = create_database(pg_server)
     yield url
     drop_database(pg_server, url)
+
+
+@pytest.fixture
+def cluster():
+    """A cluster of our own, for the tests that stop and start PostgreSQL."""
+    with own_cluster() as ours:
+        yield ours
 
 
 def rows_for(n: int, seed: int = 7) -> list[RequestRecord]:
@@ -278,14 +285,10 @@ async def load(base: str, answered: list[str], stop: asyncio.Event, clients: int
         await asyncio.gather(*(one(n) for n in range(clients)))
 
 
-def test_postgresql_restarted_mid_load_loses_no_answered_row(tmp_path):
+def test_postgresql_restarted_mid_load_loses_no_answered_row(tmp_path, cluster):
     """Our own cluster (never the machine's server): stopped under load, rows go to the spill
     journal and health says degraded; started again, every answered row is in the database."""
     import httpx2
-    if not (pg_bin("initdb") and pg_bin("pg_ctl")):
-        pytest.skip("initdb/pg_ctl are not installed (apt-get install postgresql): no cluster to restart.")
-    cluster = TempCluster()
-    cluster.start()
     proc = None
     try:
         url = create_database(cluster.url)
@@ -341,7 +344,6 @@ def test_postgresql_restarted_mid_load_loses_no_answered_row(tmp_path):
     finally:
         if proc is not None:
             stop(proc)
-        cluster.remove()
 
 
 # -- the batch ledger, shared ---------------------------------------------------------------------
