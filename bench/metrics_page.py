@@ -96,14 +96,11 @@ def load() -> str:
     return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-CLICK = "mouse"      # --click
-
-
-def measure(page, since_ms: float, wall0: float) -> dict[str, float]:
+def measure(page, since_ms: float, wall0: float, click: str) -> dict[str, float]:
     """Wait for the page's marks after an arrival that started at ``since_ms`` (page clock)."""
     box = page.wait_for_function("'headline' in window.__t && window.__box", timeout=120_000,
                                  polling=10).json_value()
-    if CLICK == "mouse":
+    if click == "mouse":
         page.mouse.click(*box)
         page.wait_for_function("'input' in window.__t", timeout=120_000, polling=10)
         usable = None
@@ -121,16 +118,16 @@ def measure(page, since_ms: float, wall0: float) -> dict[str, float]:
             "freeze": longest / 1000}
 
 
-def by_url(context, url: str) -> dict[str, float]:
+def by_url(context, url: str, click: str) -> dict[str, float]:
     page = context.new_page()
     wall0 = time.perf_counter()
     page.goto(url + "/metrics", wait_until="commit")
-    out = measure(page, 0.0, wall0)
+    out = measure(page, 0.0, wall0, click)
     page.close()
     return out
 
 
-def in_app(context, url: str) -> dict[str, float]:
+def in_app(context, url: str, click: str) -> dict[str, float]:
     page = context.new_page()
     page.goto(url, wait_until="commit")
     page.locator(".st-key-go button").wait_for(timeout=120_000)
@@ -140,7 +137,7 @@ def in_app(context, url: str) -> dict[str, float]:
     since = page.evaluate("window.__t = {}; window.__long = []; performance.now()")
     wall0 = time.perf_counter()
     link.click()
-    out = measure(page, since, wall0)
+    out = measure(page, since, wall0, click)
     page.close()
     return out
 
@@ -181,8 +178,6 @@ def main() -> None:
                     help="how 'usable' clicks: mouse events at the option's spot (default), or "
                          "Playwright's locator click (the definition before 2026-12-03)")
     args = ap.parse_args()
-    global CLICK
-    CLICK = args.click
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         db = Database(tmp / "app.db")
@@ -205,7 +200,7 @@ def main() -> None:
             for i in range(args.visits):
                 context, context_empty = browser.new_context(viewport=VIEWPORT), browser.new_context(viewport=VIEWPORT)
                 context.add_init_script(MARKS)
-                results["cold"].append(by_url(context, url))
+                results["cold"].append(by_url(context, url, args.click))
                 empties["cold"].append(empty_visit(context_empty, empty_url))
                 show("cold" + (" (1st)" if i == 0 else ""), results["cold"][-1], empties["cold"][-1])
                 if i == 0:
@@ -214,11 +209,11 @@ def main() -> None:
                     context.close()
                     context_empty.close()
             for _ in range(args.visits):
-                results["warm"].append(by_url(warm, url))
+                results["warm"].append(by_url(warm, url, args.click))
                 empties["warm"].append(empty_visit(warm_empty, empty_url))
                 show("warm", results["warm"][-1], empties["warm"][-1])
             for _ in range(args.visits):
-                results["in-app"].append(in_app(warm, url))
+                results["in-app"].append(in_app(warm, url, args.click))
                 show("in-app", results["in-app"][-1], None)
     print("medians:")
     for kind, rows in results.items():
