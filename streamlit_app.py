@@ -20,6 +20,7 @@ else:  # imported by `streamlit run` (uvicorn) as the ASGI application
 
     from core.api import lifespan, routes
     from core.http import guard
+    from core.http.assets import StaticAssets
     from core.http.shell import PageShell
     # The providers import the `openai` package (0.45 s of this 2-core VM), which otherwise
     # happens when the first page visit builds the service: the app's very first visit paid
@@ -42,4 +43,7 @@ else:  # imported by `streamlit run` (uvicorn) as the ASGI application
     # Innermost: a page's HTML is Streamlit's index.html plus where the server's root is, so a
     # page opened by its URL does not guess it wrong first (core/http/shell.py).
     shell = Middleware(PageShell, base_path=st.get_option("server.baseUrlPath"), reserved=("api", "v1"))
-    app = st.App(__file__, routes=api, lifespan=lifespan, middleware=[*guard.middleware(routes=api), shell])
+    # Innermost too: Streamlit's front-end files (~100 per cold visit) from memory, not through
+    # StaticFiles' stat/open/thread hops in the sessions' event loop (core/http/assets.py).
+    assets = Middleware(StaticAssets, base_path=st.get_option("server.baseUrlPath"))
+    app = st.App(__file__, routes=api, lifespan=lifespan, middleware=[*guard.middleware(routes=api), shell, assets])
