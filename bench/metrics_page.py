@@ -1,9 +1,10 @@
 """The Metrics page in a real browser, over 20,000 requests: time to usable, and to charts.
 
-    python bench/metrics_page.py [--rows 20000] [--days 30] [--visits 3] [--click mouse|locator]
+    python bench/metrics_page.py [--rows 20000] [--days 30] [--visits 3]
+                                 [--driver cdp|playwright] [--click mouse|locator]
 
 Fills a fresh SQLite file with core.demo.fill_history, starts `streamlit run` on it (the way
-the browser tests do, tests/browser.py) and drives Debian's Chromium at 1280x800, range
+the browser tests do, tests/browser.py) and opens Debian's Chromium at 1280x800, range
 "Last 7 days". Three ways to arrive, each timed --visits times:
 
   cold     the /metrics URL in a new browser context: empty HTTP cache, new app session
@@ -15,13 +16,20 @@ For each visit it prints, from navigation (or the click):
   headline  all nine headline numbers and the range filter drawn
   usable    ... and the page answers: a click on the range filter's chosen option, made at
             the headline's spot as a person's would be (mouse events sent to the browser,
-            no Playwright waits before them), has reached the page's handler; a busy main
-            thread delays it. The click picks what is already picked: nothing reruns.
+            no waits before them), has reached the page's handler; a busy main thread
+            delays it. The click picks what is already picked: nothing reruns.
             (--click locator: Playwright's locator click instead, timed until it returns;
             its selector and stability checks cost 0.1-0.4 s of round trips of their own
             when the machine is busy. This was the bench's definition before 2026-12-03.)
   chart     the first chart drawn;  all  every chart of the open tab drawn, page idle
   freeze    the longest main-thread task after the headline (a click then waits that long)
+
+The page marks these itself (a script run in each document, MARKS below); the bench only
+waits for the marks. --driver cdp (the default) drives Chromium over the DevTools protocol
+with nothing else attached (bench/_cdp.py). --driver playwright drives it with Playwright,
+whose bookkeeping of every request and frame is work a person's browser does not do: on this
+2-core machine a cold visit is CPU-bound, and that cost it ~0.4 s (the definition before
+2026-12-04; docs/benchmarks.md, fourth round).
 
 Each cold and warm visit is followed by the same kind of visit to an empty Streamlit page
 (one st.metric, the app's config): Streamlit's own boot in this browser at that moment, the
@@ -33,6 +41,7 @@ doing at that second, hence the empty page beside each visit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -44,15 +53,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.db import Database  # noqa: E402
 from core.demo import fill_history  # noqa: E402
-from tests.browser import chromium, streamlit_app  # noqa: E402
+from bench._cdp import bare_chromium  # noqa: E402
+from tests.browser import CHROMIUM_ARGS, chromium, streamlit_app  # noqa: E402
 
 GOAL_S = 2.0
 HEADLINE_COUNT = 9
 VIEWPORT = {"width": 1280, "height": 800}
-# Marks (ms from the document's time origin) set by the page itself as things appear.
+# Marks (ms from the document's time origin) set by the page itself as things appear;
+# window.__when(name) is a promise of a mark (rejected after two minutes), so the bench waits
+# without asking the page again and again.
 MARKS = """
 window.__t = {}; window.__long = [];
-const mark = (k) => { if (!(k in window.__t)) window.__t[k] = performance.now(); };
+const waiting = {};
+const mark = (k) => {
+  if (k in window.__t) return;
+  window.__t[k] = performance.now();
+  for (const resolve of waiting[k] || []) resolve(window.__t[k]);
+  delete waiting[k];
+};
+window.__when = (k) => new Promise((resolve, reject) => {
+  if (k in window.__t) return resolve(window.__t[k]);
+  (waiting[k] = waiting[k] || []).push(resolve);
+  setTimeout(() => reject(new Error('no ' + k + ' mark in 120 s')), 120000);
+});
 const check = () => {
   const heads = document.querySelectorAll('[data-testid="stMetricValue"]').length;
   const range = document.querySelector('.st-key-metrics_range input[type=radio]');
@@ -90,6 +113,58 @@ try {
     .observe({type: 'longtask', buffered: true});
 } catch (e) {}
 """ % HEADLINE_COUNT
+# Outside the timed part only (getting the in-app visit ready): poll a condition every 50 ms.
+UNTIL = """new Promise((resolve, reject) => { const t0 = performance.now(); const f = () => {
+  const v = (%s); if (v) resolve(v);
+  else if (performance.now() - t0 > 120000) reject(new Error('timed out')); else setTimeout(f, 50); };
+  f(); })"""
+SIDEBAR_METRICS = """(() => { const a = [...document.querySelectorAll('[data-testid="stSidebarNav"] a')]
+  .find(a => a.textContent.includes('Metrics')); if (!a) return null;
+  const r = a.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"""
+
+
+class PlaywrightPage:
+    """A Playwright page with the few calls the bench makes (bench/_cdp.py's Page has them too)."""
+
+    def __init__(self, page) -> None:
+        self.page = page
+
+    def goto(self, url: str) -> None:
+        self.page.goto(url, wait_until="commit")
+
+    def evaluate(self, expression: str):
+        return self.page.evaluate(expression)
+
+    def click(self, x: float, y: float) -> None:
+        self.page.mouse.click(x, y)
+
+    def close(self) -> None:
+        self.page.close()
+
+
+class PlaywrightContext:
+    def __init__(self, context) -> None:
+        self.context = context
+
+    def add_init_script(self, source: str) -> None:
+        self.context.add_init_script(source)
+
+    def new_page(self) -> PlaywrightPage:
+        return PlaywrightPage(self.context.new_page())
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@contextlib.contextmanager
+def browser_for(driver: str):
+    """A function making fresh browser contexts (empty cache, 1280x800), with the driver asked for."""
+    if driver == "cdp":
+        with bare_chromium(CHROMIUM_ARGS) as browser:
+            yield lambda: browser.new_context(VIEWPORT["width"], VIEWPORT["height"])
+    else:
+        with chromium() as browser:
+            yield lambda: PlaywrightContext(browser.new_context(viewport=VIEWPORT))
 
 
 def load() -> str:
@@ -98,21 +173,21 @@ def load() -> str:
 
 def measure(page, since_ms: float, wall0: float, click: str) -> dict[str, float]:
     """Wait for the page's marks after an arrival that started at ``since_ms`` (page clock)."""
-    box = page.wait_for_function("'headline' in window.__t && window.__box", timeout=120_000,
-                                 polling=10).json_value()
+    page.evaluate("window.__when('headline')")
+    box = page.evaluate("window.__box")
     if click == "mouse":
-        page.mouse.click(*box)
-        page.wait_for_function("'input' in window.__t", timeout=120_000, polling=10)
+        page.click(*box)
+        page.evaluate("window.__when('input')")
         usable = None
     else:
-        page.locator(".st-key-metrics_range label").filter(has_text="Last 7 days").click(timeout=120_000)
+        page.page.locator(".st-key-metrics_range label").filter(has_text="Last 7 days").click(timeout=120_000)
         usable = time.perf_counter() - wall0
-    page.wait_for_function("'all' in window.__t", timeout=120_000, polling=20)
+    page.evaluate("window.__when('all')")
     t = page.evaluate("window.__t")
     if usable is None:
         usable = (t["input"] - since_ms) / 1000
-    longest = page.evaluate("(h) => Math.max(0, ...window.__long.filter(([s, d]) => s + d > h)"
-                            ".map(([s, d]) => d))", t["headline"])
+    longest = page.evaluate("Math.max(0, ...window.__long.filter(([s, d]) => s + d > %f).map(([s, d]) => d))"
+                            % t["headline"])
     return {"headline": (t["headline"] - since_ms) / 1000, "usable": usable,
             "chart": (t["chart"] - since_ms) / 1000, "all": (t["all"] - since_ms) / 1000,
             "freeze": longest / 1000}
@@ -121,34 +196,33 @@ def measure(page, since_ms: float, wall0: float, click: str) -> dict[str, float]
 def by_url(context, url: str, click: str) -> dict[str, float]:
     page = context.new_page()
     wall0 = time.perf_counter()
-    page.goto(url + "/metrics", wait_until="commit")
+    page.goto(url + "/metrics")
     out = measure(page, 0.0, wall0, click)
     page.close()
     return out
 
 
 def in_app(context, url: str, click: str) -> dict[str, float]:
+    """From a click on "Metrics" in the Generate page's sidebar (mouse events at the link)."""
     page = context.new_page()
-    page.goto(url, wait_until="commit")
-    page.locator(".st-key-go button").wait_for(timeout=120_000)
-    page.wait_for_function("!document.querySelector('[data-testid=\"stSkeleton\"]')", timeout=120_000)
-    page.wait_for_timeout(500)
-    link = page.locator('[data-testid="stSidebarNav"] a').filter(has_text="Metrics")
+    page.goto(url + "/")
+    page.evaluate(UNTIL % ("document.querySelector('.st-key-go button') && "
+                           "!document.querySelector('[data-testid=\"stSkeleton\"]')"))
+    time.sleep(0.5)
+    link = page.evaluate(UNTIL % SIDEBAR_METRICS)
     since = page.evaluate("window.__t = {}; window.__long = []; performance.now()")
     wall0 = time.perf_counter()
-    link.click()
+    page.click(*link)
     out = measure(page, since, wall0, click)
     page.close()
     return out
 
 
 def empty_visit(context, url: str) -> float:
-    """Seconds to the empty page's one metric."""
+    """Seconds from navigation to the empty page's one metric (its own mark, as above)."""
     page = context.new_page()
-    wall0 = time.perf_counter()
-    page.goto(url, wait_until="commit")
-    page.locator('[data-testid="stMetricValue"]').wait_for(timeout=120_000)
-    took = time.perf_counter() - wall0
+    page.goto(url + "/")
+    took = page.evaluate("window.__when('metric')") / 1000
     page.close()
     return took
 
@@ -157,7 +231,7 @@ def show(kind: str, r: dict[str, float], empty: float | None) -> None:
     floor = f"   empty page {empty:5.2f} s" if empty is not None else " " * 22
     print(f"  {kind:<10} headline {r['headline']:5.2f} s  usable {r['usable']:5.2f} s  "
           f"chart {r['chart']:5.2f} s  all {r['all']:5.2f} s  freeze {r['freeze']:4.2f} s{floor}   "
-          f"load {load()}")
+          f"load {load()}", flush=True)
 
 
 def summary(kind: str, rows: list[dict[str, float]], empty: list[float]) -> str:
@@ -174,10 +248,17 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--days", type=int, default=30)
     ap.add_argument("--visits", type=int, default=3, help="visits of each kind")
+    ap.add_argument("--driver", choices=("cdp", "playwright"), default="cdp",
+                    help="how Chromium is driven: over the DevTools protocol with nothing but the "
+                         "timing attached (default), or by Playwright, whose own bookkeeping of "
+                         "each page costs a cold visit ~0.4 s here (the definition before 2026-12-04)")
     ap.add_argument("--click", choices=("mouse", "locator"), default="mouse",
                     help="how 'usable' clicks: mouse events at the option's spot (default), or "
-                         "Playwright's locator click (the definition before 2026-12-03)")
+                         "Playwright's locator click (the definition before 2026-12-03; "
+                         "needs --driver playwright)")
     args = ap.parse_args()
+    if args.click == "locator" and args.driver != "playwright":
+        ap.error("--click locator is Playwright's: add --driver playwright")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         db = Database(tmp / "app.db")
@@ -188,18 +269,19 @@ def main() -> None:
         empty_script.parent.mkdir()
         empty_script.write_text("import streamlit as st\n\nst.metric('Requests', '1')\n")
         print(f"Metrics page bench: {args.rows:,} requests over {args.days} days "
-              f"(written in {time.perf_counter() - t:.1f} s); Chromium 1280x800; range 'Last 7 days'; click: {args.click}; "
-              f"load average at start {load()} on {os.cpu_count()} cores")
+              f"(written in {time.perf_counter() - t:.1f} s); Chromium 1280x800 driven by {args.driver}; "
+              f"range 'Last 7 days'; click: {args.click}; load average at start {load()} on {os.cpu_count()} cores")
         print("Each Metrics visit is followed by the same kind of visit to an empty Streamlit page "
               "(one st.metric, same config): Streamlit's own boot at that moment.")
         results: dict[str, list[dict[str, float]]] = {"cold": [], "warm": [], "in-app": []}
         empties: dict[str, list[float]] = {"cold": [], "warm": [], "in-app": []}
-        with chromium() as browser, streamlit_app(tmp) as url, \
+        with browser_for(args.driver) as new_context, streamlit_app(tmp) as url, \
                 streamlit_app(empty_script.parent, script=empty_script) as empty_url:
             warm = warm_empty = None
             for i in range(args.visits):
-                context, context_empty = browser.new_context(viewport=VIEWPORT), browser.new_context(viewport=VIEWPORT)
+                context, context_empty = new_context(), new_context()
                 context.add_init_script(MARKS)
+                context_empty.add_init_script(MARKS)
                 results["cold"].append(by_url(context, url, args.click))
                 empties["cold"].append(empty_visit(context_empty, empty_url))
                 show("cold" + (" (1st)" if i == 0 else ""), results["cold"][-1], empties["cold"][-1])
