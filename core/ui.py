@@ -44,6 +44,38 @@ def when_drawn(key: str, on_drawn) -> None:
         st.button("Draw the rest", key=key, on_click=on_drawn)
 
 
+# A button's keyboard shortcut works only once the button is drawn, and Streamlit draws each
+# element when its own script has loaded: on a fresh visit a text box can take typing a few
+# hundred ms before the button below it exists, and a Ctrl+Enter then did nothing. This
+# script (drawn before the text box) notes such a press and presses the button once it is
+# drawn and enabled (5 s at most). With the button there, Streamlit's shortcut acts alone.
+_HELD_SHORTCUT_HTML = """<style>.st-key-%(box)s { display: none; }</style><script>
+(() => {
+  if (window.__gyroHeld && window.__gyroHeld["%(key)s"]) return;     // once per page load
+  (window.__gyroHeld = window.__gyroHeld || {})["%(key)s"] = true;
+  const button = () => document.querySelector(".st-key-%(key)s button");
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey) || e.repeat || button()) return;
+    const started = performance.now();
+    const press = () => {
+      const b = button();
+      if (b && !b.disabled) { b.click(); return; }
+      if (performance.now() - started < 5000) setTimeout(press, 50);
+    };
+    setTimeout(press, 0);
+  }, true);
+})();
+</script>"""
+
+
+def hold_shortcut(button_key: str) -> None:
+    """Keep a Ctrl+Enter (⌘+Enter) pressed before the button ``button_key`` is drawn, and
+    press the button once it is. Call it above the text box the shortcut is typed in."""
+    box = f"{button_key}_held"
+    with st.container(key=box):
+        st.html(_HELD_SHORTCUT_HTML % {"box": box, "key": button_key}, unsafe_allow_javascript=True)
+
+
 def get_gyro() -> Gyroscope:
     """The process's Gyroscope service (one per process, shared by every session and the API).
 

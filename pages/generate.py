@@ -9,7 +9,7 @@ import streamlit as st
 from core import display, prices
 from core.errors import CircuitOpen, GyroscopeError
 from core.models import GenerationRequest, RetryNotice, Thinking
-from core.ui import get_gyro, provider_badge, show_answer, show_error, show_thinking, viewer_zone
+from core.ui import get_gyro, hold_shortcut, provider_badge, show_answer, show_error, show_thinking, viewer_zone
 from core.ui_batch import render as render_batch_tab
 
 gyro = get_gyro()
@@ -40,6 +40,7 @@ if batch_tab.open:
         render_batch_tab(gyro)
     st.stop()
 
+hold_shortcut("go")     # a Ctrl+Enter typed before the Generate button is drawn still sends
 prompt = st.text_area("Prompt", key="prompt", height=160,
                       placeholder="What should be written? e.g. A friendly launch email for our new app",
                       help="Press Ctrl+Enter (⌘+Enter on a Mac) or click Generate to send it. While "

@@ -139,3 +139,35 @@ def test_ctrl_enter_right_after_typing_generates_every_time(browser, url, fresh)
         expect(page.locator(".st-key-go button")).to_be_enabled()
     assert fresh.stats()["chat_requests"] == 10                            # one request per press
     page.context.close()
+
+
+def test_ctrl_enter_pressed_before_the_generate_button_is_drawn_still_generates(browser, url, fresh):
+    """The Generate button's script is held back (as a slow first load holds it): the prompt
+    box is there and takes text and Ctrl+Enter, the button is not. Once the button is drawn,
+    that press generates, once."""
+    from playwright.sync_api import expect
+
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    held = []
+    button_js = re.compile(r"/static/js/Button\.[\w-]+\.js$")
+    page.route(button_js, lambda route: held.append(route))
+    fresh.reset_stats()
+    page.goto(url, wait_until="domcontentloaded")
+    box = page.get_by_label("Prompt", exact=True)
+    expect(box).to_be_visible(timeout=30_000)
+    wait_idle(page)                                                   # the page ran and is drawn…
+    page.wait_for_timeout(500)
+    assert held and page.locator(".st-key-go button").count() == 0    # …but for the Generate button
+    box.fill("A slogan for a night bakery")
+    box.press("Control+Enter")
+    page.wait_for_timeout(300)
+    assert fresh.stats()["chat_requests"] == 0 and page.locator(".st-key-go button").count() == 0
+    for route in held:
+        route.continue_()
+    page.unroute(button_js)
+    rows = page.locator('[data-testid="stExpander"] summary').filter(has_text="night bakery")
+    expect(rows).to_have_count(1, timeout=30_000)
+    expect(page.locator(".st-key-go button")).to_be_enabled(timeout=30_000)
+    page.wait_for_timeout(500)
+    assert fresh.stats()["chat_requests"] == 1                          # one press, one request
+    page.context.close()
