@@ -32,7 +32,8 @@ from pathlib import Path
 
 from websockets.sync.client import connect
 
-CHROMIUM = "/usr/bin/chromium"
+from tests.browser import CHROMIUM, stop
+
 
 
 class ProtocolError(RuntimeError):
@@ -179,9 +180,5 @@ def bare_chromium(args: list[str] | tuple[str, ...] = ()):
         with connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=30) as ws:
             yield Browser(Connection(ws))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         shutil.rmtree(profile, ignore_errors=True)

@@ -60,12 +60,17 @@ def streamlit_app(tmp: Path, *, unset: tuple[str, ...] = (), script: Path | str 
             pytest.fail("streamlit run did not serve /_stcore/health: " + (tmp / "streamlit.log").read_text())
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
+
+
+def stop(proc: subprocess.Popen, grace: float = 15) -> None:
+    """Ask a child process to end; kill it if it has not within ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 @contextlib.contextmanager
