@@ -76,12 +76,14 @@ def test_a_bundle_file_is_served_from_memory_with_streamlits_cache_headers():
     "/static/../static/js/x.js", "/static//js/x.js", "/static/js/.hidden.js",
     "/static/index.html", "/static/js", "/index.html", "/", "/metrics", "/_stcore/health",
     "/media/abc.csv", "/static/js/sub/dir.js",
+    "/static/js/" + "a" * 300 + ".js",               # a name too long for the file system: no 500
 ])
 def test_anything_else_goes_to_streamlit_unchanged(path):
     down = Downstream()
     mw = assets.StaticAssets(down)
     status, _, body = call(mw, path)
     assert (status, body, down.paths) == (299, b"streamlit", [path])
+    assert mw.assets == {}                           # nothing remembered for names that are not there
 
 
 def test_ranges_writes_and_other_roots_go_to_streamlit_and_memory_is_capped():

@@ -28,7 +28,7 @@ import streamlit
 STATIC = Path(streamlit.__file__).parent / "static"
 IMMUTABLE = b"public, immutable, max-age=31536000"     # as Streamlit's own static route
 # static/<kind>/<hashed file name>: no "..", no hidden files, no query in the name.
-SAFE = re.compile(r"static/[A-Za-z0-9_-]+/[A-Za-z0-9_][A-Za-z0-9_.-]*\.[A-Za-z0-9]+")
+SAFE = re.compile(r"static/[A-Za-z0-9_-]{1,40}/[A-Za-z0-9_][A-Za-z0-9_.-]{0,150}\.[A-Za-z0-9]{1,10}")
 TYPES = {".js": "application/javascript", ".css": "text/css", ".woff2": "font/woff2",
          ".woff": "font/woff", ".ttf": "font/ttf", ".svg": "image/svg+xml", ".png": "image/png",
          ".json": "application/json", ".wasm": "application/wasm"}
@@ -44,6 +44,7 @@ class Asset:
         if kind.startswith("text/") or kind == "application/javascript":
             kind += "; charset=utf-8"
         self.headers = [(b"content-type", kind.encode()), (b"content-length", str(len(body)).encode()),
+                        (b"accept-ranges", b"bytes"),
                         (b"cache-control", IMMUTABLE), (b"etag", self.etag),
                         (b"last-modified", formatdate(path.stat().st_mtime, usegmt=True).encode())]
 
@@ -59,23 +60,36 @@ class StaticAssets:
         self.directory = directory.resolve()
         self.max_bytes = max_bytes
         self.held = 0
-        self.assets: dict[str, Asset | None] = {}
+        # The files there are, listed once: a request for any other name goes on to Streamlit
+        # without touching the disk, and nothing is remembered for it.
+        try:
+            self.names = {p.relative_to(self.directory).as_posix()
+                          for p in self.directory.glob("static/*/*") if p.is_file()}
+        except OSError:
+            self.names = set()
+        self.assets: dict[str, Asset] = {}
 
     def _asset(self, rel: str) -> Asset | None:
         if rel in self.assets:
             return self.assets[rel]
-        asset = None
-        path = (self.directory / rel).resolve()
-        if path.is_relative_to(self.directory) and path.is_file():
+        if rel not in self.names:
+            return None
+        try:
+            path = (self.directory / rel).resolve()
+            if not path.is_relative_to(self.directory):
+                return None
             size = path.stat().st_size
-            if self.held + size <= self.max_bytes:
-                asset = Asset(path.read_bytes(), path)
-                self.held += size
+            if self.held + size > self.max_bytes:
+                return None
+            asset = Asset(path.read_bytes(), path)
+        except OSError:          # gone or unreadable since the listing: Streamlit answers
+            return None
+        self.held += size
         self.assets[rel] = asset
         return asset
 
     async def __call__(self, scope, receive, send) -> None:
-        asset = None
+        asset, headers = None, {}
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
             path = scope["path"]
             rel = path[len(self.prefix):] if path.startswith(self.prefix) else ""
