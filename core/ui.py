@@ -47,20 +47,26 @@ def when_drawn(key: str, on_drawn) -> None:
 # A button's keyboard shortcut works only once the button is drawn, and Streamlit draws each
 # element when its own script has loaded: on a fresh visit a text box can take typing a few
 # hundred ms before the button below it exists, and a Ctrl+Enter then did nothing. This
-# script (drawn before the text box) notes such a press and presses the button once it is
-# drawn and enabled (5 s at most). With the button there, Streamlit's shortcut acts alone.
+# script (drawn before the text box) notes such a press made in that text box and presses the
+# button once, when it is drawn (5 s at most; not at all if it is drawn disabled). With the
+# button there, Streamlit's shortcut acts alone.
 _HELD_SHORTCUT_HTML = """<style>.st-key-%(box)s { display: none; }</style><script>
 (() => {
-  if (window.__gyroHeld && window.__gyroHeld["%(key)s"]) return;     // once per page load
-  (window.__gyroHeld = window.__gyroHeld || {})["%(key)s"] = true;
+  const held = (window.__gyroHeld = window.__gyroHeld || {});
+  if (held["%(key)s"]) return;                                      // once per page load
+  held["%(key)s"] = {pending: false};
   const button = () => document.querySelector(".st-key-%(key)s button");
   document.addEventListener("keydown", (e) => {
-    if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey) || e.repeat || button()) return;
+    if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey) || e.repeat) return;
+    if (!e.target.closest || !e.target.closest(".st-key-%(field)s")) return;   // typed elsewhere
+    if (button() || held["%(key)s"].pending) return;   // Streamlit's shortcut, or already held
+    held["%(key)s"].pending = true;
     const started = performance.now();
     const press = () => {
       const b = button();
-      if (b && !b.disabled) { b.click(); return; }
+      if (b) { held["%(key)s"].pending = false; if (!b.disabled) b.click(); return; }
       if (performance.now() - started < 5000) setTimeout(press, 50);
+      else held["%(key)s"].pending = false;
     };
     setTimeout(press, 0);
   }, true);
@@ -68,12 +74,13 @@ _HELD_SHORTCUT_HTML = """<style>.st-key-%(box)s { display: none; }</style><scrip
 </script>"""
 
 
-def hold_shortcut(button_key: str) -> None:
-    """Keep a Ctrl+Enter (⌘+Enter) pressed before the button ``button_key`` is drawn, and
-    press the button once it is. Call it above the text box the shortcut is typed in."""
+def hold_shortcut(button_key: str, field_key: str) -> None:
+    """Keep a Ctrl+Enter (⌘+Enter) pressed in the widget ``field_key`` before the button
+    ``button_key`` is drawn, and press the button once it is. Call it above that widget."""
     box = f"{button_key}_held"
     with st.container(key=box):
-        st.html(_HELD_SHORTCUT_HTML % {"box": box, "key": button_key}, unsafe_allow_javascript=True)
+        st.html(_HELD_SHORTCUT_HTML % {"box": box, "key": button_key, "field": field_key},
+                unsafe_allow_javascript=True)
 
 
 def get_gyro() -> Gyroscope:

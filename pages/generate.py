@@ -40,7 +40,7 @@ if batch_tab.open:
         render_batch_tab(gyro)
     st.stop()
 
-hold_shortcut("go")     # a Ctrl+Enter typed before the Generate button is drawn still sends
+hold_shortcut("go", "prompt")     # a Ctrl+Enter typed before the Generate button is drawn still sends
 prompt = st.text_area("Prompt", key="prompt", height=160,
                       placeholder="What should be written? e.g. A friendly launch email for our new app",
                       help="Press Ctrl+Enter (⌘+Enter on a Mac) or click Generate to send it. While "

@@ -144,7 +144,7 @@ def test_ctrl_enter_right_after_typing_generates_every_time(browser, url, fresh)
 def test_ctrl_enter_pressed_before_the_generate_button_is_drawn_still_generates(browser, url, fresh):
     """The Generate button's script is held back (as a slow first load holds it): the prompt
     box is there and takes text and Ctrl+Enter, the button is not. Once the button is drawn,
-    that press generates, once."""
+    the press generates, once (two presses in the prompt, one elsewhere: one request)."""
     from playwright.sync_api import expect
 
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
@@ -160,6 +160,8 @@ def test_ctrl_enter_pressed_before_the_generate_button_is_drawn_still_generates(
     assert held and page.locator(".st-key-go button").count() == 0    # …but for the Generate button
     box.fill("A slogan for a night bakery")
     box.press("Control+Enter")
+    box.press("Control+Enter")                                        # impatient: a second press
+    page.locator("body").press("Control+Enter")                       # and one outside the prompt
     page.wait_for_timeout(300)
     assert fresh.stats()["chat_requests"] == 0 and page.locator(".st-key-go button").count() == 0
     for route in held:
