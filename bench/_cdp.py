@@ -95,7 +95,9 @@ class Page:
 
     def goto(self, url: str, timeout: float = 60) -> None:
         """Navigate, and return once the new document is there (its init scripts have run)."""
-        self._send("Page.navigate", {"url": url})
+        error = self._send("Page.navigate", {"url": url}).get("errorText")
+        if error:
+            raise ProtocolError(f"{url}: {error}")
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(ProtocolError):    # the old document may go mid-question
@@ -105,7 +107,7 @@ class Page:
                 raise TimeoutError(f"{url} did not open in {timeout:.0f} s")
             time.sleep(0.005)
 
-    def evaluate(self, expression: str, timeout: float = 120):
+    def evaluate(self, expression: str, timeout: float = 150):
         """The expression's value (JSON); a promise is awaited."""
         result = self._send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
                                                  "returnByValue": True}, timeout)
@@ -116,12 +118,13 @@ class Page:
     def click(self, x: float, y: float) -> None:
         """A left click at (x, y), as a mouse makes it: move, press, release."""
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            self._send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left",
+            self._send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y,
+                                                    "button": "none" if kind == "mouseMoved" else "left",
                                                     "buttons": 1 if kind == "mousePressed" else 0,
                                                     "clickCount": 1})
 
     def close(self) -> None:
-        with contextlib.suppress(ProtocolError):
+        with contextlib.suppress(Exception):        # the browser may be gone already
             self.conn.send("Target.closeTarget", {"targetId": self.target})
 
 
@@ -149,7 +152,7 @@ class Context:
         return page
 
     def close(self) -> None:
-        with contextlib.suppress(ProtocolError):
+        with contextlib.suppress(Exception):        # the browser may be gone already
             self.conn.send("Target.disposeBrowserContext", {"browserContextId": self.id})
 
 

@@ -28,8 +28,11 @@ The page marks these itself (a script run in each document, MARKS below); the be
 waits for the marks. --driver cdp (the default) drives Chromium over the DevTools protocol
 with nothing else attached (bench/_cdp.py). --driver playwright drives it with Playwright,
 whose bookkeeping of every request and frame is work a person's browser does not do: on this
-2-core machine a cold visit is CPU-bound, and that cost it ~0.4 s (the definition before
-2026-12-04; docs/benchmarks.md, fourth round).
+2-core machine a cold visit is CPU-bound, and that cost it ~0.4 s. Both drivers make the
+same visits with the same marks and mouse clicks. (Until the fourth round of
+docs/benchmarks.md the bench used Playwright only, timed the empty page and the in-app click
+with Playwright's locators, and polled the marks every 10 ms: its earlier figures for those
+two are not comparable with either driver now.)
 
 Each cold and warm visit is followed by the same kind of visit to an empty Streamlit page
 (one st.metric, the app's config): Streamlit's own boot in this browser at that moment, the
@@ -173,8 +176,7 @@ def load() -> str:
 
 def measure(page, since_ms: float, wall0: float, click: str) -> dict[str, float]:
     """Wait for the page's marks after an arrival that started at ``since_ms`` (page clock)."""
-    page.evaluate("window.__when('headline')")
-    box = page.evaluate("window.__box")
+    box = page.evaluate("window.__when('headline').then(() => window.__box)")
     if click == "mouse":
         page.click(*box)
         page.evaluate("window.__when('input')")
@@ -251,7 +253,8 @@ def main() -> None:
     ap.add_argument("--driver", choices=("cdp", "playwright"), default="cdp",
                     help="how Chromium is driven: over the DevTools protocol with nothing but the "
                          "timing attached (default), or by Playwright, whose own bookkeeping of "
-                         "each page costs a cold visit ~0.4 s here (the definition before 2026-12-04)")
+                         "each page costs a cold visit ~0.4 s here (the same visits, marks and clicks; "
+                         "before 2026-12-03 the bench was Playwright's only)")
     ap.add_argument("--click", choices=("mouse", "locator"), default="mouse",
                     help="how 'usable' clicks: mouse events at the option's spot (default), or "
                          "Playwright's locator click (the definition before 2026-12-03; "

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from bench._cdp import ProtocolError, bare_chromium
-from tests.browser import CHROMIUM_ARGS, needs_chromium
+from tests.browser import CHROMIUM_ARGS, free_port, needs_chromium
 
 pytestmark = needs_chromium
 
@@ -24,6 +24,9 @@ document.getElementById('b').addEventListener('click', e => __seen.push(['click'
 window.__before = localStorage.getItem('visited');
 localStorage.setItem('visited', 'yes');
 </script></body></html>"""
+
+
+LOADED = "new Promise(r => document.readyState === 'complete' ? r(1) : addEventListener('load', () => r(1)))"
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -52,7 +55,8 @@ def test_a_page_opened_over_devtools_behaves_as_a_users(site):
         context.add_init_script("window.__init = performance.now();")
         page = context.new_page()
         page.goto(site + "/page")
-        assert page.evaluate("location.pathname") == "/page"
+        assert page.evaluate("location.pathname") == "/page"                # the new document…
+        assert page.evaluate(LOADED) == 1                                  # …all of it
         assert page.evaluate("[innerWidth, innerHeight]") == [640, 480]
         assert page.evaluate("window.__init < window.__own")           # before the page's own script
         assert page.evaluate("new Promise(r => setTimeout(() => r(42), 50))") == 42
@@ -60,13 +64,17 @@ def test_a_page_opened_over_devtools_behaves_as_a_users(site):
         assert page.evaluate("window.__seen") == [["down", 140, 70], ["click", 140, 70]]
         page.click(10, 10)                                               # not on the button
         assert len(page.evaluate("window.__seen")) == 2
+        with pytest.raises(ProtocolError, match="ERR_CONNECTION_REFUSED"):   # at once, said plainly
+            browser.new_context().new_page().goto(f"http://127.0.0.1:{free_port()}/")
         with pytest.raises(ProtocolError, match="boom"):
             page.evaluate("(() => { throw new Error('boom'); })()")
         second = context.new_page()                                      # same context: same storage
         second.goto(site + "/again")
+        second.evaluate(LOADED)
         assert second.evaluate("window.__before") == "yes"
         context.close()
         fresh = browser.new_context().new_page()                         # a new context starts empty
         fresh.goto(site + "/page")
+        fresh.evaluate(LOADED)
         assert fresh.evaluate("window.__before") is None
         assert fresh.evaluate("window.__init === undefined")             # scripts are per context
