@@ -19,7 +19,7 @@ SIMULATOR_BANNER = "Simulated responses — set OPENAI_API_KEY for real content.
 # with the rest made the rest wait; this lets a page send it afterwards. (A button and an
 # st.html script, rather than a custom component: a v2 component's script brings Arrow's
 # ~190 KB with it, which a cold browser parsed before it could draw the first pass.)
-_WHEN_DRAWN_HTML = """<style>.st-key-%(box)s { display: none; }</style><script>
+_WHEN_DRAWN_HTML = """<script>
 (() => {
   const started = performance.now();
   const button = () => document.querySelector(".st-key-%(key)s button");
@@ -35,12 +35,17 @@ _WHEN_DRAWN_HTML = """<style>.st-key-%(box)s { display: none; }</style><script>
 </script>"""
 
 
+def _hidden(box: str, script: str):
+    """A script in a container that takes no room on the page; its other elements go in it."""
+    container = st.container(key=box)
+    container.html(f"<style>.st-key-{box} {{ display: none; }}</style>{script}", unsafe_allow_javascript=True)
+    return container
+
+
 def when_drawn(key: str, on_drawn) -> None:
     """Call ``on_drawn`` (then rerun, as a button does) once the browser has drawn and painted
     everything else on the page. Nothing of it shows."""
-    box = f"{key}_box"
-    with st.container(key=box):
-        st.html(_WHEN_DRAWN_HTML % {"box": box, "key": key}, unsafe_allow_javascript=True)
+    with _hidden(f"{key}_box", _WHEN_DRAWN_HTML % {"key": key}):
         st.button("Draw the rest", key=key, on_click=on_drawn)
 
 
@@ -50,7 +55,7 @@ def when_drawn(key: str, on_drawn) -> None:
 # script (drawn before the text box) notes such a press made in that text box and presses the
 # button once, when it is drawn (5 s at most; not at all if it is drawn disabled). With the
 # button there, Streamlit's shortcut acts alone.
-_HELD_SHORTCUT_HTML = """<style>.st-key-%(box)s { display: none; }</style><script>
+_HELD_SHORTCUT_HTML = """<script>
 (() => {
   const held = (window.__gyroHeld = window.__gyroHeld || {});
   if (held["%(key)s"]) return;                                      // once per page load
@@ -77,10 +82,7 @@ _HELD_SHORTCUT_HTML = """<style>.st-key-%(box)s { display: none; }</style><scrip
 def hold_shortcut(button_key: str, field_key: str) -> None:
     """Keep a Ctrl+Enter (⌘+Enter) pressed in the widget ``field_key`` before the button
     ``button_key`` is drawn, and press the button once it is. Call it above that widget."""
-    box = f"{button_key}_held"
-    with st.container(key=box):
-        st.html(_HELD_SHORTCUT_HTML % {"box": box, "key": button_key, "field": field_key},
-                unsafe_allow_javascript=True)
+    _hidden(f"{button_key}_held", _HELD_SHORTCUT_HTML % {"key": button_key, "field": field_key})
 
 
 def get_gyro() -> Gyroscope:
