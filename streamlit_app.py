@@ -42,7 +42,10 @@ else:  # imported by `streamlit run` (uvicorn) as the ASGI application
     api = routes()
     # Innermost: a page's HTML is Streamlit's index.html plus where the server's root is, so a
     # page opened by its URL does not guess it wrong first (core/http/shell.py).
-    shell = Middleware(PageShell, base_path=st.get_option("server.baseUrlPath"), reserved=("api", "v1"))
+    # It also holds a Ctrl+Enter typed in Generate's prompt box ("prompt") before the Generate
+    # button ("go") is drawn, from before any element loads (pages/generate.py).
+    shell = Middleware(PageShell, base_path=st.get_option("server.baseUrlPath"), reserved=("api", "v1"),
+                       shortcuts=(("go", "prompt"),))
     # Innermost too: Streamlit's front-end files (~100 per cold visit) from memory, not through
     # StaticFiles' stat/open/thread hops in the sessions' event loop (core/http/assets.py).
     assets = Middleware(StaticAssets, base_path=st.get_option("server.baseUrlPath"))

@@ -8,6 +8,7 @@ import streamlit as st
 
 from .display import safe_markdown, viewer_zone as _zone
 from .errors import CircuitOpen, GyroscopeError
+from .http.shell import held_shortcut_script
 from .service import Gyroscope, default_service
 
 SIMULATOR_BANNER = "Simulated responses — set OPENAI_API_KEY for real content."
@@ -49,40 +50,12 @@ def when_drawn(key: str, on_drawn) -> None:
         st.button("Draw the rest", key=key, on_click=on_drawn)
 
 
-# A button's keyboard shortcut works only once the button is drawn, and Streamlit draws each
-# element when its own script has loaded: on a fresh visit a text box can take typing a few
-# hundred ms before the button below it exists, and a Ctrl+Enter then did nothing. This
-# script (drawn before the text box) notes such a press made in that text box and presses the
-# button once, when it is drawn (5 s at most; not at all if it is drawn disabled). With the
-# button there, Streamlit's shortcut acts alone.
-_HELD_SHORTCUT_HTML = """<script>
-(() => {
-  const held = (window.__gyroHeld = window.__gyroHeld || {});
-  if (held["%(key)s"]) return;                                      // once per page load
-  held["%(key)s"] = {pending: false};
-  const button = () => document.querySelector(".st-key-%(key)s button");
-  document.addEventListener("keydown", (e) => {
-    if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey) || e.repeat) return;
-    if (!e.target.closest || !e.target.closest(".st-key-%(field)s")) return;   // typed elsewhere
-    if (button() || held["%(key)s"].pending) return;   // Streamlit's shortcut, or already held
-    held["%(key)s"].pending = true;
-    const started = performance.now();
-    const press = () => {
-      const b = button();
-      if (b) { held["%(key)s"].pending = false; if (!b.disabled) b.click(); return; }
-      if (performance.now() - started < 5000) setTimeout(press, 50);
-      else held["%(key)s"].pending = false;
-    };
-    setTimeout(press, 0);
-  }, true);
-})();
-</script>"""
-
-
 def hold_shortcut(button_key: str, field_key: str) -> None:
     """Keep a Ctrl+Enter (⌘+Enter) pressed in the widget ``field_key`` before the button
-    ``button_key`` is drawn, and press the button once it is. Call it above that widget."""
-    _hidden(f"{button_key}_held", _HELD_SHORTCUT_HTML % {"key": button_key, "field": field_key})
+    ``button_key`` is drawn, and press the button once it is (core/http/shell.py). The page
+    shell installs this before any element is drawn; drawn here too (call it above the
+    widget), it covers a page served without the shell, and is idle where the shell's runs."""
+    _hidden(f"{button_key}_held", held_shortcut_script(button_key, field_key))
 
 
 def get_gyro() -> Gyroscope:

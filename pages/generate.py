@@ -41,6 +41,7 @@ if batch_tab.open:
     st.stop()
 
 hold_shortcut("go", "prompt")     # a Ctrl+Enter typed before the Generate button is drawn still sends
+                                  # (the page shell holds it from the start: this is its fallback)
 prompt = st.text_area("Prompt", key="prompt", height=160,
                       placeholder="What should be written? e.g. A friendly launch email for our new app",
                       help="Press Ctrl+Enter (⌘+Enter on a Mac) or click Generate to send it. While "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -142,22 +143,27 @@ def test_ctrl_enter_right_after_typing_generates_every_time(browser, url, fresh)
 
 
 def test_ctrl_enter_pressed_before_the_generate_button_is_drawn_still_generates(browser, url, fresh):
-    """The Generate button's script is held back (as a slow first load holds it): the prompt
-    box is there and takes text and Ctrl+Enter, the button is not. Once the button is drawn,
-    the press generates, once (two presses in the prompt, one elsewhere: one request)."""
+    """The scripts of the Generate button and of st.html elements are held back (as a slow
+    first load holds them): the prompt box is there and takes text and Ctrl+Enter, the button
+    is not, nor the page's own copy of the listener (an st.html script). Once the button is
+    drawn, the press generates, once (two presses in the prompt, one elsewhere: one request)."""
     from playwright.sync_api import expect
 
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     held = []
-    button_js = re.compile(r"/static/js/Button\.[\w-]+\.js$")
+    button_js = re.compile(r"/static/js/(Button|Html)\.[\w-]+\.js$")
     page.route(button_js, lambda route: held.append(route))
     fresh.reset_stats()
     page.goto(url, wait_until="domcontentloaded")
     box = page.get_by_label("Prompt", exact=True)
     expect(box).to_be_visible(timeout=30_000)
     wait_idle(page)                                                   # the page ran and is drawn…
-    page.wait_for_timeout(500)
-    assert held and page.locator(".st-key-go button").count() == 0    # …but for the Generate button
+    kinds = lambda: {button_js.search(r.request.url).group(1) for r in held}  # noqa: E731
+    deadline = time.monotonic() + 30
+    while kinds() != {"Button", "Html"} and time.monotonic() < deadline:
+        page.wait_for_timeout(50)               # (the route handler runs while Playwright waits)
+    assert kinds() == {"Button", "Html"}
+    assert page.locator(".st-key-go button").count() == 0             # …but for the Generate button
     box.fill("A slogan for a night bakery")
     box.press("Control+Enter")
     box.press("Control+Enter")                                        # impatient: a second press

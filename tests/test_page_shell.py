@@ -45,6 +45,23 @@ def test_without_streamlits_index_there_is_no_shell(tmp_path):
     assert shell.build("", static=tmp_path) is None                  # nowhere to put the line
 
 
+def test_the_shell_holds_the_apps_shortcuts_from_before_any_element_loads():
+    script = shell.held_shortcut_script("go", "prompt")
+    page = shell.build("", shortcuts=(("go", "prompt"),)).decode()
+    [hook] = HOOK.findall(page)
+    assert page.count(script) == 1 and page.index(hook) < page.index(script) < page.index("</head>")
+    assert page.replace(script, "") == shell.build("").decode()      # nothing else changed
+    assert '".st-key-" + "go" + " button"' in script and '".st-key-" + "prompt"' in script
+
+
+@pytest.mark.parametrize("key", ["", "a b", 'go"', "go</script>", "x\\"])
+def test_a_shortcut_key_that_could_break_the_script_is_refused(key):
+    with pytest.raises(ValueError, match="letters, digits"):
+        shell.held_shortcut_script(key, "prompt")
+    with pytest.raises(ValueError, match="letters, digits"):
+        shell.held_shortcut_script("go", key)
+
+
 @pytest.mark.parametrize("path, page", [
     ("/", True), ("", True), ("/metrics", True), ("/settings/", True), ("/no-such-page", True),
     ("/static/js/index.js", False), ("/_stcore/health", False), ("/_stcore/stream", False),
@@ -67,6 +84,7 @@ def test_under_streamlit_pages_get_the_shell_and_everything_else_is_untouched(se
     assert status == 200 and headers["content-type"].startswith("text/html")
     assert headers["cache-control"] == "no-cache" and len(HOOK.findall(body.decode())) == 1
     assert HOOK.findall(get(served, "/")[2].decode()) and HOOK.findall(get(served, "/settings?x=1")[2].decode())
+    assert shell.held_shortcut_script("go", "prompt") in body.decode()     # the app's (streamlit_app.py)
     status, headers, body = get(served, "/metrics", "HEAD")
     assert status == 200 and body == b"" and int(headers["content-length"]) > 1000
     script = re.search(r'src="\./(static/js/index\.[\w-]+\.js)"', get(served, "/")[2].decode()).group(1)
