@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 
 from core.pipeline import Clock
 
@@ -34,3 +36,48 @@ class FakeClock:
     def as_clock(self) -> Clock:
         return Clock(time=self.time, monotonic=self.monotonic, sleep=self.sleep,
                      sleep_blocking=self.sleep_blocking)
+
+
+class StepClock(FakeClock):
+    """A FakeClock for coroutines that run together (each inside ``running()``): time moves
+    on only when every one of them sleeps on it, to the earliest wake-up, and every sleeper
+    due by then wakes together. So requests in flight are answered and read before time
+    moves: on a FakeClock one coroutine's wait moved it on at once, and how late the others'
+    answers were read, and every figure after, depended on how threads interleaved."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        super().__init__(start)
+        self._lock = threading.Lock()       # the simulator's thread reads (and may move) it too
+        self._sleepers: list[tuple[float, asyncio.Future]] = []
+        self._running = 0
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        wake = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.now + seconds, wake))
+        self._maybe_advance()
+        await wake
+
+    @contextlib.contextmanager
+    def running(self):
+        """One coroutine's work: while it runs and does not sleep on the clock, time stands."""
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+            self._maybe_advance()
+
+    def advanced(self) -> None:
+        """Called (under the lock) after time moved on to wake sleepers."""
+
+    def _maybe_advance(self) -> None:
+        if not self._sleepers or len(self._sleepers) < self._running:
+            return
+        due = min(at for at, _ in self._sleepers)
+        with self._lock:
+            self.now = max(self.now, due)
+            self.advanced()
+        for item in [s for s in self._sleepers if s[0] <= due]:
+            self._sleepers.remove(item)
+            item[1].set_result(None)

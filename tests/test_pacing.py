@@ -5,6 +5,7 @@ window and the pacer's waits share one injected clock, so nothing really sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import sqlite3
@@ -27,7 +28,7 @@ from core.resilience.pacing import (Bucket, MemoryPacingStore, Pacer, PacingConf
 from core.service import Gyroscope
 from core.simulator import Simulator, start_in_background
 from core.simulator.faults import _duration
-from tests.support import FakeClock
+from tests.support import FakeClock, StepClock
 
 
 # -- reset durations ---------------------------------------------------------------------------
@@ -221,8 +222,9 @@ def test_bucket_refills_when_its_window_turns():
 # -- against the simulator's limit over real HTTP ----------------------------------------------
 @pytest.fixture
 def limited(tmp_path):
-    """A simulator allowing 5 requests per 10 s window, and a Gyroscope on the same fake clock."""
-    clock = FakeClock()
+    """A simulator allowing 5 requests per 10 s window, and a Gyroscope on the same fake clock
+    (a StepClock: rows run together with ``run_concurrently(..., clock=clock)``)."""
+    clock = StepClock()
     running = start_in_background(Simulator(clock=clock.monotonic))
     running.sim.set_faults(rate_limit_requests=5, rate_limit_window_s=10.0)
     cfg = Config(provider="simulator", base_url=None, db_path=tmp_path / "g.db")
@@ -235,13 +237,15 @@ def limited(tmp_path):
     running.stop()
 
 
-def run_concurrently(gyro, n: int, source="batch", concurrency=4):
+def run_concurrently(gyro, n: int, source="batch", concurrency=4, clock: StepClock | None = None):
+    """``n`` rows, ``concurrency`` at once; on a StepClock, each row runs while it holds a slot."""
     async def main():
         gate = asyncio.Semaphore(concurrency)
 
         async def one(i):
             async with gate:
-                return await gyro.agenerate(GenerationRequest(prompt=f"row {i}", source=source))
+                with clock.running() if clock is not None else contextlib.nullcontext():
+                    return await gyro.agenerate(GenerationRequest(prompt=f"row {i}", source=source))
         return await asyncio.gather(*(one(i) for i in range(n)))
     return asyncio.run(main())
 
@@ -249,7 +253,7 @@ def run_concurrently(gyro, n: int, source="batch", concurrency=4):
 def test_the_simulator_sends_rate_limit_headers_and_429_past_the_limit(limited):
     gyro, sim, clock = limited
     gyro.settings.set("pacing.enabled", False, actor="test")
-    results = run_concurrently(gyro, 12, concurrency=1)
+    results = run_concurrently(gyro, 12, concurrency=1, clock=clock)
     assert all(r.outcome == "ok" for r in results)
     stats = sim.stats()
     assert stats["rate_limited"] >= 1                 # without pacing it runs into the wall
@@ -259,13 +263,14 @@ def test_the_simulator_sends_rate_limit_headers_and_429_past_the_limit(limited):
 def test_pacing_reaches_the_limit_with_at_most_a_few_429s(limited):
     gyro, sim, clock = limited
     start = clock.now
-    results = run_concurrently(gyro, 30, concurrency=4)
+    results = run_concurrently(gyro, 30, concurrency=4, clock=clock)
     assert all(r.outcome == "ok" for r in results)
     stats = sim.stats()
     assert stats["completions"] == 30
-    assert stats["rate_limited"] <= 3                 # learnt from the first answer's headers
-    # 30 requests at 5 per 10 s need at least 5 windows after the first.
-    assert clock.now - start >= 50.0
+    assert stats["rate_limited"] == 0                 # learnt from the first answer's headers
+    # 4 a window (1 of 5 kept for people): 8 windows, the last one short.
+    assert [w["requests"] for w in sim.rate_limit_windows()] == [4] * 7 + [2]
+    assert clock.now - start == pytest.approx(70.0)
     assert gyro.pacer.waits >= 5
     row = gyro.db.query_one("SELECT lim, learned FROM pacing")
     assert row == {"lim": 5.0, "learned": 1}
@@ -380,16 +385,16 @@ def test_a_token_limit_from_the_headers_is_paced_too(limited):
     gyro, sim, clock = limited
     sim.set_faults(rate_limit_requests=None, rate_limit_tokens=1500, rate_limit_window_s=10.0)
     start = clock.now
-    results = run_concurrently(gyro, 24, concurrency=4)
+    results = run_concurrently(gyro, 24, concurrency=4, clock=clock)
     assert all(r.outcome == "ok" for r in results)
     used = sum(r.usage.total_tokens for r in results)
-    assert sim.stats()["rate_limited"] <= 3
+    assert sim.stats()["rate_limited"] == 0
     assert clock.now - start >= (used // 1500) * 10.0 * 0.9     # it waited for the windows
     assert gyro.db.query_one("SELECT lim FROM pacing WHERE dim = 'tokens'") == {"lim": 1500.0}
 
 
 # -- the window as the server sees it: requests take time to get there -----------------------
-class TripClock(FakeClock):
+class TripClock(StepClock):
     """The injected clock, on which requests take time to reach the upstream. The simulator
     reads the time once per request (when it counts it against its limit), and that reading
     moves the clock on: by ``trips(k)`` for the first request after the pacer held requests
@@ -401,9 +406,6 @@ class TripClock(FakeClock):
         self.trips, self.step_s = trips, step_s
         self.bursts: list[float] = []           # the trips taken by first requests
         self._after_wait = False
-        self._lock = threading.Lock()
-        self._sleepers: list[tuple[float, asyncio.Future]] = []
-        self._running = 0
 
     def upstream(self) -> float:
         with self._lock:
@@ -421,51 +423,8 @@ class TripClock(FakeClock):
             self.now += seconds
             self._after_wait = True
 
-    # Coroutines (``run_in_step``): time moves on only when every one that runs sleeps on
-    # this clock, to the earliest wake-up, and wakes every sleeper due by then together. So
-    # answers in flight are read when they come, not a window late because one coroutine's
-    # wait moved the clock on while the others' requests were out (the clock itself would
-    # then decide how late, by how the threads happened to interleave).
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        wake = asyncio.get_running_loop().create_future()
-        self._sleepers.append((self.now + seconds, wake))
-        self._maybe_advance()
-        await wake
-
-    def enter(self) -> None:
-        self._running += 1
-
-    def leave(self) -> None:
-        self._running -= 1
-        self._maybe_advance()
-
-    def _maybe_advance(self) -> None:
-        if not self._sleepers or len(self._sleepers) < self._running:
-            return
-        due = min(at for at, _ in self._sleepers)
-        with self._lock:
-            self.now = max(self.now, due)
-            self._after_wait = True
-        for item in [s for s in self._sleepers if s[0] <= due]:
-            self._sleepers.remove(item)
-            item[1].set_result(None)
-
-
-def run_in_step(gyro, clock: TripClock, n: int, concurrency: int):
-    """``run_concurrently`` on a TripClock: each row counts as running while it holds a slot."""
-    async def main():
-        gate = asyncio.Semaphore(concurrency)
-
-        async def one(i):
-            async with gate:
-                clock.enter()
-                try:
-                    return await gyro.agenerate(GenerationRequest(prompt=f"row {i}", source="batch"))
-                finally:
-                    clock.leave()
-        return await asyncio.gather(*(one(i) for i in range(n)))
-    return asyncio.run(main())
+    def advanced(self) -> None:
+        self._after_wait = True
 
 
 def tripping(tmp_path, trips, limit: int, window_s: float):
@@ -503,14 +462,14 @@ def test_a_batch_job_reaches_a_short_window_limit_with_no_429s(tmp_path):
     per 1 s window, the default interactive reserve; the request that starts each window
     arrives 0-80 ms (seeded) after the pacer let it go, so each window drifts from a refill's
     guess by a different amount (as under load, where 429s came 11-21 to the 120 rows).
-    The clock moves on only when every row sleeps (``run_in_step``), so the figures do not
+    The clock moves on only when every row sleeps (``StepClock``), so the figures do not
     depend on how threads interleave: 4-7 429s a run with refills trusted as before."""
     rng = random.Random(17)
     gyro, running, clock = tripping(tmp_path, lambda k: rng.uniform(0.0, 0.08), limit=20, window_s=1.0)
     try:
         assert gyro.settings.get("pacing.interactive_reserve") == 0.1
         start = clock.now
-        results = run_in_step(gyro, clock, 120, concurrency=16)
+        results = run_concurrently(gyro, 120, concurrency=16, clock=clock)
         assert all(r.outcome == "ok" for r in results)
         stats = running.sim.stats()
         windows = running.sim.rate_limit_windows()
