@@ -172,6 +172,39 @@ def test_cancel_stops_for_good(tmp_path, simulator):
         gyro.close()
 
 
+@pytest.mark.parametrize("how", ["service closing", "cancel"])
+def test_rows_waiting_for_a_slow_upstream_go_back_at_once_when_the_job_stops(tmp_path, simulator, how):
+    """The service closing (an app restart, Ctrl-C) or a Cancel does not wait for answers
+    that have not come: the rows out go back to pending, nothing is counted done or tried.
+    (Before: cancelling the slots cancelled the futures their rows settle, so the rows looked
+    answered and ran on; here each would have waited 60 s, and closing gave up after 10 s
+    with the job left 'running'.)"""
+    simulator.sim.set_latency(ttft_ms=60_000)
+    gyro = make_gyro(tmp_path, simulator)
+    try:
+        job = job_of(gyro, 6)
+        runner = gyro.batch.start(job, concurrency=3)
+        deadline = time.monotonic() + 20
+        while simulator.sim.stats()["chat_requests"] < 3:           # three rows out, waiting
+            assert time.monotonic() < deadline, simulator.sim.stats()
+            time.sleep(0.01)
+        if how == "cancel":
+            gyro.batch.cancel(job)
+        else:
+            gyro.batch.stop_all(timeout=30)
+        assert runner.finished.wait(30)
+        p = gyro.batch.progress(job)
+        assert p["status"] == ("cancelled" if how == "cancel" else "paused"), p
+        assert (p["running"], p["done"], p["pending"]) == (0, 0, 6)
+        assert [r["tries"] for r in gyro.batch.ledger.rows(job)] == [0] * 6
+        if how == "service closing":                                  # and it resumes
+            simulator.sim.set_latency(ttft_ms=0)
+            assert gyro.batch.start(job).finished.wait(30)
+            assert gyro.batch.progress(job)["done"] == 6
+    finally:
+        gyro.close()
+
+
 # -- the command line, killed and resumed -------------------------------------------------------
 def _counts(db: Path, job: str) -> dict:
     conn = sqlite3.connect(db)

@@ -103,13 +103,17 @@ def test_a_job_left_by_a_restart_is_listed_with_resume(app):
     at = upload(app)
     gyro = core.service.default_service()
     sim = gyro.provider.sim
-    sim.set_latency(ttft_ms=40)
+    sim.set_latency(ttft_ms=60_000)               # no row can finish before the restart
     at.number_input(key="batch_concurrency").set_value(1).run()
     at.button(key="batch_start").click().run()
     job_id = at.session_state["batch_job"]
-    while gyro.batch.progress(job_id)["done"] < 1:
+    deadline = time.monotonic() + 30
+    while gyro.batch.progress(job_id)["running"] < 1:             # a row is out, waiting
+        assert time.monotonic() < deadline, gyro.batch.progress(job_id)
         time.sleep(0.01)
     drop_service()                                 # the app restarts: its runner stops
+    progress = core.service.default_service().batch.progress(job_id)
+    assert progress["done"] == 0 and progress["left"] == 3         # the row out went back
     sim.set_latency(ttft_ms=0)
     at = AppTest.from_file(str(ROOT / "pages" / "generate.py"), default_timeout=30)
     at.session_state["generate_tab"] = "Batch"

@@ -222,11 +222,14 @@ class JobRunner:
         cancelled (they go back to pending). A row that has its answer is left to write it
         to the ledger: it is paid for."""
         if cancel:
+            # Which rows have no answer yet is read first: cancelling a slot cancels the
+            # ``freed`` future it waits on, and a cancelled one is done too (those rows ran
+            # on to their answer, and a stop waited for the slowest upstream).
+            unanswered = [task for task, freed in self._rows.items() if not freed.done()]
             for slot in self._slots:
                 slot.cancel()
-            for task, freed in self._rows.items():
-                if not freed.done():
-                    task.cancel()
+            for task in unanswered:
+                task.cancel()
         await asyncio.gather(*self._slots, *self._rows, *([also] if also is not None else []),
                              return_exceptions=True)
 
