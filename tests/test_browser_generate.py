@@ -92,7 +92,7 @@ def test_one_click_after_typing_generates_a_safe_answer(browser, url, fresh):
 def test_ctrl_enter_generates_and_streaming_shows_busy_then_stop(browser, url, fresh):
     from playwright.sync_api import expect
 
-    fresh.set_latency(ttft_ms=50, tokens_per_s=15)
+    fresh.set_latency(ttft_ms=50, tokens_per_s=4)        # ~25 s of answer: Stop lands mid-answer
     page = open_generate(browser, url)
     box = page.get_by_label("Prompt", exact=True)
     box.fill("Write a long friendly welcome email for new members of a rowing club")

@@ -15,7 +15,8 @@ from tests.browser import CHROMIUM, chromium, streamlit_app, wait_idle
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    with streamlit_app(tmp, GYROSCOPE_SIM_TTFT_MS="100", GYROSCOPE_SIM_TOKENS_PER_S="12") as url:
+    # 5 tokens a second: the answer (~100 tokens) streams for ~20 s, so Stop always lands mid-answer.
+    with streamlit_app(tmp, GYROSCOPE_SIM_TTFT_MS="100", GYROSCOPE_SIM_TOKENS_PER_S="5") as url:
         yield {"url": url, "db": tmp / "app.db", "tmp": tmp}
 
 
