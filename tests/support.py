@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import threading
 
 from core.pipeline import Clock
@@ -36,6 +37,14 @@ class FakeClock:
     def as_clock(self) -> Clock:
         return Clock(time=self.time, monotonic=self.monotonic, sleep=self.sleep,
                      sleep_blocking=self.sleep_blocking)
+
+
+def time_of_day_gap_s(shown: str, when: dt.datetime) -> float:
+    """Seconds between a time of day as a page shows it ("HH:MM" or "HH:MM:SS") and
+    ``when``'s own, the short way round midnight (a check at 23:59 of a time shown as 00:00)."""
+    t = dt.time.fromisoformat(shown)
+    gap = (t.hour * 3600 + t.minute * 60 + t.second) - (when.hour * 3600 + when.minute * 60 + when.second)
+    return abs((gap + 43200) % 86400 - 43200)
 
 
 class StepClock(FakeClock):

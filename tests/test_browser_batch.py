@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import io
 
-import pytest
-
 from core.simulator import Simulator, start_in_background
 from tests.browser import chromium, needs_chromium, streamlit_app, wait_idle
 

@@ -367,10 +367,10 @@ def _big(size: int) -> str:
 
 def test_one_megabyte_prompt_is_fast():
     text = _big(1_000_000)
-    start = time.perf_counter()
+    start = time.process_time()         # this process's CPU: other load on the machine is not its
     rep = optimize(text)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 20, elapsed
+    elapsed = time.process_time() - start
+    assert elapsed < 20, elapsed        # 4-5 s measured (docs/benchmarks.md); quadratic is minutes
     assert rep.tokens_saved > 0
 
 
@@ -383,6 +383,6 @@ def test_one_megabyte_prompt_is_fast():
     "<a>" * 100_000,
 ])
 def test_pathological_inputs_are_linear(text):
-    start = time.perf_counter()
+    start = time.process_time()
     optimize(text)
-    assert time.perf_counter() - start < 10
+    assert time.process_time() - start < 10

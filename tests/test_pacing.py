@@ -11,7 +11,6 @@ import random
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
