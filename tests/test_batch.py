@@ -133,7 +133,8 @@ def test_failed_rows_keep_the_reason_and_are_retried_alone(tmp_path, simulator):
 
 
 def test_pause_from_elsewhere_stops_sending_and_resume_goes_on(tmp_path, simulator):
-    simulator.sim.set_latency(ttft_ms=30)
+    # 300 ms a row: the rows left take seconds, so the job cannot end before the stop comes.
+    simulator.sim.set_latency(ttft_ms=300)
     gyro = make_gyro(tmp_path, simulator)
     try:
         job = job_of(gyro, 40)
@@ -156,12 +157,15 @@ def test_pause_from_elsewhere_stops_sending_and_resume_goes_on(tmp_path, simulat
 
 
 def test_cancel_stops_for_good(tmp_path, simulator):
-    simulator.sim.set_latency(ttft_ms=30)
+    # 300 ms a row: the rows left take seconds, so the job cannot end before the stop comes.
+    simulator.sim.set_latency(ttft_ms=300)
     gyro = make_gyro(tmp_path, simulator)
     try:
         job = job_of(gyro, 40)
         runner = gyro.batch.start(job, concurrency=2)
+        deadline = time.monotonic() + 20
         while gyro.batch.progress(job)["done"] < 2:
+            assert time.monotonic() < deadline, gyro.batch.progress(job)
             time.sleep(0.02)
         gyro.batch.cancel(job)
         assert runner.finished.wait(20)
@@ -217,7 +221,7 @@ def _counts(db: Path, job: str) -> dict:
 
 def test_sigkill_mid_run_then_resume_asks_again_only_the_rows_in_flight(tmp_path, simulator):
     sim = simulator.sim
-    sim.set_latency(ttft_ms=60)
+    sim.set_latency(ttft_ms=300)    # the rows left take seconds: the signal comes while they run
     db = tmp_path / "g.db"
     setup = make_gyro(tmp_path, simulator, **{"cache.enabled": False})   # exact request counts
     (tmp_path / "in.csv").write_text("prompt\n" + "".join(f"Row {i} please\n" for i in range(60)))
@@ -247,6 +251,7 @@ def test_sigkill_mid_run_then_resume_asks_again_only_the_rows_in_flight(tmp_path
     assert not (tmp_path / "out.csv").exists()      # nothing half-written
 
     # Resume in this process, as `--resume last` would: only rows not done are asked.
+    sim.set_latency(ttft_ms=0)
     try:
         assert setup.batch.ledger.last_unfinished() == job
         runner = run(setup, job)
@@ -367,7 +372,7 @@ def test_jsonl_rows_with_messages_and_overrides(tmp_path, simulator):
 
 def test_ctrl_c_pauses_the_job_with_nothing_left_running_and_resume_finishes(tmp_path, simulator):
     sim = simulator.sim
-    sim.set_latency(ttft_ms=60)
+    sim.set_latency(ttft_ms=300)    # the rows left take seconds: the signal comes while they run
     db = tmp_path / "g.db"
     (tmp_path / "in.txt").write_text("".join(f"Line prompt {i}\n" for i in range(40)))
     env = {**os.environ, "GYROSCOPE_DB": str(db), "OPENAI_BASE_URL": simulator.base_url,
