@@ -7,8 +7,8 @@ Two locks, because in WAL mode they block different things (checked on this mach
 - ``PRAGMA locking_mode=EXCLUSIVE`` plus a write takes the whole file: readers wait too.
   SQLite grants it only while no other connection has the file open, so it meets a
   Gyroscope that is starting (or one whose connections are all closed).
-The bounds below are generous (the locks last 3 s, the busy timeout is 10 s); the measured
-latencies are in docs/benchmarks.md.
+The bounds below are generous (the locks last until the test releases them, the busy
+timeout is 10 s); the measured latencies are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -34,23 +34,31 @@ from core.settings import SettingsStore
 from support import FakeClock
 from test_foundation import _post, _serve
 
-HOLD_S = 3.0
-BOUND_S = 2.0       # well under the lock, far above the ~ms these take
+BOUND_S = 2.0       # well under the busy timeout, far above the ~ms these take
 
 
-def hold_lock(path, kind: str, seconds: float = HOLD_S) -> subprocess.Popen:
-    """A second process that locks the file (``write`` or ``file``) and holds it; returns
-    once the lock is taken."""
+def hold_lock(path, kind: str) -> subprocess.Popen:
+    """A second process that locks the file (``write`` or ``file``) and holds it until
+    ``release``; returns once the lock is taken."""
     take = {"write": "c.execute('BEGIN EXCLUSIVE')",
             "file": "c.execute('PRAGMA locking_mode=EXCLUSIVE'); c.execute('BEGIN')"}[kind]
-    code = (f"import sqlite3, time\nc = sqlite3.connect({str(path)!r}, isolation_level=None, timeout=10)\n"
+    code = (f"import sqlite3, sys\nc = sqlite3.connect({str(path)!r}, isolation_level=None, timeout=10)\n"
             f"{take}\nc.execute(\"INSERT INTO meta (key, value) VALUES ('lock', 'x') "
             "ON CONFLICT(key) DO UPDATE SET value = 'y'\")\n"
             + ("c.execute('COMMIT')\n" if kind == "file" else "")
-            + f"print('locked', flush=True)\ntime.sleep({seconds})\nc.close()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            + "print('locked', flush=True)\nsys.stdin.readline()\nc.close()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "locked", "the second process could not lock the file"
     return proc
+
+
+def release(holder: subprocess.Popen) -> None:
+    """Let the second process go (its lock with it); again, nothing happens."""
+    if holder.poll() is None:
+        holder.stdin.write("go\n")
+        holder.stdin.close()
+    holder.wait(30)
 
 
 def timed_get(url: str) -> tuple[int, dict, float]:
@@ -82,7 +90,7 @@ def test_a_write_lock_holds_up_neither_health_nor_requests(app_env):
             assert status == 200 and took < BOUND_S and holder.poll() is None
             assert body["status"] == "degraded" and body["spilled_rows_waiting"] == 1
         finally:
-            holder.wait(30)
+            release(holder)
         # Once the file is free the journal is replayed (at most a second after the last
         # try, started by a request or a health probe): the row is in history, none lost.
         for _ in range(100):
@@ -111,7 +119,7 @@ def test_stats_answer_while_the_file_stays_locked_and_the_loop_goes_on(app_env):
             status, body, took = timed_get(url + "/api/health")
             assert status == 200 and took < BOUND_S and body["spilled_rows_waiting"] == 1
         finally:
-            holder.wait(30)
+            release(holder)
     finally:
         server.should_exit = True
 
@@ -130,9 +138,10 @@ def test_health_answers_while_a_locked_file_keeps_the_service_from_starting(app_
                 assert status == 200 and body["status"] == "starting" and took < BOUND_S
                 assert body["provider"] == "simulator"
                 assert holder.poll() is None
+                release(holder)
                 assert answer.result()[0] == 200       # served once the file opens
         finally:
-            holder.wait(30)
+            release(holder)
         status, body, _ = timed_get(url + "/api/health")
         assert status == 200 and body["status"] == "ok"
     finally:
@@ -175,7 +184,7 @@ def test_reads_on_the_loop_path_do_not_wait_for_a_locked_file(tmp_path):
         assert time.perf_counter() - t < BOUND_S
         assert holder.poll() is None
     finally:
-        holder.wait(30)
+        release(holder)
 
 
 def test_a_half_open_probe_under_a_foreign_write_lock_refuses_at_once(tmp_path):
@@ -202,7 +211,7 @@ def test_a_half_open_probe_under_a_foreign_write_lock_refuses_at_once(tmp_path):
         assert time.perf_counter() - t < 10 * PROBE_LOCK_WAIT_S + 0.5   # not the 1 s busy wait
         assert holder.poll() is None
     finally:
-        holder.wait(30)
+        release(holder)
     probe = up.breaker.acquire()
     assert probe.probe and probe.lease is not None
     up.breaker.success(probe)
