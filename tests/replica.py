@@ -8,6 +8,7 @@ until its stdin closes (the test ends) or it is killed.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -23,6 +24,10 @@ from core.api import asgi_app  # noqa: E402
 
 def main() -> None:
     gyro = service.default_service()        # built before serving: the first request is not slow
+    if os.environ.get("GYROSCOPE_TEST_SETTINGS_TTL_S"):
+        # How long this replica trusts its settings cache: a test sets it long to show that a
+        # change reached it by the Redis announcement, not by the cache running out.
+        gyro.settings.ttl = float(os.environ["GYROSCOPE_TEST_SETTINGS_TTL_S"])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(asgi_app(), log_level="warning"))

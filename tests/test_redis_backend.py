@@ -170,7 +170,8 @@ def replicas(tmp_path, simulator):
     to this process's simulator."""
     started: list[Replica] = []
 
-    def start(name: str, url: str, prefix: str, db: Path | None = None, **settings) -> Replica:
+    def start(name: str, url: str, prefix: str, db: Path | None = None, env_extra: dict | None = None,
+              **settings) -> Replica:
         db = db or tmp_path / f"{name}.db"
         _settings(db, **{"retry.max_retries": 0, "retry.jitter": 0, **settings})
         home = tmp_path / name
@@ -179,6 +180,7 @@ def replicas(tmp_path, simulator):
         env.update(HOME=str(home), GYROSCOPE_DB=str(db), OPENAI_BASE_URL=simulator.base_url,
                    OPENAI_API_KEY="sk-test", GYROSCOPE_REDIS_URL=url, GYROSCOPE_REDIS_PREFIX=prefix,
                    GYROSCOPE_SPILL=str(tmp_path / f"{name}.spill"))
+        env.update(env_extra or {})
         replica = Replica(env)
         started.append(replica)
         return replica
@@ -218,19 +220,20 @@ def test_an_answer_cached_through_a_is_a_hit_through_b(shared, replicas, simulat
     assert b.get("/api/stats")["cache"]["hits"] == 1      # the shared counters
 
 
-def test_a_setting_changed_through_a_applies_in_b_within_a_second(shared, replicas, simulator, tmp_path):
+def test_a_setting_changed_through_a_applies_in_b_by_its_announcement(shared, replicas, simulator, tmp_path):
     url, prefix = shared
     db = tmp_path / "shared.db"         # settings live in the store both replicas use
-    a, b = replicas("a", url, prefix, db=db), replicas("b", url, prefix, db=db)
+    # B trusts its settings cache for 10 minutes (5 s by default with Redis), so only the
+    # announcement can bring it the change within the test.
+    a = replicas("a", url, prefix, db=db)
+    b = replicas("b", url, prefix, db=db, env_extra={"GYROSCOPE_TEST_SETTINGS_TTL_S": "600"})
     assert b.generate("Describe fog", temperature=0)[0] == 200
     assert b.generate("Describe fog", temperature=0)[1]["from_cache"]   # B read cache.enabled
-    # Changed through A's API and stored in the shared file; B's settings cache (5 s with
-    # Redis) would not see it within a second by itself: the announcement does.
     status, answer = a.post("/api/settings", {"cache.enabled": False}, method="PATCH")
     assert status == 200 and answer["changed"] == ["cache.enabled"]
-    changed = time.monotonic()
+    changed = time.monotonic()        # (well within a second on an idle machine)
     while b.generate("Describe fog", temperature=0)[1]["from_cache"]:
-        assert time.monotonic() - changed < 1.0, "B still serves from the cache a second later"
+        assert time.monotonic() - changed < 30, "B still serves from the cache 30 s later"
         time.sleep(0.05)
 
 
