@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import threading
+import time
 
 from core.pipeline import Clock
 
@@ -37,6 +38,18 @@ class FakeClock:
     def as_clock(self) -> Clock:
         return Clock(time=self.time, monotonic=self.monotonic, sleep=self.sleep,
                      sleep_blocking=self.sleep_blocking)
+
+
+def wait_for(predicate, timeout_s: float = 30.0) -> bool:
+    """Poll real state that changes after I/O we cannot await directly (another thread or
+    process): True as soon as ``predicate()`` is; False after ``timeout_s`` (generous: a
+    loaded machine is slow, and a pass costs only the time it takes)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
 
 
 def time_of_day_gap_s(shown: str, when: dt.datetime) -> float:

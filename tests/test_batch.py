@@ -22,7 +22,7 @@ from core.config import Config
 from core.providers.simulator_provider import SimulatorProvider
 from core.service import Gyroscope
 from core.simulator import Simulator, start_in_background
-from tests.support import FakeClock
+from tests.support import FakeClock, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,9 +139,7 @@ def test_pause_from_elsewhere_stops_sending_and_resume_goes_on(tmp_path, simulat
     try:
         job = job_of(gyro, 40)
         runner = gyro.batch.start(job, concurrency=2)
-        deadline = time.monotonic() + 20
-        while gyro.batch.progress(job)["done"] < 4 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert wait_for(lambda: gyro.batch.progress(job)["done"] >= 4)
         assert gyro.batch.pause(job)
         assert runner.finished.wait(20)
         p = gyro.batch.progress(job)
@@ -163,10 +161,7 @@ def test_cancel_stops_for_good(tmp_path, simulator):
     try:
         job = job_of(gyro, 40)
         runner = gyro.batch.start(job, concurrency=2)
-        deadline = time.monotonic() + 20
-        while gyro.batch.progress(job)["done"] < 2:
-            assert time.monotonic() < deadline, gyro.batch.progress(job)
-            time.sleep(0.02)
+        assert wait_for(lambda: gyro.batch.progress(job)["done"] >= 2)
         gyro.batch.cancel(job)
         assert runner.finished.wait(20)
         p = gyro.batch.progress(job)
@@ -188,10 +183,7 @@ def test_rows_waiting_for_a_slow_upstream_go_back_at_once_when_the_job_stops(tmp
     try:
         job = job_of(gyro, 6)
         runner = gyro.batch.start(job, concurrency=3)
-        deadline = time.monotonic() + 20
-        while simulator.sim.stats()["chat_requests"] < 3:           # three rows out, waiting
-            assert time.monotonic() < deadline, simulator.sim.stats()
-            time.sleep(0.01)
+        assert wait_for(lambda: simulator.sim.stats()["chat_requests"] == 3)   # three rows out, waiting
         if how == "cancel":
             gyro.batch.cancel(job)
         else:

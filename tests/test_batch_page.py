@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 import core.service
 from tests.conftest import drop_service
+from tests.support import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ("prompt,model,max_tokens\n"
@@ -107,10 +107,7 @@ def test_a_job_left_by_a_restart_is_listed_with_resume(app):
     at.number_input(key="batch_concurrency").set_value(1).run()
     at.button(key="batch_start").click().run()
     job_id = at.session_state["batch_job"]
-    deadline = time.monotonic() + 30
-    while gyro.batch.progress(job_id)["running"] < 1:             # a row is out, waiting
-        assert time.monotonic() < deadline, gyro.batch.progress(job_id)
-        time.sleep(0.01)
+    assert wait_for(lambda: gyro.batch.progress(job_id)["running"] >= 1)    # a row is out, waiting
     drop_service()                                 # the app restarts: its runner stops
     progress = core.service.default_service().batch.progress(job_id)
     assert progress["done"] == 0 and progress["left"] == 3         # the row out went back

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from core import tokens
 from core.simulator import MODELS, Simulator, start_in_background, textgen
+from tests.support import wait_for
 
 PROMPT = [{"role": "user", "content": "Write onboarding emails for a fitness app."}]
 TOPICS = ["gardening", "volcanoes", "bookkeeping", "sailing", "origami", "beekeeping", "chess", "pottery"]
@@ -41,16 +42,6 @@ def chat(running, **kwargs):
     kwargs.setdefault("model", "gpt-4o-mini")
     kwargs.setdefault("messages", PROMPT)
     return client_for(running).chat.completions.create(**kwargs)
-
-
-def wait_for(predicate, timeout_s: float = 2.0) -> bool:
-    """Poll real server state that changes after I/O we cannot await directly."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def raw_post(running, path: str, content: bytes | str) -> httpx2.Response:
