@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-import time
 
 import pytest
 
@@ -16,7 +15,7 @@ from core.models import Thinking
 from core.retry import MAX_RETRY_AFTER_S, parse_retry_after
 from core.simulator import Simulator, start_in_background
 from core.simulator.textgen import thinking
-from tests.support import FakeClock
+from tests.support import FakeClock, wait_for
 from tests.test_foundation import api  # noqa: F401 - the API over real HTTP, as a fixture
 from tests.test_pipeline import make_gyro, req, rows
 
@@ -143,14 +142,10 @@ def test_stop_closes_the_upstream_connection_before_counting_tokens(gyro, simula
     seen: list[bool] = []
 
     def closed_yet() -> bool:
-        # The simulator notices a closed connection on its own thread: give it a moment,
-        # far less than the second a tokenizer's first load can take.
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
-            if simulator.sim.stats()["streams_disconnected"]:
-                return True
-            time.sleep(0.005)
-        return False
+        # The simulator notices a closed connection on its own thread, soon (slowly on a
+        # loaded machine: 2 s was once not enough). Were the connection still open while we
+        # count, it would never see one: the answer streams on to its end.
+        return wait_for(lambda: simulator.sim.stats()["streams_disconnected"] > 0)
 
     def watching(count):
         def counted(*args, **kwargs):
