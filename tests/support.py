@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import subprocess
+import sys
 import threading
 import time
 
@@ -103,3 +105,29 @@ class StepClock(FakeClock):
         for item in [s for s in self._sleepers if s[0] <= due]:
             self._sleepers.remove(item)
             item[1].set_result(None)
+
+
+def hold_lock(path, kind: str) -> subprocess.Popen:
+    """A second process that locks a Gyroscope SQLite file and holds it until ``release``;
+    returns once the lock is taken. ``write``: ``BEGIN EXCLUSIVE``, the write lock (in WAL
+    mode readers go on, every writer waits); ``file``: ``locking_mode=EXCLUSIVE`` plus a
+    write, the whole file (readers wait too; granted only while nobody else has it open)."""
+    take = {"write": "c.execute('BEGIN EXCLUSIVE')",
+            "file": "c.execute('PRAGMA locking_mode=EXCLUSIVE'); c.execute('BEGIN')"}[kind]
+    code = (f"import sqlite3, sys\nc = sqlite3.connect({str(path)!r}, isolation_level=None, timeout=10)\n"
+            f"{take}\nc.execute(\"INSERT INTO meta (key, value) VALUES ('lock', 'x') "
+            "ON CONFLICT(key) DO UPDATE SET value = 'y'\")\n"
+            + ("c.execute('COMMIT')\n" if kind == "file" else "")
+            + "print('locked', flush=True)\nsys.stdin.readline()\nc.close()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked", "the second process could not lock the file"
+    return proc
+
+
+def release(holder: subprocess.Popen) -> None:
+    """Let the second process go (its lock with it); again, nothing happens."""
+    if holder.poll() is None:
+        holder.stdin.write("go\n")
+        holder.stdin.close()
+    holder.wait(30)

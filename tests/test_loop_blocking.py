@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import gc
 import json
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -31,34 +29,10 @@ from core.breaker import SQLiteBreakerStorage
 from core.cache import ResponseCache
 from core.db import Database
 from core.settings import SettingsStore
-from support import FakeClock
+from support import FakeClock, hold_lock, release
 from test_foundation import _post, _serve
 
 BOUND_S = 2.0       # well under the busy timeout, far above the ~ms these take
-
-
-def hold_lock(path, kind: str) -> subprocess.Popen:
-    """A second process that locks the file (``write`` or ``file``) and holds it until
-    ``release``; returns once the lock is taken."""
-    take = {"write": "c.execute('BEGIN EXCLUSIVE')",
-            "file": "c.execute('PRAGMA locking_mode=EXCLUSIVE'); c.execute('BEGIN')"}[kind]
-    code = (f"import sqlite3, sys\nc = sqlite3.connect({str(path)!r}, isolation_level=None, timeout=10)\n"
-            f"{take}\nc.execute(\"INSERT INTO meta (key, value) VALUES ('lock', 'x') "
-            "ON CONFLICT(key) DO UPDATE SET value = 'y'\")\n"
-            + ("c.execute('COMMIT')\n" if kind == "file" else "")
-            + "print('locked', flush=True)\nsys.stdin.readline()\nc.close()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout.readline().strip() == "locked", "the second process could not lock the file"
-    return proc
-
-
-def release(holder: subprocess.Popen) -> None:
-    """Let the second process go (its lock with it); again, nothing happens."""
-    if holder.poll() is None:
-        holder.stdin.write("go\n")
-        holder.stdin.close()
-    holder.wait(30)
 
 
 def timed_get(url: str) -> tuple[int, dict, float]:

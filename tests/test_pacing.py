@@ -27,7 +27,7 @@ from core.resilience.pacing import (Bucket, MemoryPacingStore, Pacer, PacingConf
 from core.service import Gyroscope
 from core.simulator import Simulator, start_in_background
 from core.simulator.faults import _duration
-from tests.support import FakeClock, StepClock
+from tests.support import FakeClock, StepClock, hold_lock, release
 
 
 # -- reset durations ---------------------------------------------------------------------------
@@ -186,6 +186,43 @@ def test_two_processes_share_the_buckets_through_the_file(tmp_path):
     finally:
         db_a.close()
         db_b.close()
+
+
+def test_a_waiting_mark_made_while_another_process_writes_reaches_the_file_once_it_is_free(tmp_path):
+    """An interactive request's waiting mark is what holds other processes' batch rows. The
+    file may be busy when it is made (another process committing): the request does not wait
+    for it (it is on the event loop), and the mark is written as soon as the file is free,
+    with later changes of it in order. Before, it lived only in this process until the
+    request's next wait, a window later, and other processes' rows took the window."""
+    path = tmp_path / "g.db"
+    db = Database(path)
+
+    def marks() -> list[tuple]:
+        with sqlite3.connect(path) as conn:      # WAL: a reader goes on beside the write lock
+            return conn.execute("SELECT key, owner, until FROM pacing_waiting").fetchall()
+    try:
+        store = SQLitePacingStore(db)
+        holder = hold_lock(path, "write")
+        try:
+            store.mark_waiting("up|m", "me", 2000.0, 1000.0)     # returns: it does not wait
+            store.mark_waiting("up|m", "me", 2500.0, 1000.0)     # a later change, behind it
+            assert marks() == []                                 # the other process holds the file
+        finally:
+            release(holder)
+        db.flush()
+        assert marks() == [("up|m", "me", 2500.0)]
+        holder = hold_lock(path, "write")
+        try:
+            store.mark_waiting("up|m", "me", 3000.0, 1000.0)
+            store.mark_waiting("up|m", "me", None, 1000.0)       # the request went: removed after
+        finally:
+            release(holder)
+        db.flush()
+        assert marks() == []
+        store.mark_waiting("up|m", "me", 3500.0, 1000.0)         # a free file: written at once
+        assert marks() == [("up|m", "me", 3500.0)]
+    finally:
+        db.close()
 
 
 def test_requests_let_go_just_before_the_turn_and_still_in_flight_count_in_the_next_window():

@@ -73,6 +73,8 @@ class SQLitePacingStore(PacingStore):
     def __init__(self, db) -> None:
         self.db = db
         self._memory = MemoryPacingStore()
+        self._lock = threading.Lock()
+        self._queued: dict[tuple[str, str], int] = {}   # marks queued to the writer, per (key, owner)
 
     def transact(self, key, fn):
         def run(conn):
@@ -112,10 +114,29 @@ class SQLitePacingStore(PacingStore):
             # Marks of processes that died waiting: past their time they hold nobody;
             # gone for good a minute later (the table holds only requests waiting).
             conn.execute("DELETE FROM pacing_waiting WHERE until < ?", (now - 60.0,))
-        try:
-            self.db.write_now(run, busy_timeout_s=self.BUSY_S)
-        except errors.StorageError:
-            self._memory.mark_waiting(key, owner, until, now)
+        mark = (key, owner)
+        with self._lock:
+            behind = mark in self._queued
+        if not behind:
+            try:
+                self.db.write_now(run, busy_timeout_s=self.BUSY_S)
+                return
+            except errors.StorageError:
+                pass
+        # The file is busy (another process writing) or an earlier change of this mark is
+        # still queued: this process goes by its own copy, and the writer thread writes the
+        # change as soon as the file is free, after the earlier ones. Other processes see the
+        # mark late, rather than not until the request's next wait (a window later).
+        self._memory.mark_waiting(key, owner, until, now)
+        with self._lock:
+            self._queued[mark] = self._queued.get(mark, 0) + 1
+
+        def written(_error) -> None:
+            with self._lock:
+                self._queued[mark] -= 1
+                if not self._queued[mark]:
+                    del self._queued[mark]
+        self.db.post(run, done=written, lazy=False)
 
     def others_waiting(self, key, owner, now):
         try:
