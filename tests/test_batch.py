@@ -213,7 +213,7 @@ def _counts(db: Path, job: str) -> dict:
 
 def test_sigkill_mid_run_then_resume_asks_again_only_the_rows_in_flight(tmp_path, simulator):
     sim = simulator.sim
-    sim.set_latency(ttft_ms=300)    # the rows left take seconds: the signal comes while they run
+    sim.set_latency(ttft_ms=60)
     db = tmp_path / "g.db"
     setup = make_gyro(tmp_path, simulator, **{"cache.enabled": False})   # exact request counts
     (tmp_path / "in.csv").write_text("prompt\n" + "".join(f"Row {i} please\n" for i in range(60)))
@@ -225,9 +225,12 @@ def test_sigkill_mid_run_then_resume_asks_again_only_the_rows_in_flight(tmp_path
     try:
         job = proc.stdout.readline().strip()        # the job id comes first
         assert len(job) == 12
-        deadline = time.monotonic() + 60
-        while _counts(db, job).get("done", 0) < 12 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # Once 18 rows reached the upstream (6 at a time: 12 of them answered), the rows sent
+        # after wait for their answer until the kill: the job cannot end first, however slow
+        # this machine is.
+        assert wait_for(lambda: sim.stats()["chat_requests"] >= 18)
+        sim.set_latency(ttft_ms=60_000)
+        assert wait_for(lambda: _counts(db, job).get("done", 0) >= 12)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -364,7 +367,7 @@ def test_jsonl_rows_with_messages_and_overrides(tmp_path, simulator):
 
 def test_ctrl_c_pauses_the_job_with_nothing_left_running_and_resume_finishes(tmp_path, simulator):
     sim = simulator.sim
-    sim.set_latency(ttft_ms=300)    # the rows left take seconds: the signal comes while they run
+    sim.set_latency(ttft_ms=60)
     db = tmp_path / "g.db"
     (tmp_path / "in.txt").write_text("".join(f"Line prompt {i}\n" for i in range(40)))
     env = {**os.environ, "GYROSCOPE_DB": str(db), "OPENAI_BASE_URL": simulator.base_url,
@@ -375,15 +378,18 @@ def test_ctrl_c_pauses_the_job_with_nothing_left_running_and_resume_finishes(tmp
                             text=True)
     try:
         job = proc.stdout.readline().strip()
-        deadline = time.monotonic() + 60
-        while _counts(db, job).get("done", 0) < 6 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # Once 10 rows reached the upstream (4 at a time: 6 of them answered), the rows sent
+        # after wait for their answer until Ctrl-C: the job cannot end first, however slow
+        # this machine is.
+        assert wait_for(lambda: sim.stats()["chat_requests"] >= 10)
+        sim.set_latency(ttft_ms=60_000)
+        assert wait_for(lambda: _counts(db, job).get("done", 0) >= 6)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130 and f"--resume {job}" in err
+    assert proc.returncode == 130 and f"--resume {job}" in err, (proc.returncode, err, _counts(db, job))
     counts = _counts(db, job)
     assert counts.get("running", 0) == 0 and counts.get("pending", 0) > 0
     written = (tmp_path / "out.jsonl").read_text().splitlines()
