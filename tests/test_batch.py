@@ -385,7 +385,13 @@ def test_ctrl_c_pauses_the_job_with_nothing_left_running_and_resume_finishes(tmp
         sim.set_latency(ttft_ms=60_000)
         assert wait_for(lambda: _counts(db, job).get("done", 0) >= 6)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            raise AssertionError(f"Ctrl-C did not end the CLI in 60 s; rows {_counts(db, job)}; "
+                                 f"its stderr: {err[-2000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -96,8 +96,13 @@ def batch_command(gyro, args) -> int:
     if output is None:
         print("error: no OUTPUT for this job; give -o OUTPUT", file=sys.stderr)
         return 2
+    # The bar before the job: once the job runs, this thread is in _follow's wait, where a
+    # Ctrl-C pauses the job (not importing tqdm, where it ended the process with a traceback).
+    from tqdm import tqdm
+    bar = tqdm(total=jobs.ledger.job(job_id)["total"], unit="row", file=sys.stderr,
+               disable=args.no_progress, dynamic_ncols=True)
     runner = jobs.start(job_id, args.concurrency)
-    interrupted = _follow(jobs, job_id, runner, not args.no_progress)
+    interrupted = _follow(jobs, job_id, runner, bar)
     if runner.error is not None:
         print(f"error: {runner.error}", file=sys.stderr)
         return 1
@@ -118,11 +123,8 @@ def batch_command(gyro, args) -> int:
     return 0
 
 
-def _follow(jobs, job_id: str, runner, show: bool) -> bool:
-    """Show progress until the runner ends; True when Ctrl-C stopped it."""
-    from tqdm import tqdm
-    total = jobs.ledger.job(job_id)["total"]
-    bar = tqdm(total=total, unit="row", file=sys.stderr, disable=not show, dynamic_ncols=True)
+def _follow(jobs, job_id: str, runner, bar) -> bool:
+    """Show progress on ``bar`` until the runner ends; True when Ctrl-C stopped it."""
     interrupted = False
     try:
         while not runner.finished.wait(0.2):
