@@ -34,21 +34,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import support  # noqa: E402 - tests/support.py: the second process that holds a lock
+
 
 def lock(path: Path, kind: str, seconds: float) -> subprocess.Popen:
+    """A second process holding the ``kind`` lock on the file for ``seconds``."""
     if kind == "none":      # the baseline: same load, nobody locks the file
         return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
-    take = {"write": "c.execute('BEGIN EXCLUSIVE')",
-            "file": "c.execute('PRAGMA locking_mode=EXCLUSIVE'); c.execute('BEGIN')"}[kind]
-    code = (f"import sqlite3, time\nc = sqlite3.connect({str(path)!r}, isolation_level=None, timeout=10)\n"
-            f"{take}\nc.execute(\"INSERT INTO meta (key, value) VALUES ('lock', 'x') "
-            "ON CONFLICT(key) DO UPDATE SET value = 'y'\")\n"
-            + ("c.execute('COMMIT')\n" if kind == "file" else "")
-            + f"print('locked', flush=True)\ntime.sleep({seconds})\nc.close()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    if proc.stdout.readline().strip() != "locked":
-        raise SystemExit(f"could not take the {kind} lock")
-    return proc
+    holder = support.hold_lock(path, kind)
+    threading.Timer(seconds, support.release, [holder]).start()
+    return holder
 
 
 def call(url: str, body: dict | None = None) -> tuple[int, float]:
